@@ -1,0 +1,28 @@
+// Build facts of optden._C, reported by optden.info().
+#include <pybind11/pybind11.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace optden {
+py::dict build_info() {
+  py::dict d;
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["omp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+#endif
+#ifdef __VERSION__
+  d["compiler"] = __VERSION__;
+#endif
+#ifdef OPTDEN_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  return d;
+}
+}  // namespace optden

@@ -1,0 +1,16 @@
+// optden._C: the compiled extension (one pybind11 module).
+// Each concern lives in its own source file and registers its functions here.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace optden {
+void register_norms(py::module_& m);
+py::dict build_info();
+}  // namespace optden
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "optden compiled kernels (C++ CPU; CUDA when built with it)";
+  optden::register_norms(m);
+  m.def("build_info", &optden::build_info, "How this extension was built: compiler, OpenMP, SIMD, CUDA.");
+}

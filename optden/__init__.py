@@ -1,0 +1,65 @@
+"""optden: the exact, certified empirical optimal denoiser of diffusion models, at dataset scale.
+
+    import optden
+    ds = optden.Dataset.demo("digits")
+    den = optden.OptimalDenoiser(ds)
+    d = den(x, sigma)              # x (B, ...), sigma scalar or (B,)
+
+See README.md for the tour and DESIGN.md for the math.
+"""
+from __future__ import annotations
+
+import importlib.util as _ilu
+import pathlib as _pathlib
+import sys as _sys
+
+__version__ = "0.1.0"
+
+
+def _alias_kernels() -> None:
+    """Make ``optden.kernels`` importable from a source checkout (kernels/ beside optden/).
+
+    Installed wheels (and editable installs) map kernels/ to optden.kernels through
+    setup.py's package_dir; a bare checkout on sys.path does not, so register it here.
+    Nothing is imported from it (Triton stays unloaded until a kernel is used).
+    """
+    if "optden.kernels" in _sys.modules or _ilu.find_spec("optden.kernels") is not None:
+        return
+    init = _pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if init.is_file():
+        spec = _ilu.spec_from_file_location("optden.kernels", init, submodule_search_locations=[str(init.parent)])
+        mod = _ilu.module_from_spec(spec)
+        _sys.modules["optden.kernels"] = mod
+        spec.loader.exec_module(mod)
+
+
+_alias_kernels()
+
+from .data import Dataset  # noqa: E402
+from .denoiser import Evaluation, OptimalDenoiser  # noqa: E402
+from .dispatch import info  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendUnavailableError,
+    ChecksumError,
+    DatasetError,
+    DatasetNotFoundError,
+    DtypeError,
+    InputError,
+    OptdenError,
+)
+from . import reference  # noqa: E402
+
+__all__ = [
+    "Dataset",
+    "OptimalDenoiser",
+    "Evaluation",
+    "info",
+    "reference",
+    "OptdenError",
+    "InputError",
+    "DtypeError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "ChecksumError",
+    "BackendUnavailableError",
+]

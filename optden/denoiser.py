@@ -1,0 +1,293 @@
+"""OptimalDenoiser: the exact, certified empirical optimal denoiser of a Dataset.
+
+``D*(u; sigma) = sum_i softmax_i(-||u - y_i||^2 / 2 sigma^2) y_i`` with ``u = x / s``
+(EDM's scaling: VE has s = 1; VP and flow matching pass their s). Computed by a
+backend's coarse pass (``optden.dispatch``) and certified by ``optden.precision``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import dispatch
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .errors import DatasetError, DtypeError, InputError
+from .precision import DEFAULT_TOL, MODE_NAMES, certify
+from .rows import RowSource
+from .validate import as_tensor, check_positive_int, check_queries, check_sigma
+
+
+@dataclass
+class Evaluation:
+    """Everything one evaluation produced, per query (float64 unless noted).
+
+    denoised: (N, d) D* in model space.   lse: (N,) logsumexp_i of -||u - y_i||^2 / 2 sigma^2.
+    top_w: (N, K) largest weights;        top_idx: (N, K) their dataset row indices (int64).
+    bound: (N,) certified bound on the relative weight left out or misweighted.
+    mode: list of str per query: "dense", "rescored" or "exact".
+    """
+
+    denoised: torch.Tensor
+    lse: torch.Tensor
+    top_w: torch.Tensor
+    top_idx: torch.Tensor
+    bound: torch.Tensor
+    mode: list
+
+
+class OptimalDenoiser:
+    """The empirical optimal denoiser of ``dataset``.
+
+    Args:
+        dataset: an ``optden.Dataset`` (M rows of dimension d).
+        device: torch device the computation runs on ("cpu", "cuda", "cuda:1", ...).
+        backend: "auto" (fastest usable), or a name from ``optden.info()["backends"]``.
+        tol: target relative error of D* (default 1e-6; the contract is 1e-5).
+        topk: how many top rows each pass keeps for the certificate (default 64).
+        block_rows: rows per block (default: about 16 MB of float64 per block).
+        resident: keep the raw rows on the device ("auto": when they fit half its
+            free memory, for accelerators; CPU datasets are always used in place).
+
+    Call it like an EDM / k-diffusion model: ``den(x, sigma)`` with x (B, ...) of any
+    shape whose trailing size is d, and sigma a scalar or (B,).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        device="cpu",
+        backend: str = "auto",
+        tol: float = DEFAULT_TOL,
+        topk: int = 64,
+        block_rows: int | None = None,
+        resident="auto",
+    ):
+        if dataset is None or not hasattr(dataset, "raw_block"):
+            raise DtypeError(f"dataset: expected an optden.Dataset, got {type(dataset).__name__}")
+        if dataset.M < 1 or dataset.d < 1:
+            raise DatasetError(f"dataset: is empty (M={dataset.M}, d={dataset.d})")
+        if not (isinstance(tol, float | int) and 0 < tol < 1):
+            raise InputError(f"tol: expected a number in (0, 1), got {tol!r}")
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.tol = float(tol)
+        self.topk = check_positive_int(topk, "topk")
+        self.block_rows = (
+            check_positive_int(block_rows, "block_rows")
+            if block_rows is not None
+            else max(1, (1 << 21) // dataset.d)
+        )
+        self.backend_name = backend
+        self.backend = dispatch.select(backend, self.device, dataset.dtype, dataset.d)
+        self._resident = self._decide_resident(resident)
+        self._sources: dict = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def M(self) -> int:
+        return self.dataset.M
+
+    @property
+    def d(self) -> int:
+        return self.dataset.d
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.dataset.image_shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"OptimalDenoiser(M={self.M}, d={self.d}, dtype={self.dataset.dtype}, device={self.device}, "
+            f"backend={self.backend.name!r}, tol={self.tol:g})"
+        )
+
+    def _decide_resident(self, resident) -> bool:
+        if resident is True or resident is False:
+            return resident
+        if resident != "auto":
+            raise InputError(f"resident: expected True, False or 'auto', got {resident!r}")
+        if self.device.type != "cuda":
+            return False
+        nbytes = self.M * self.d * np.dtype(np.uint16 if self.dataset.dtype == "bfloat16" else self.dataset.dtype).itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return nbytes < free // 2
+
+    def source(self, label: int | None = None) -> RowSource:
+        """The row source of all rows, or of the rows with class ``label``."""
+        if label not in self._sources:
+            index = None if label is None else self.dataset.rows_with_label(label)
+            if index is not None and len(index) == 0:
+                raise InputError(f"labels: class {label} has no rows in the dataset")
+            self._sources[label] = RowSource(
+                self.dataset, self.device, self.block_rows, index=index, resident=self._resident
+            )
+        return self._sources[label]
+
+    def _fallback(self, src: RowSource, k: int):
+        """The float64 torch pass behind a faster, less precise backend (None for torch)."""
+        if self.backend.name == "torch":
+            return None
+        precise = dispatch.get("torch")
+        return lambda v, coef: precise.partial(v, coef, src, k)
+
+    # ------------------------------------------------------------------ core
+    def _queries(self, x, s, name="x"):
+        """Validate x (B, ...) and the scale s; return u = x / s as (B, d) float64 on device."""
+        t = check_queries(x, self.d, name)
+        n = t.shape[0]
+        u = t.reshape(n, self.d).to(self.device, torch.float64)
+        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and s == 1):
+            sc = check_sigma(s, n, name="s").to(self.device)
+            u = u / sc[:, None]
+        return t, u
+
+    def _labels(self, labels, n: int):
+        if labels is None:
+            return None
+        lab = as_tensor(labels, "labels")
+        if lab.is_floating_point() and not bool((lab == lab.round()).all()):
+            raise InputError("labels: expected integer class labels")
+        lab = lab.to(torch.int64).reshape(-1)
+        if lab.numel() == 1:
+            lab = lab.expand(n)
+        if lab.numel() != n:
+            raise InputError(f"labels: expected a scalar or one label per query ({n}), got {lab.numel()}")
+        if self.dataset.labels is None:
+            raise InputError("labels: this dataset has no labels, so class-conditional evaluation is impossible")
+        nc = int(self.dataset.num_classes)
+        if bool((lab < 0).any()) or bool((lab >= nc).any()):
+            raise InputError(f"labels: expected labels in 0..{nc - 1}, got values in {int(lab.min())}..{int(lab.max())}")
+        return lab.cpu()
+
+    def evaluate(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, k: int | None = None) -> Evaluation:
+        """Certified evaluation of validated inputs.
+
+        u: (N, d) float64 queries in model space (already divided by s), on ``self.device``.
+        sigma: (N,) float64 positive. labels: None or (N,) int64 CPU.
+        k: top weights to return (default ``self.topk``, capped by the rows available).
+        """
+        n = u.shape[0]
+        ds = self.dataset
+        k_req = self.topk if k is None else max(k, 1)
+        # poisoned: any entry no group writes shows up as NaN
+        denoised = torch.full((n, self.d), torch.nan, dtype=torch.float64, device=self.device)
+        lse = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
+        bound = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
+        groups = [(None, torch.arange(n))] if labels is None else [
+            (int(c), (labels == c).nonzero().flatten()) for c in labels.unique().tolist()
+        ]
+        k_out = min(k_req, min(self.source(c).M for c, _ in groups))
+        top_w = torch.full((n, k_out), torch.nan, dtype=torch.float64, device=self.device)
+        top_idx = torch.zeros(n, k_out, dtype=torch.int64, device=self.device)
+        modes = [""] * n
+        sig = sigma.to(self.device, torch.float64)
+        for label, qi in groups:
+            src = self.source(label)
+            kk = min(max(k_req, self.topk), src.M)
+            qd = qi.to(self.device)
+            v = (u[qd] - ds.offset) / ds.scale - src.center
+            coef = (ds.scale**2) / (2.0 * sig[qd] ** 2)
+            part = self.backend.partial(v, coef, src, kk)
+            cert = certify(part, v, coef, src, self.tol, fallback=self._fallback(src, kk))
+            denoised[qd] = (cert.dc + src.center) * ds.scale + ds.offset
+            # logits of the model-space distances are the same numbers: coef folds in scale^2
+            lse[qd] = cert.lse
+            bound[qd] = cert.excluded
+            top_w[qd] = cert.top_w[:, :k_out]
+            top_idx[qd] = src.global_index(cert.top_idx[:, :k_out])
+            for j, mval in zip(qi.tolist(), cert.mode.tolist()):
+                modes[j] = MODE_NAMES[mval]
+        return Evaluation(denoised, lse, top_w, top_idx, bound, modes)
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, x, sigma, s=1.0, labels=None):
+        """D*(x / s; sigma): same shape and dtype as x (computed in float64).
+
+        x: (B, ...) with prod(...) == d; sigma: scalar or (B,); s: scalar or (B,);
+        labels: None, a class label, or (B,) labels for class-conditional denoising.
+        """
+        t, u = self._queries(x, s)
+        sig = check_sigma(sigma, u.shape[0])
+        ev = self.evaluate(u, sig, self._labels(labels, u.shape[0]))
+        return ev.denoised.reshape(t.shape).to(t.dtype if t.is_floating_point() else torch.float64)
+
+    def denoise_certified(self, x, sigma, s=1.0, labels=None) -> Evaluation:
+        """Like ``__call__`` but returns the full ``Evaluation`` (bound and mode per query)."""
+        _, u = self._queries(x, s)
+        sig = check_sigma(sigma, u.shape[0])
+        return self.evaluate(u, sig, self._labels(labels, u.shape[0]))
+
+    def score(self, x, sigma, s=1.0, labels=None):
+        """grad log p_sigma(u) = (D*(u) - u) / sigma^2 at u = x / s: same shape as x, float64."""
+        t, u = self._queries(x, s)
+        sig = check_sigma(sigma, u.shape[0]).to(self.device)
+        ev = self.evaluate(u, sig, self._labels(labels, u.shape[0]))
+        return ((ev.denoised - u) / sig[:, None] ** 2).reshape(t.shape)
+
+    def log_density(self, x, sigma, s=1.0, labels=None):
+        """log p_sigma(u) of the smoothed empirical distribution (of the class, if labels): (B,) float64."""
+        _, u = self._queries(x, s)
+        sig = check_sigma(sigma, u.shape[0]).to(self.device)
+        lab = self._labels(labels, u.shape[0])
+        ev = self.evaluate(u, sig, lab)
+        if lab is None:
+            m = torch.full_like(sig, float(self.M))
+        else:
+            counts = torch.tensor([float(self.source(int(c)).M) for c in lab.tolist()], dtype=torch.float64)
+            m = counts.to(self.device)
+        return ev.lse - torch.log(m) - 0.5 * self.d * torch.log(2.0 * math.pi * sig**2)
+
+    def posterior(self, x, sigma, k: int = 8, s=1.0, labels=None):
+        """The k largest weights w_i(u; sigma) and their dataset row indices.
+
+        Returns ``(weights (B, k) float64, indices (B, k) int64)``, descending.
+        """
+        _, u = self._queries(x, s)
+        n = u.shape[0]
+        lab = self._labels(labels, n)
+        avail = self.M if lab is None else min(self.source(int(c)).M for c in lab.unique().tolist())
+        k = check_positive_int(k, "k", 1, avail)
+        sig = check_sigma(sigma, n)
+        ev = self.evaluate(u, sig, lab, k=k)
+        return ev.top_w[:, :k], ev.top_idx[:, :k]
+
+    def nearest(self, x, k: int = 2, labels=None):
+        """Exact k nearest training rows in model space.
+
+        Returns ``(distances (B, k) float64, indices (B, k) int64)``, ascending. Certified
+        like the denoiser: coarse distances, then an exact re-score of the candidates.
+        """
+        from .precision import _rescore, exact_pass
+
+        _, u = self._queries(x, 1.0)
+        n = u.shape[0]
+        lab = self._labels(labels, n)
+        ds = self.dataset
+        groups = [(None, torch.arange(n))] if lab is None else [
+            (int(c), (lab == c).nonzero().flatten()) for c in lab.unique().tolist()
+        ]
+        avail = min(self.source(c).M for c, _ in groups)
+        k = check_positive_int(k, "k", 1, avail)
+        dist = torch.full((n, k), torch.nan, dtype=torch.float64, device=self.device)
+        idx = torch.empty(n, k, dtype=torch.int64, device=self.device)
+        for label, qi in groups:
+            src = self.source(label)
+            kk = min(src.M, max(4 * k, 16))
+            qd = qi.to(self.device)
+            v = (u[qd] - ds.offset) / ds.scale - src.center
+            coef = torch.ones(v.shape[0], dtype=torch.float64, device=self.device)
+            part = self.backend.partial(v, coef, src, kk)
+            lg = _rescore(v, coef, src, part.top_idx)  # exact -||v - q||^2 of candidates
+            best, order = lg.topk(k, dim=1)
+            cand = part.top_idx.gather(1, order)
+            # rows outside the candidates: -||v-q||^2 <= top_val[K-1] + delta
+            ok = (kk >= src.M) | (part.top_val[:, -1] + part.delta < best[:, -1])
+            for j in (~ok).nonzero().flatten().tolist():
+                _, _, tv, ti = exact_pass(v[j : j + 1], coef[j : j + 1], src, k)
+                best[j], cand[j] = tv[0], ti[0]
+            dist[qd] = torch.sqrt(torch.clamp(-best, min=0.0)) * ds.scale
+            idx[qd] = src.global_index(cand)
+        return dist, idx

@@ -1,0 +1,189 @@
+"""The precision mechanism (DESIGN.md section 5): coarse pass, error bound, exact re-score.
+
+A backend's coarse pass gives, per query, an online softmax over coarse logits, the top
+K coarse logits, and ``delta``: a rigorous bound on |coarse - exact| for every row's
+logit (only the row-dependent part matters: an error common to all rows cancels in the
+softmax). ``certify`` then picks, per query:
+
+* ``DENSE``: delta <= tol / 4. Every weight is off by a factor within exp(+-2 delta),
+  so the coarse softmax already meets the tolerance.
+* ``RESCORED``: the gap between the best and the K-th coarse logit exceeds
+  ``T + 2 delta`` with ``T = log((M - K) / tol_mass)``: every row outside the top K has
+  weight below ``exp(-T)`` times the largest, so together at most ``tol_mass`` of the
+  total. The K rows are re-scored exactly (float64 direct differences).
+* otherwise the query is passed to ``fallback`` (a more precise coarse pass, e.g. the
+  float64 torch backend behind a fast low-precision one) and certified again; with no
+  fallback left, ``EXACT``: a full pass of float64 direct differences over every row
+  (rare: small sigma with many near-equidistant rows).
+
+Logits are ``l_i = -coef ||v - q_i||^2`` with ``v`` the centered raw query and ``q_i``
+the centered raw row (``coef = scale^2 / (2 sigma^2)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DENSE, RESCORED, EXACT = 0, 1, 2
+MODE_NAMES = {DENSE: "dense", RESCORED: "rescored", EXACT: "exact"}
+
+# Default tolerance on the relative error of D* (the contract is 1e-5; keep a margin).
+DEFAULT_TOL = 1e-6
+
+_EPS64 = torch.finfo(torch.float64).eps / 2  # unit roundoff of float64
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): bound on the relative error of an n-term dot."""
+    return n * u / (1.0 - n * u)
+
+
+def gemm_delta(u: float, d: int, vnorm: torch.Tensor, max_qnorm: float, coef: torch.Tensor, top: torch.Tensor):
+    """Bound (N,) on the row-dependent error of expansion logits computed with unit roundoff u.
+
+    |fl(v.q) - v.q| <= gamma_{d+2} ||v|| ||q|| (any summation order, the +2 covers the
+    rounding of v to the working precision); the final sums and the multiplication by
+    coef add a few roundings of the magnitudes involved (bounded with float64's unit
+    roundoff, in which they are done).
+    """
+    g = gamma(d + 2, u)
+    dot_err = 2.0 * g * vnorm * max_qnorm
+    sum_err = 4.0 * _EPS64 * (vnorm + max_qnorm) ** 2
+    return coef * (dot_err + sum_err) + 4.0 * _EPS64 * top.abs()
+
+
+@dataclass
+class Certified:
+    """Certified result per query (float64, on the query device).
+
+    dc:        (N, d) D* in centered raw space.
+    lse:       (N,) logsumexp of the logits (within ``excluded`` of the truth, log-wise).
+    top_w:     (N, K) largest weights, descending; top_idx: (N, K) their source positions.
+    excluded:  (N,) bound on the relative weight that the result leaves out or misweights.
+    mode:      (N,) int8, DENSE / RESCORED / EXACT.
+    delta:     (N,) the coarse-pass bound that was certified against.
+    """
+
+    dc: torch.Tensor
+    lse: torch.Tensor
+    top_w: torch.Tensor
+    top_idx: torch.Tensor
+    excluded: torch.Tensor
+    mode: torch.Tensor
+    delta: torch.Tensor
+
+
+def exact_logits(v: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Exact float64 logits by direct differences.
+
+    v: (n, d) float64; coef: (n,); rows: (n, K, d) raw rows gathered per query.
+    Returns (n, K) float64 ``-coef ||v - (rows - center)||^2``.
+    """
+    diff = v[:, None, :] - (rows.to(torch.float64) - center)
+    return -coef[:, None] * (diff * diff).sum(-1)
+
+
+def _rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
+    """Exact logits of the K candidate rows of each query, chunked over queries: (n, K)."""
+    n, k = top_idx.shape
+    d = v.shape[1]
+    per_query = max(1, chunk_bytes // max(1, k * d * 8))
+    out = []
+    for a in range(0, n, per_query):
+        b = min(n, a + per_query)
+        rows = source.gather(top_idx[a:b]).reshape(b - a, k, d)
+        out.append(exact_logits(v[a:b], coef[a:b], rows, source.center))
+    return torch.cat(out)
+
+
+def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int):
+    """Online softmax over every row with float64 direct-difference logits.
+
+    Returns ``(lse (n,), dc (n, d), top_val (n, k), top_idx (n, k))``; memory is one block
+    of ``n * B * d`` doubles, so the caller passes few queries.
+    """
+    from .backends.torch_blocked import merge_topk
+
+    n, d = v.shape
+    dev = v.device
+    m = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
+    s = torch.zeros(n, dtype=torch.float64, device=dev)
+    acc = torch.zeros(n, d, dtype=torch.float64, device=dev)
+    top_val = torch.full((n, k), -torch.inf, dtype=torch.float64, device=dev)
+    top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
+    rows_per_block = max(1, (1 << 24) // max(1, n * d))
+    for off, raw, _ in source.blocks():
+        for a in range(0, raw.shape[0], rows_per_block):
+            q = raw[a : a + rows_per_block].to(torch.float64) - source.center
+            diff = v[:, None, :] - q[None, :, :]
+            logit = -coef[:, None] * (diff * diff).sum(-1)
+            new_m = torch.maximum(m, logit.max(1).values)
+            alpha = torch.exp(m - new_m)
+            p = torch.exp(logit - new_m[:, None])
+            s = s * alpha + p.sum(1)
+            acc = acc * alpha[:, None] + p @ q
+            m = new_m
+            kb = min(k, logit.shape[1])
+            bv, bi = logit.topk(kb, dim=1)
+            top_val, top_idx = merge_topk(top_val, top_idx, bv, bi + off + a, k)
+    return m + torch.log(s), acc / s[:, None], top_val, top_idx
+
+
+def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT_TOL, fallback=None) -> Certified:
+    """Turn a coarse ``Partial`` into a certified result (see the module docstring).
+
+    v: (N, d) float64 centered raw queries; coef: (N,) float64; ``source`` the row source
+    the pass ran over (M rows). tol: target relative error of D*.
+    fallback: None, or a callable ``(v_sub, coef_sub) -> Partial`` giving a more precise
+    coarse pass for the queries this pass cannot certify.
+    """
+    n, k = p.top_val.shape
+    M = source.M
+    tol_mass = 0.1 * tol
+    dc = p.acc / p.s[:, None]
+    lse = p.m + torch.log(p.s)
+    top_w = torch.exp(p.top_val - lse[:, None])
+    top_idx = p.top_idx.clone()
+    excluded = torch.expm1(2.0 * p.delta)
+    mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
+
+    need = p.delta > 0.25 * tol
+    if bool(need.any()):
+        T = math.log(max(M - k, 1) / tol_mass)
+        gap = p.top_val[:, 0] - p.top_val[:, -1]
+        ok_topk = need & ((k >= M) | (gap > T + 2.0 * p.delta))
+        sel = ok_topk.nonzero().flatten()
+        if sel.numel():
+            lg = _rescore(v[sel], coef[sel], source, p.top_idx[sel])
+            lse_k = torch.logsumexp(lg, dim=1)
+            w = torch.exp(lg - lse_k[:, None])
+            rows = source.gather(p.top_idx[sel]).reshape(sel.numel(), k, -1).to(torch.float64) - source.center
+            dc[sel] = torch.einsum("nk,nkd->nd", w, rows)
+            lse[sel] = lse_k
+            order = w.argsort(dim=1, descending=True, stable=True)
+            top_w[sel] = w.gather(1, order)
+            top_idx[sel] = p.top_idx[sel].gather(1, order)
+            # outside rows: logit <= top_val[K-1] + delta, best exact logit = lg.max()
+            out_log = (p.top_val[sel, -1] + p.delta[sel] - lg.max(1).values) + math.log(max(M - k, 0) or 1)
+            excluded[sel] = torch.where(
+                torch.tensor(k >= M, device=v.device), torch.zeros_like(out_log), torch.exp(out_log)
+            )
+            mode[sel] = RESCORED
+        fail = (need & ~ok_topk).nonzero().flatten()
+        if fail.numel() and fallback is not None:
+            sub = certify(fallback(v[fail], coef[fail]), v[fail], coef[fail], source, tol)
+            dc[fail], lse[fail], top_w[fail], top_idx[fail] = sub.dc, sub.lse, sub.top_w, sub.top_idx
+            excluded[fail], mode[fail] = sub.excluded, sub.mode
+            fail = fail[:0]
+        for a in range(0, fail.numel(), 8):
+            idx = fail[a : a + 8]
+            lse_e, dc_e, tv, ti = exact_pass(v[idx], coef[idx], source, k)
+            dc[idx] = dc_e
+            lse[idx] = lse_e
+            top_w[idx] = torch.exp(tv - lse_e[:, None])
+            top_idx[idx] = ti
+            excluded[idx] = 0.0
+            mode[idx] = EXACT
+    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=p.delta)

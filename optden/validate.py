@@ -1,0 +1,95 @@
+"""Argument checks shared by the public API: clear errors that name the argument."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+from .errors import DtypeError, InputError
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_tensor(x, name: str) -> torch.Tensor:
+    """Turn a numpy array, list or tensor into a tensor, refusing complex/object/bool data."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        arr = np.asarray(x)
+        if arr.dtype == object or arr.dtype.kind in "OUSV":
+            raise DtypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+        if arr.dtype.kind == "c":
+            raise DtypeError(f"{name}: complex data is not supported (got {arr.dtype})")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.is_complex():
+        raise DtypeError(f"{name}: complex data is not supported (got {t.dtype})")
+    if t.dtype == torch.bool:
+        raise DtypeError(f"{name}: boolean data is not supported")
+    return t
+
+
+def check_queries(x, d: int, name: str = "x") -> torch.Tensor:
+    """Validate queries of any image shape (N, ...) whose trailing size is d.
+
+    Returns a floating tensor (integer input is converted to float64). Raises InputError
+    on a size mismatch, an empty batch, or NaN/inf values.
+    """
+    t = as_tensor(x, name)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.dtype not in _FLOAT_DTYPES:
+        raise DtypeError(f"{name}: unsupported dtype {t.dtype}")
+    if t.dim() < 1 or t.shape[0] == 0:
+        raise InputError(f"{name}: expected a non-empty batch (N, ...) of queries, got shape {tuple(t.shape)}")
+    per_item = int(np.prod(t.shape[1:])) if t.dim() > 1 else 1
+    if per_item != d:
+        raise InputError(
+            f"{name}: each query must have {d} values to match the data set, got shape "
+            f"{tuple(t.shape)} ({per_item} per query)"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{name}: contains NaN or inf")
+    return t
+
+
+def check_sigma(sigma, n: int, name: str = "sigma", allow_zero: bool = False) -> torch.Tensor:
+    """Validate a noise level: a positive finite scalar or one value per query.
+
+    Returns a float64 CPU tensor of shape (n,).
+    """
+    if isinstance(sigma, bool) or sigma is None:
+        raise DtypeError(f"{name}: expected a positive number or a tensor of shape ({n},), got {sigma!r}")
+    if isinstance(sigma, numbers.Real):
+        s = torch.full((n,), float(sigma), dtype=torch.float64)
+    else:
+        if isinstance(sigma, str):
+            raise DtypeError(f"{name}: expected a positive number, got the string {sigma!r}")
+        t = as_tensor(sigma, name).detach().to("cpu", torch.float64)
+        if t.numel() == 1:
+            s = t.reshape(1).expand(n).clone()
+        elif t.dim() >= 1 and t.numel() == n:
+            s = t.reshape(n)
+        else:
+            raise InputError(
+                f"{name}: expected a scalar or one value per query (shape ({n},)), got shape {tuple(t.shape)}"
+            )
+    if not bool(torch.isfinite(s).all()):
+        raise InputError(f"{name}: contains NaN or inf")
+    if allow_zero:
+        if bool((s < 0).any()):
+            raise InputError(f"{name}: must be >= 0, got min {float(s.min())}")
+    elif bool((s <= 0).any()):
+        raise InputError(f"{name}: must be > 0, got min {float(s.min())}")
+    return s
+
+
+def check_positive_int(value, name: str, low: int = 1, high: int | None = None) -> int:
+    """An integer in [low, high]; bool and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DtypeError(f"{name}: expected an integer, got {value!r}")
+    v = int(value)
+    if v < low or (high is not None and v > high):
+        rng = f"{low}..{high}" if high is not None else f">= {low}"
+        raise InputError(f"{name}: expected an integer in {rng}, got {v}")
+    return v
