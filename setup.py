@@ -44,7 +44,7 @@ def extensions():
 
 
 setup(
-    packages=["optden", "optden.backends", "optden.kernels"],
+    packages=["optden", "optden.backends", "optden.commands", "optden.kernels"],
     package_dir={"optden": "optden", "optden.kernels": "kernels"},
     ext_modules=extensions(),
     zip_safe=False,

@@ -7,10 +7,16 @@ namespace py = pybind11;
 namespace optden {
 void register_norms(py::module_& m);
 py::dict build_info();
+#ifdef OPTDEN_WITH_CUDA
+void register_cuda(py::module_& m);  // csrc/cuda/*.cu, built when nvcc and a CUDA torch exist
+#endif
 }  // namespace optden
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "optden compiled kernels (C++ CPU; CUDA when built with it)";
   optden::register_norms(m);
+#ifdef OPTDEN_WITH_CUDA
+  optden::register_cuda(m);
+#endif
   m.def("build_info", &optden::build_info, "How this extension was built: compiler, OpenMP, SIMD, CUDA.");
 }
