@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.setup-done: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+$(VENV)/.setup-done: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" pybind11
@@ -29,3 +29,16 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info optden/*.so $(VENV)
+
+# Compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90; no GPU needed.
+NVCC ?= nvcc
+.PHONY: cuda-check
+cuda-check: setup
+	mkdir -p build/cuda-check
+	for f in csrc/cuda/*.cu; do \
+	  $(NVCC) -c $$f -o build/cuda-check/$$(basename $$f .cu).o -std=c++17 -O3 -Xcompiler -fPIC -DOPTDEN_WITH_CUDA \
+	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Icsrc \
+	    -I$$($(PY) -c 'import pybind11; print(pybind11.get_include())') \
+	    -I$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])') || exit 1; \
+	done
+	@echo "cuda-check: csrc/cuda/*.cu compile for sm_80 and sm_90"

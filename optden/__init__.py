@@ -31,6 +31,7 @@ def _alias_kernels() -> None:
         mod = _ilu.module_from_spec(spec)
         _sys.modules["optden.kernels"] = mod
         spec.loader.exec_module(mod)
+        globals()["kernels"] = mod  # what the import system does for a found submodule
 
 
 _alias_kernels()
@@ -48,6 +49,13 @@ from .errors import (  # noqa: E402
     OptdenError,
 )
 from . import reference  # noqa: E402
+from .analysis import DeviationStats, ScoreDeviation, score_deviation  # noqa: E402
+from .gaussian import GaussianDenoiser  # noqa: E402
+from .geometry import TrajectoryGeometry, trajectory_geometry  # noqa: E402
+from .meanshift import MeanShiftResult, annealed_mean_shift, mean_shift  # noqa: E402
+from .memorization import Memorization, memorization  # noqa: E402
+from .sampling import SampleRun, ode_jump, sample  # noqa: E402
+from .schedules import Schedule, get_schedule  # noqa: E402
 
 __all__ = [
     "Dataset",
@@ -62,4 +70,20 @@ __all__ = [
     "DatasetNotFoundError",
     "ChecksumError",
     "BackendUnavailableError",
+    "sample",
+    "ode_jump",
+    "SampleRun",
+    "get_schedule",
+    "Schedule",
+    "mean_shift",
+    "annealed_mean_shift",
+    "MeanShiftResult",
+    "score_deviation",
+    "ScoreDeviation",
+    "DeviationStats",
+    "trajectory_geometry",
+    "TrajectoryGeometry",
+    "memorization",
+    "Memorization",
+    "GaussianDenoiser",
 ]

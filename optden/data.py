@@ -148,7 +148,8 @@ def _check_labels(labels, M: int, num_classes, name: str = "labels"):
             raise DtypeError(f"num_classes: expected an integer, got {num_classes!r}")
         num_classes = int(num_classes)
         if num_classes < top:
-            raise InputError(f"num_classes: {num_classes} is not above the largest label {top - 1}")
+            raise InputError(f"labels: label {top - 1} is out of range 0..{num_classes - 1} "
+                             f"(num_classes={num_classes})")
     arr.setflags(write=False)
     return arr, num_classes
 
@@ -743,6 +744,8 @@ class Dataset:
                         if k in keys and k != data_key:
                             labels = z[k]
                             break
+        except (InputError, DatasetError):
+            raise  # our own message (a bad key), not a broken file
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise DatasetError(f"path: {path} is not a valid .npz file ({e})") from None
         ds = cls.from_array(x, labels, scale, offset, image_shape, num_classes=num_classes, dtype=dtype)
@@ -952,12 +955,15 @@ class Dataset:
             _write_small(tmp["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
             # Commit: invalidate the old set, move the payload in, then the marker.
             (dir / "meta.json").unlink(missing_ok=True)
+            # pop only after a successful move, so an interrupted move still cleans up its temporary
             for name in ("data.npy", "labels.npy", "norms.npz"):
                 if name in tmp:
-                    os.replace(tmp.pop(name), dir / name)
+                    os.replace(tmp[name], dir / name)
+                    del tmp[name]
             if self.labels is None:
                 (dir / "labels.npy").unlink(missing_ok=True)
-            os.replace(tmp.pop("meta.json"), dir / "meta.json")
+            os.replace(tmp["meta.json"], dir / "meta.json")
+            del tmp["meta.json"]
             _fsync_dir(dir)
         finally:
             for p in tmp.values():

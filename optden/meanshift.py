@@ -98,7 +98,7 @@ class _Shifter:
 
     def __init__(self, den, x: torch.Tensor, labels, batch_size, device, dtype):
         self.call = _DenoiserCall(den, device, dtype)
-        self.x = x.to(self.call.device)  # (n, *shape) float64
+        self.x = x.to(self.call.device, torch.float64, copy=True)  # (n, *shape); never the caller's tensor
         self.n = x.shape[0]
         self.labels = _labels(labels, self.n)
         self.bs = self.n if batch_size is None else check_positive_int(batch_size, "batch_size")

@@ -40,18 +40,29 @@ def gamma(n: int, u: float) -> float:
     return n * u / (1.0 - n * u)
 
 
-def gemm_delta(u: float, d: int, vnorm: torch.Tensor, max_qnorm: float, coef: torch.Tensor, top: torch.Tensor):
-    """Bound (N,) on the row-dependent error of expansion logits computed with unit roundoff u.
+def gemm_delta(u: float, d: int, vnorm: torch.Tensor, max_qnorm: float, coef: torch.Tensor, top: torch.Tensor,
+               fused: bool = True):
+    """Bound (N,) on |coarse - exact| of every row's expansion logit, the GEMM run with unit roundoff u.
 
-    |fl(v.q) - v.q| <= gamma_{d+2} ||v|| ||q|| (any summation order, the +2 covers the
-    rounding of v to the working precision); the final sums and the multiplication by
-    coef add a few roundings of the magnitudes involved (bounded with float64's unit
-    roundoff, in which they are done).
+    The coarse logit is ``-coef (||v||^2 + ||q||^2 - 2 v.q)``, the norms in float64.
+    ``fused=True`` (the safe default): the GEMM accumulates onto the norms, as
+    ``torch.addmm(vsq + csq, v, q.T, alpha=-2)`` does, so each of its d additions rounds at
+    the size of ``||v||^2 + ||q||^2``: |err| <= gamma_{d+2} (||v|| + ||q||)^2 (Higham's bound
+    for ``c + sum a_k b_k`` in any order). ``fused=False``: the dot product is computed on
+    its own and added afterwards: |fl(v.q) - v.q| <= gamma_{d+2} ||v|| ||q||, times 2.
+    The +2 covers the rounding of v and q to the working precision. The float64 norms add
+    gamma_{d+2} (||v||^2 + ||q||^2) (the query's is common to all rows, but lse and the
+    re-score compare coarse with exact logits); the final sums and the multiplication by
+    coef add a few roundings of the magnitudes involved.
     """
     g = gamma(d + 2, u)
-    dot_err = 2.0 * g * vnorm * max_qnorm
+    if fused:
+        dot_err = g * (vnorm + max_qnorm) ** 2
+    else:
+        dot_err = 2.0 * g * vnorm * max_qnorm
+    norm_err = gamma(d + 2, _EPS64) * (vnorm**2 + max_qnorm**2)
     sum_err = 4.0 * _EPS64 * (vnorm + max_qnorm) ** 2
-    return coef * (dot_err + sum_err) + 4.0 * _EPS64 * top.abs()
+    return coef * (dot_err + norm_err + sum_err) + 4.0 * _EPS64 * top.abs()
 
 
 @dataclass
@@ -63,7 +74,8 @@ class Certified:
     top_w:     (N, K) largest weights, descending; top_idx: (N, K) their source positions.
     excluded:  (N,) bound on the relative weight that the result leaves out or misweights.
     mode:      (N,) int8, DENSE / RESCORED / EXACT.
-    delta:     (N,) the coarse-pass bound that was certified against.
+    delta:     (N,) the coarse-pass bound that was certified against (the fallback's, for
+               the queries the fallback certified).
     """
 
     dc: torch.Tensor
@@ -147,6 +159,7 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
     top_w = torch.exp(p.top_val - lse[:, None])
     top_idx = p.top_idx.clone()
     excluded = torch.expm1(2.0 * p.delta)
+    delta = p.delta.clone()  # per query: the bound of the pass that certified it
     mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
 
     need = p.delta > 0.25 * tol
@@ -175,7 +188,7 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
         if fail.numel() and fallback is not None:
             sub = certify(fallback(v[fail], coef[fail]), v[fail], coef[fail], source, tol)
             dc[fail], lse[fail], top_w[fail], top_idx[fail] = sub.dc, sub.lse, sub.top_w, sub.top_idx
-            excluded[fail], mode[fail] = sub.excluded, sub.mode
+            excluded[fail], mode[fail], delta[fail] = sub.excluded, sub.mode, sub.delta
             fail = fail[:0]
         for a in range(0, fail.numel(), 8):
             idx = fail[a : a + 8]
@@ -186,4 +199,4 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
             top_idx[idx] = ti
             excluded[idx] = 0.0
             mode[idx] = EXACT
-    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=p.delta)
+    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import DtypeError, InputError
-from .schedules import Schedule, get_schedule
+from .schedules import get_schedule
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
 __all__ = [

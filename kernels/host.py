@@ -1,0 +1,121 @@
+"""Host side of the fp32 GPU passes: chunking, log-sum-exp merge of splits, exact top-k.
+
+Pure torch (no Triton), shared by the Triton and CUDA backends. A *chunk kernel* is a
+callable ``kernel(x (B, d) raw rows, csq32 (B,) fp32, rows_per_split) -> (logits (N, B),
+m (S, N), s (S, N), acc (S, N, d))`` (fp32, row-dependent logits and raw-space sums,
+see ``optden.kernels.dense``). ``run_pass`` streams a ``RowSource`` through it and
+returns an ``optden.dispatch.Partial`` in float64 with the rigorous ``delta`` of
+``optden.kernels.bounds``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .bounds import fp32_pass_delta
+
+#: Bytes of fp32 logits (N x rows) one chunk may write; bounds the rows per kernel call.
+LOGIT_BYTES = 1 << 28
+#: Bytes of the per-split fp32 accumulators (S x N x d) of one chunk.
+ACC_BYTES = 1 << 28
+#: Bytes of float64 temporaries when merging split accumulators on the host.
+MERGE_BYTES = 1 << 26
+#: The row count every split is a multiple of (the largest BLOCK_M of any configuration).
+SPLIT_ALIGN = 128
+
+
+def plan_splits(rows: int, n: int, d: int, n_programs_q: int, target_programs: int) -> int:
+    """Rows per split for a chunk of ``rows`` rows: enough splits to fill the device.
+
+    n_programs_q: programs along the query axis; target_programs: programs wanted in
+    all (a few per SM). The per-split accumulators stay under ``ACC_BYTES``.
+    """
+    want = max(1, math.ceil(target_programs / max(1, n_programs_q)))
+    cap = max(1, ACC_BYTES // max(1, n * d * 4))
+    splits = max(1, min(want, cap, math.ceil(rows / SPLIT_ALIGN)))
+    per = math.ceil(rows / splits)
+    return math.ceil(per / SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+def chunks(source, n: int):
+    """Yield ``(offset, raw (B, d), csq (B,) float64)`` in chunks suited to a GPU pass.
+
+    Resident sources are cut into large chunks (bounded by ``LOGIT_BYTES`` of logits);
+    streamed sources use their own blocks (the prefetching reader sizes them).
+    """
+    raw_all = getattr(source, "_raw", None)
+    csq_all = getattr(source, "_csq", None)
+    if raw_all is None or csq_all is None:
+        yield from source.blocks()
+        return
+    rows = max(SPLIT_ALIGN, LOGIT_BYTES // max(1, 4 * n))
+    for a in range(0, source.M, rows):
+        b = min(source.M, a + rows)
+        yield a, raw_all[a:b], csq_all[a:b]
+
+
+def _merge_topk(top_val, top_idx, val, idx, k):
+    cat_v = torch.cat([top_val, val], dim=1)
+    cat_i = torch.cat([top_idx, idx], dim=1)
+    tv, sel = cat_v.topk(k, dim=1)
+    return tv, cat_i.gather(1, sel)
+
+
+def run_pass(kernel, source, v, coef, k, *, pieces, centered, tiles_per_split, block_m_max,
+             resid, rows_per_split_fn):
+    """One coarse pass over ``source`` through ``kernel``; returns a float64 ``Partial``.
+
+    v: (N, d) float64 centered queries; coef: (N,) float64; k: top logits to keep;
+    pieces: query pieces the kernel sums (for the bound); centered: the kernel dots with
+    ``raw - center`` (uint8) rather than ``raw``; tiles_per_split(rows_per_split): the
+    most row tiles one program handles; resid: (N,) ``||v - sum of pieces||``;
+    rows_per_split_fn(rows): the split size for a chunk of ``rows`` rows.
+    """
+    from optden.dispatch import Partial
+
+    n, d = v.shape
+    dev = v.device
+    center = source.center.to(dev, torch.float64)
+    # the part of every logit common to all rows, added here in float64
+    # -coef ||v - (raw - c)||^2 = coef (2 v.x - csq) - coef ||v||^2 [- 2 coef v.c when x = raw]
+    common = -coef * (v * v).sum(1)
+    if not centered:
+        common = common - 2.0 * coef * (v @ center)
+    m = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
+    s = torch.zeros(n, dtype=torch.float64, device=dev)
+    acc = torch.zeros(n, d, dtype=torch.float64, device=dev)
+    top_val = torch.full((n, k), -math.inf, dtype=torch.float64, device=dev)
+    top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
+    worst_tiles = 1
+    for off, raw, csq in chunks(source, n):
+        rows = raw.shape[0]
+        rps = rows_per_split_fn(rows)
+        worst_tiles = max(worst_tiles, tiles_per_split(rps))
+        logits, ms, ss, accs = kernel(raw, csq.to(dev, torch.float32).contiguous(), rps)
+        ms64 = ms.double()
+        cm = ms64.max(0).values
+        new_m = torch.maximum(m, cm)
+        w = torch.exp(ms64 - new_m[None, :])  # (S, n)
+        alpha = torch.exp(m - new_m)
+        s = s * alpha + (w * ss.double()).sum(0)
+        acc.mul_(alpha[:, None])
+        group = max(1, MERGE_BYTES // max(1, n * d * 8))  # splits merged per float64 einsum
+        for j in range(0, accs.shape[0], group):
+            acc.add_(torch.einsum("sn,snd->nd", w[j:j + group], accs[j:j + group].double()))
+        m = new_m
+        kb = min(k, rows)
+        bv, bi = logits.topk(kb, dim=1)
+        top_val, top_idx = _merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+    # raw-space sums -> centered space; row-dependent logits -> full logits
+    acc -= s[:, None] * center[None, :]
+    m = m + common
+    top_val = top_val + common[:, None]
+    q_norm = float(source.max_cnorm)
+    c_norm = float(center.norm())
+    x_norm = q_norm if centered else q_norm + c_norm
+    delta = fp32_pass_delta(
+        v, resid, coef, d=d, pieces=pieces, x_norm=x_norm, q_norm=q_norm,
+        tiles_per_split=worst_tiles, block_m_max=block_m_max, top=top_val[:, 0],
+    )
+    return Partial(m=m, s=s, acc=acc, top_val=top_val, top_idx=top_idx, delta=delta)

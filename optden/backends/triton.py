@@ -1,0 +1,105 @@
+"""The ``triton`` backend: the fused fp32/TF32 Triton pass of ``optden.kernels.dense``.
+
+Runs on CUDA devices. Under ``TRITON_INTERPRET=1`` it runs on CPU tensors in Triton's
+interpreter (how CI checks the kernels); the interpreter is slow, so there its priority
+drops below the float64 torch backend and ``backend="auto"`` never takes it, while
+``backend="triton"`` still forces it. Triton is imported only when a pass runs.
+
+On a GPU the kernel is autotuned once per (query-count bucket, d, dtype path);
+OPTDEN_TRITON_AUTOTUNE=0 uses one fixed configuration instead (no tuning delay).
+
+The pass is coarse (fp32 accumulation): its rigorous error bound ``delta``
+(``optden.kernels.bounds``) lets ``optden.precision.certify`` re-score the top-k rows in
+float64, or send the query to the float64 torch pass when the bound is too wide.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+
+from .. import dispatch
+from ..dispatch import Backend, Partial
+
+_DTYPES = ("uint8", "float16", "bfloat16", "float32")
+_KERNEL_MODULE = "optden.kernels.dense"
+
+
+def interpret_mode() -> bool:
+    """Whether the Triton kernels run (or will run) in Triton's interpreter.
+
+    Triton decides when the kernel module is imported (``TRITON_INTERPRET``); once it
+    is imported, its ``INTERPRETED`` flag is what counts.
+    """
+    mod = sys.modules.get(_KERNEL_MODULE)
+    if mod is not None:
+        return bool(mod.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "fused Triton pass (TF32 tensor cores, exact products; fp32 accumulation, certified); CUDA, or TRITON_INTERPRET=1 on CPU"
+
+    @property
+    def priority(self) -> int:  # type: ignore[override]
+        # above the C++ cpu backend (10) on GPUs; below torch (0) in the slow interpreter
+        return -1 if interpret_mode() else 20
+
+    def availability(self) -> list[str]:
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed (pip install triton)"]
+        if interpret_mode():
+            return []
+        if not torch.cuda.is_available():
+            return ["no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors in the interpreter)"]
+        return []
+
+    def not_supported_reasons(self, device: torch.device, dtype: str, d: int) -> list[str]:
+        why = []
+        if dtype not in _DTYPES:
+            why.append(f"storage dtype {dtype!r} is not one of {_DTYPES}")
+        if interpret_mode():
+            if device.type != "cpu":
+                why.append(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only (got device {device})")
+        elif device.type != "cuda":
+            why.append(f"runs on CUDA devices only (got device {device}; TRITON_INTERPRET=1 allows CPU tensors)")
+        if d > 1 << 20:
+            why.append(f"d = {d} exceeds the 2^20 columns the fp32 error bound covers")
+        return why
+
+    def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
+        """See ``Backend.partial``. v: (N, d) float64, coef: (N,) float64."""
+        from optden.kernels.host import plan_splits, run_pass
+
+        K = importlib.import_module(_KERNEL_MODULE)
+        n, d = v.shape
+        dtype = source.dtype
+        on_gpu = v.is_cuda and not K.INTERPRETED
+        tf32 = dtype != "float32" and (not on_gpu or torch.cuda.get_device_capability(v.device)[0] >= 8)
+        hi, lo, resid = K.split_query_tf32(v) if tf32 else K.split_query_fp32(v)
+        centered = dtype == "uint8"
+        center32 = source.center.to(v.device, torch.float32).contiguous()
+        coef32 = coef.to(torch.float32).contiguous()
+        n_q = math.ceil(n / 16)
+        target = 4 * torch.cuda.get_device_properties(v.device).multi_processor_count if on_gpu else 4
+
+        def kernel(x, csq32, rps):
+            return K.dense_partial(x, center32, csq32, hi, lo, coef32, rps, centered=centered, tf32=tf32)
+
+        return run_pass(
+            kernel, source, v, coef, k,
+            pieces=2 if tf32 else 1,
+            centered=centered,
+            tiles_per_split=lambda rps: math.ceil(rps / K.BLOCK_M_MIN),
+            block_m_max=K.BLOCK_M_MAX,
+            resid=resid,
+            rows_per_split_fn=lambda rows: plan_splits(rows, n, d, n_q, target),
+        )
+
+
+dispatch.register("triton", TritonBackend)

@@ -1,0 +1,252 @@
+"""Pictures: trajectory strips, samples beside their nearest training image (Pillow), and
+deviation / geometry curves against sigma (matplotlib, Agg backend).
+
+Every function writes a PNG to ``path`` (parent folders created) and returns the path.
+Images are (n, C, H, W) or (n, d) model-space tensors; ``value_range`` = (lo, hi) maps
+model values to 0..255 (default: the data set's own map for uint8 data, else (-1, 1)).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .validate import as_tensor, check_positive_int
+
+__all__ = ["to_pictures", "trajectory_strip", "nearest_grid", "deviation_curves", "geometry_curves"]
+
+_PAD = 2
+_BG = (255, 255, 255)
+
+
+def _value_range(ds, value_range):
+    if value_range is not None:
+        lo, hi = (float(v) for v in value_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise InputError(f"value_range: expected finite lo < hi, got {value_range!r}")
+        return lo, hi
+    if ds is not None and getattr(ds, "dtype", None) == "uint8":
+        return float(ds.offset), float(ds.offset + 255.0 * ds.scale)
+    return -1.0, 1.0
+
+
+def to_pictures(x, image_shape=None, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """Model-space images -> uint8 RGB pictures (n, H, W, 3), clipped.
+
+    x: (n, C, H, W), or (n, d) with ``image_shape`` = (C, H, W); C = 1 or 3
+    (grayscale is repeated into RGB). value_range (lo, hi) maps to 0..255.
+    """
+    t = as_tensor(x, "x").detach().to("cpu", torch.float64)
+    if image_shape is not None:
+        t = t.reshape(t.shape[0], *image_shape)
+    if t.dim() != 4 or t.shape[1] not in (1, 3):
+        raise InputError(f"x: expected images (n, C, H, W) with C = 1 or 3, got shape {tuple(t.shape)}")
+    lo, hi = _value_range(None, value_range)
+    pix = np.rint(np.clip((t.numpy() - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
+    pix = pix.transpose(0, 2, 3, 1)
+    return np.repeat(pix, 3, axis=3) if pix.shape[3] == 1 else np.ascontiguousarray(pix)
+
+
+def _tile(pic: np.ndarray, zoom: int):
+    from PIL import Image
+
+    return Image.fromarray(pic).resize((pic.shape[1] * zoom, pic.shape[0] * zoom), Image.NEAREST)
+
+
+def _save(img, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def _columns(count: int, max_columns: int) -> list[int]:
+    if count <= max_columns:
+        return list(range(count))
+    return sorted(set(np.rint(np.linspace(0, count - 1, max_columns)).astype(int).tolist()))
+
+
+_HEADER = 14  # pixels of the sigma header row
+
+
+def trajectory_strip(run, path, ds=None, samples=(0, 1, 2, 3), max_columns: int = 12, zoom: int = 4,
+                     value_range=None, sigma_labels: bool = False) -> Path:
+    """The paper's trajectory figure: for each chosen sample, the sampling trajectory x_t
+    (noise to sample, left to right) over the denoising trajectory D(x_t).
+
+    run: a ``SampleRun`` recorded with ``record=True`` (images (n, C, H, W)).
+    samples: indices of the samples to show (one pair of rows each).
+    max_columns: most trajectory points shown (evenly spaced, x_T and the sample kept).
+    The denoising row under the final sample repeats the sample (D at sigma = 0 is the
+    identity). sigma_labels: a header row with the sigma of each column (14 pixels).
+    Picture size: width = cols * (W * zoom + 2) + 2,
+    height = 2 * len(samples) * (H * zoom + 2) + 2 + 2 * (len(samples) - 1) (+ 14 with labels).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if getattr(run, "trajectory", None) is None or getattr(run, "denoised", None) is None:
+        raise InputError("run: the SampleRun holds no trajectory; sample with record=True")
+    zoom = check_positive_int(zoom, "zoom")
+    max_columns = check_positive_int(max_columns, "max_columns", 2)
+    n = run.samples.shape[0]
+    idx = [int(i) for i in samples]
+    if not idx or any(not 0 <= i < n for i in idx):
+        raise InputError(f"samples: expected indices in 0..{n - 1}, got {list(samples)}")
+    K = run.denoised.shape[0]
+    cols = _columns(K + 1, max_columns)
+    vr = _value_range(ds, value_range)
+    shape = tuple(run.samples.shape[1:])
+    traj = run.trajectory_x  # in the original coordinate x
+    sample_pics = to_pictures(torch.stack([traj[c][idx] for c in cols], 1).reshape(-1, *shape), value_range=vr)
+    den_rows = torch.stack([run.denoised[c][idx] if c < K else run.samples[idx] for c in cols], 1)
+    den_pics = to_pictures(den_rows.reshape(-1, *shape), value_range=vr)
+    H, W = sample_pics.shape[1] * zoom, sample_pics.shape[2] * zoom
+    ncol, nrow = len(cols), 2 * len(idx)
+    width = ncol * (W + _PAD) + _PAD
+    top = _HEADER if sigma_labels else 0
+    height = nrow * (H + _PAD) + _PAD + _PAD * (len(idx) - 1) + top
+    img = Image.new("RGB", (width, height), _BG)
+    if sigma_labels:
+        draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+        for c, k in enumerate(cols):
+            sg = float(run.sigmas[k])
+            text = "0" if sg == 0 else f"{sg:.2g}"
+            w = draw.textlength(text, font=font)
+            draw.text((_PAD + c * (W + _PAD) + (W - w) / 2, 1), text, fill=(0, 0, 0), font=font)
+    for j in range(len(idx)):
+        y0 = top + _PAD + j * (2 * (H + _PAD) + _PAD)
+        for c in range(ncol):
+            x0 = _PAD + c * (W + _PAD)
+            img.paste(_tile(sample_pics[j * ncol + c], zoom), (x0, y0))
+            img.paste(_tile(den_pics[j * ncol + c], zoom), (x0, y0 + H + _PAD))
+    return _save(img, path)
+
+
+def nearest_grid(samples, mem, ds, path, max_pairs: int = 32, per_row: int = 8, zoom: int = 4,
+                 value_range=None) -> Path:
+    """Samples beside their nearest training image: pairs (sample | nearest) in a grid.
+
+    samples: (n, C, H, W) model space, or a ``SampleRun``; mem: ``Memorization`` of them;
+    ds: the training ``Dataset``. A memorized pair gets a green frame, the others red.
+    Picture size: width = per_row * (2 W zoom + 3 * 2) + 2 (fewer pairs: fewer columns),
+    height = rows * (H zoom + 2 * 2) + 2, rows = ceil(min(n, max_pairs) / per_row).
+    """
+    from PIL import Image
+
+    from .sampling import SampleRun
+
+    if isinstance(samples, SampleRun):
+        samples = samples.samples
+    x = as_tensor(samples, "samples").detach().to("cpu", torch.float64)
+    x = x.reshape(x.shape[0], *ds.image_shape)
+    zoom = check_positive_int(zoom, "zoom")
+    per_row = check_positive_int(per_row, "per_row")
+    k = min(x.shape[0], check_positive_int(max_pairs, "max_pairs"))
+    if mem.n != x.shape[0]:
+        raise InputError(f"mem: holds {mem.n} samples, samples has {x.shape[0]}")
+    vr = _value_range(ds, value_range)
+    pics = to_pictures(x[:k], value_range=vr)
+    near = to_pictures(ds.images(mem.nn1_index[:k].numpy()), value_range=vr)
+    H, W = pics.shape[1] * zoom, pics.shape[2] * zoom
+    cols = min(per_row, k)
+    rows = (k + per_row - 1) // per_row
+    cell_w, cell_h = 2 * W + 3 * _PAD, H + 2 * _PAD
+    img = Image.new("RGB", (cols * cell_w + _PAD, rows * cell_h + _PAD), _BG)
+    for i in range(k):
+        r, c = divmod(i, per_row)
+        x0, y0 = _PAD + c * cell_w, _PAD + r * cell_h
+        colour = (40, 160, 40) if bool(mem.memorized[i]) else (200, 40, 40)
+        img.paste(Image.new("RGB", (cell_w - _PAD, cell_h - _PAD), colour), (x0, y0))
+        img.paste(_tile(pics[i], zoom), (x0 + _PAD // 2 + 1, y0 + _PAD // 2 + 1))
+        img.paste(_tile(near[i], zoom), (x0 + W + _PAD + 1, y0 + _PAD // 2 + 1))
+    return _save(img, path)
+
+
+def _figure(ncols: int, width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _finish(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def deviation_curves(result, path, kinds=("model", "optimal", "paired"), width: float = 10.0,
+                     height: float = 4.0) -> Path:
+    """Score deviation against sigma (log-log): mean with the 5-95 % band of each kind,
+    in denoiser space ``||D_theta - D*||`` (left) and score space ``/ sigma^2`` (right).
+
+    result: a ``ScoreDeviation``. Picture size (width * 100, height * 100) pixels.
+    """
+    fig, (a1, a2) = _figure(2, width, height)
+    sig = result.sigmas.numpy()
+    levels = result.quantile_levels.tolist()
+    lo_i, hi_i = int(np.argmin(levels)), int(np.argmax(levels))
+    labels = {"model": "on the model's trajectory", "optimal": "on the optimal trajectory",
+              "paired": "each on its own trajectory"}
+    for kind in kinds:
+        st = result.kind(kind)
+        for ax, mean, q in ((a1, st.mean, st.quantiles), (a2, st.score_mean, st.score_quantiles)):
+            line, = ax.plot(sig, mean.numpy(), marker="o", ms=3, label=labels[kind])
+            ax.fill_between(sig, q[:, lo_i].numpy(), q[:, hi_i].numpy(), color=line.get_color(), alpha=0.15)
+    for ax, title in ((a1, r"$\|D_\theta - D^*\|$"), (a2, r"$\|D_\theta - D^*\| / \sigma^2$ (score)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(r"$\sigma$")
+        ax.set_title(title)
+        ax.invert_xaxis()
+        ax.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def geometry_curves(geom, path, width: float = 14.0, height: float = 3.6) -> Path:
+    """Trajectory geometry against sigma (means over samples, 10-90 % band): deviation from
+    the chord, magnitudes, distance to the end point (each for x_t and D(x_t)), and the
+    angle of the ODE direction to x_t - x_0.
+
+    geom: a ``TrajectoryGeometry``. Picture size (width * 100, height * 100) pixels.
+    The final point (sigma = 0) is drawn at the smallest positive sigma / 2 on the log axis.
+    """
+    fig, axes = _figure(4, width, height)
+    sig = geom.sigmas.clone()
+    sig[-1] = sig[-2] / 2 if sig.numel() > 1 else 1.0
+    ev = geom.eval_sigmas
+
+    def band(ax, s, v, label):
+        mean = torch.nanmean(v, 1).numpy()
+        lo = torch.nanquantile(v, 0.1, dim=1).numpy()
+        hi = torch.nanquantile(v, 0.9, dim=1).numpy()
+        line, = ax.plot(s.numpy(), mean, marker="o", ms=3, label=label)
+        ax.fill_between(s.numpy(), lo, hi, color=line.get_color(), alpha=0.15)
+
+    panels = (
+        ("deviation from the chord", geom.deviation, geom.denoised_deviation),
+        ("magnitude", geom.magnitude, geom.denoised_magnitude),
+        ("distance to the final sample", geom.distance_to_end, geom.denoised_distance_to_end),
+    )
+    for ax, (title, xs, ds_) in zip(axes, panels):
+        band(ax, sig, xs, r"sampling $x_t$")
+        band(ax, ev, ds_, r"denoising $D(x_t)$")
+        ax.set_title(title)
+    band(axes[3], ev, geom.tangent_angle, r"ODE direction")
+    band(axes[3], ev, geom.step_angle, r"actual step")
+    axes[3].set_title(r"angle to $x_t - x_0$ (degrees)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel(r"$\sigma$")
+        ax.invert_xaxis()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    return _finish(fig, path)

@@ -1,0 +1,107 @@
+"""The float64 oracle itself (optden.reference) on cases computed by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optden import reference as R
+from tolerances import FLOAT64_RTOL
+
+
+def test_two_points_by_hand():
+    y = np.array([[0.0], [2.0]])
+    # midpoint: equal weights, D = 1, score 0
+    for sigma in (0.01, 1.0, 100.0):
+        np.testing.assert_allclose(R.weights([[1.0]], y, sigma), [[0.5, 0.5]], rtol=FLOAT64_RTOL)
+        np.testing.assert_allclose(R.denoise([[1.0]], y, sigma), [[1.0]], rtol=FLOAT64_RTOL)
+        np.testing.assert_allclose(R.score([[1.0]], y, sigma), [[0.0]], atol=1e-12 / sigma**2)
+    # at x = 0, sigma = 1: logits 0 and -2, w = (1, e^-2) / (1 + e^-2)
+    np.testing.assert_allclose(R.logits([[0.0]], y, 1.0), [[0.0, -2.0]], rtol=0, atol=0)
+    w2 = math.exp(-2) / (1 + math.exp(-2))
+    np.testing.assert_allclose(R.weights([[0.0]], y, 1.0), [[1 - w2, w2]], rtol=FLOAT64_RTOL)
+    np.testing.assert_allclose(R.denoise([[0.0]], y, 1.0), [[2 * w2]], rtol=FLOAT64_RTOL)
+    np.testing.assert_allclose(R.score([[0.0]], y, 1.0), [[2 * w2]], rtol=FLOAT64_RTOL)
+    # log p = log((N(0; 0, 1) + N(0; 2, 1)) / 2)
+    p = 0.5 * (1 + math.exp(-2)) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(R.log_density([[0.0]], y, 1.0), [math.log(p)], rtol=FLOAT64_RTOL)
+    # nearest: distances 0 and 2
+    dist, idx = R.nearest([[0.0]], y, 2)
+    np.testing.assert_array_equal(dist, [[0.0, 2.0]])
+    np.testing.assert_array_equal(idx, [[0, 1]])
+
+
+def test_one_point_is_a_gaussian(rng):
+    d = 7
+    y = rng.standard_normal((1, d))
+    x = rng.standard_normal((5, d))
+    sig = np.array([1e-3, 0.1, 1.0, 3.0, 1e3])
+    np.testing.assert_array_equal(R.weights(x, y, sig), np.ones((5, 1)))
+    np.testing.assert_allclose(R.denoise(x, y, sig), np.repeat(y, 5, 0), rtol=FLOAT64_RTOL)
+    np.testing.assert_allclose(R.score(x, y, sig), (y - x) / sig[:, None] ** 2, rtol=1e-9)
+    sq = ((x - y) ** 2).sum(1)
+    gauss = -sq / (2 * sig**2) - 0.5 * d * np.log(2 * math.pi * sig**2)
+    np.testing.assert_allclose(R.log_density(x, y, sig), gauss, rtol=FLOAT64_RTOL)
+    w, i = R.posterior(x, y, sig, 1)
+    np.testing.assert_array_equal(w, np.ones((5, 1)))
+    np.testing.assert_array_equal(i, np.zeros((5, 1)))
+
+
+def test_sigma_limits(rng):
+    y = rng.standard_normal((40, 9))
+    x = 0.3 * rng.standard_normal((6, 9))
+    # sigma -> 0: the nearest row (weights underflow to 0 elsewhere, no NaN)
+    _, nn = R.nearest(x, y, 1)
+    np.testing.assert_array_equal(R.denoise(x, y, 1e-6), y[nn[:, 0]])
+    # sigma -> infinity: the mean of the rows
+    np.testing.assert_allclose(R.denoise(x, y, 1e8), np.broadcast_to(y.mean(0), (6, 9)), rtol=0, atol=1e-12)
+    # a query far from every row at tiny sigma: still finite, all weight on the nearest
+    far = 1e3 * np.ones((1, 9))
+    w = R.weights(far, y, 1e-3)
+    assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+    assert np.argmax(w) == R.nearest(far, y, 1)[1][0, 0]
+    assert np.isfinite(R.log_density(far, y, 1e-3)).all()
+
+
+def test_posterior_order_and_ties():
+    y = np.array([[3.0, 0.0], [1.0, 0.0], [5.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    x = np.array([[1.0, 0.0]])
+    w, idx = R.posterior(x, y, 1.0, 5)
+    # rows 1 and 3 are equal and nearest: the smaller index first; then 4 (distance 1), 0, 2
+    np.testing.assert_array_equal(idx, [[1, 3, 4, 0, 2]])
+    assert w[0, 0] == w[0, 1]
+    assert np.all(np.diff(w[0]) <= 0)
+    np.testing.assert_allclose(w, np.take_along_axis(R.weights(x, y, 1.0), idx, 1), rtol=0)
+    e = np.exp(-np.array([0.0, 0.0, 0.5, 2.0, 8.0]))
+    np.testing.assert_allclose(w[0], e / e.sum(), rtol=FLOAT64_RTOL)
+    w2, idx2 = R.posterior(x, y, 1.0, 2)
+    np.testing.assert_array_equal(idx2, [[1, 3]])
+    # nearest breaks ties the same way
+    np.testing.assert_array_equal(R.nearest(x, y, 3)[1], [[1, 3, 4]])
+
+
+def test_score_and_shapes(rng):
+    y = rng.standard_normal((12, 2, 3))  # image-shaped rows are flattened
+    x = torch.from_numpy(rng.standard_normal((4, 2, 3)))
+    sig = torch.tensor([0.05, 0.5, 5.0, 50.0], dtype=torch.float64)
+    d = R.denoise(x, y, sig)
+    assert d.shape == (4, 6) and d.dtype == np.float64
+    xf = x.reshape(4, -1).numpy()
+    np.testing.assert_allclose(R.score(x, y, sig), (d - xf) / sig.numpy()[:, None] ** 2, rtol=FLOAT64_RTOL)
+    # per-sample sigma equals one call per sample
+    for j in range(4):
+        np.testing.assert_allclose(d[j], R.denoise(xf[j : j + 1], y, float(sig[j]))[0], rtol=FLOAT64_RTOL)
+    w = R.weights(xf, y, sig)
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-14)
+    np.testing.assert_allclose(d, w @ y.reshape(12, -1), rtol=FLOAT64_RTOL)
+    # log density: logsumexp of the logits - log M - d/2 log(2 pi sigma^2), summed in Python
+    lg = R.logits(xf, y, sig)
+    lse = np.array([row.max() + math.log(math.fsum(math.exp(v - row.max()) for v in row)) for row in lg])
+    direct = lse - math.log(12) - 3 * np.log(2 * math.pi * sig.numpy() ** 2)
+    np.testing.assert_allclose(R.log_density(xf, y, sig), direct, rtol=FLOAT64_RTOL)
+    # duplicating every row leaves D and the log density unchanged
+    y2 = np.concatenate([y, y])
+    np.testing.assert_allclose(R.denoise(x, y2, sig), d, rtol=FLOAT64_RTOL)
+    np.testing.assert_allclose(R.log_density(x, y2, sig), R.log_density(x, y, sig), rtol=FLOAT64_RTOL)
