@@ -18,6 +18,10 @@ py::dict build_info() {
 #ifdef __VERSION__
   d["compiler"] = __VERSION__;
 #endif
+  __builtin_cpu_init();  // SIMD seen at run time; the dense pass dispatches on these
+  d["cpu_avx2_fma"] = (bool)(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  d["cpu_avx512_vnni"] = (bool)(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vnni"));
 #ifdef OPTDEN_WITH_CUDA
   d["cuda"] = true;
 #else

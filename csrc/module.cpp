@@ -6,6 +6,7 @@ namespace py = pybind11;
 
 namespace optden {
 void register_norms(py::module_& m);
+void register_dense(py::module_& m);  // csrc/dense_cpu.cpp: the cpu backend's dense pass
 py::dict build_info();
 #ifdef OPTDEN_WITH_CUDA
 void register_cuda(py::module_& m);  // csrc/cuda/*.cu, built when nvcc and a CUDA torch exist
@@ -15,6 +16,7 @@ void register_cuda(py::module_& m);  // csrc/cuda/*.cu, built when nvcc and a CU
 PYBIND11_MODULE(_C, m) {
   m.doc() = "optden compiled kernels (C++ CPU; CUDA when built with it)";
   optden::register_norms(m);
+  optden::register_dense(m);
 #ifdef OPTDEN_WITH_CUDA
   optden::register_cuda(m);
 #endif

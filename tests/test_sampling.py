@@ -116,9 +116,13 @@ def test_deterministic_seed_and_batch_invariance(rng):
         a = optden.sample(den, n=37, steps=5, solver=solver, seed=11, record=True, **kw)
         b = optden.sample(den, n=37, steps=5, solver=solver, seed=11, record=True, batch_size=8, **kw)
         c = optden.sample(den, n=37, steps=5, solver=solver, seed=12, **kw)
+        again = optden.sample(den, n=37, steps=5, solver=solver, seed=11, record=True, **kw)
         assert a.samples.shape == (37, 3, 3, 3)
-        torch.testing.assert_close(a.trajectory, b.trajectory, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(a.samples, b.samples, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a.trajectory, again.trajectory)  # same seed, same batches: bit for bit
+        # Another batch size draws the same noise; the denoiser may sum in another order (the
+        # cpu backend picks its kernel by batch size), so equal to well within the contract.
+        torch.testing.assert_close(a.trajectory, b.trajectory, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a.samples, b.samples, rtol=1e-9, atol=1e-9)
         assert not torch.equal(a.x_T, c.x_T)
         assert a.nfe == b.nfe == 9  # 2 per step, 1 for the last (to sigma = 0)
 

@@ -1,0 +1,236 @@
+"""Dense pass of the optimal denoiser on this CPU: optden's cpu and torch backends against
+the naive PyTorch fp32 code users write, with the machine's limits measured in the same run.
+
+Shapes: N queries in {1, 8, 64, 512}, M = 50,000 rows of d = 3072 uint8 (CIFAR-10 size),
+random data. Queries are ``y_i + sigma * n``. Reported per row: median time of repeats,
+GFLOP/s with FLOPs = 4 N M d (the dense pass: distances and weighted sum), GB/s for one
+read of the uint8 data (M d bytes), and their ratios to the measured limits: the fp32 and
+bf16 matmul rates (torch.matmul at 4096^2) and the memory read bandwidth (torch sum over
+a 1 GiB float32 array), each the best of its repeats. The methods are timed in
+interleaved rounds (one call of each per round) so that load from other jobs on a shared
+machine falls on all of them alike; the table gives the median and the best time. The error of each method is its max relative error of D* against
+the float64 oracle (optden.reference) on the first rows of the data at a few sigmas.
+
+    python bench/bench_dense.py            # the full table (minutes)
+    python bench/bench_dense.py --quick    # a smoke run at tiny shapes (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import optden
+from optden import reference as R
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def times(fn, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls after one warm-up call (page faults, thread pools)."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def interleaved_times(fns: list, repeats: int) -> list[list[float]]:
+    """Times of each function, called in rounds (one call of each per round), so that a
+    machine shared with other jobs loads every method alike. One warm-up round first."""
+    out = [[] for _ in fns]
+    for f in fns:
+        f()
+    for _ in range(repeats):
+        for j, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            out[j].append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
+    """GFLOP/s of torch.matmul of two n x n matrices in dtype."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    t = min(times(lambda: torch.matmul(a, b), repeats))
+    return 2.0 * n**3 / t / 1e9
+
+
+def read_bandwidth(nbytes: int, repeats: int) -> float:
+    """GB/s of one read of a float32 array of nbytes (torch sum, all threads)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = min(times(lambda: x.sum(), repeats))
+    return nbytes / t / 1e9
+
+
+def naive_fp32(x: torch.Tensor, Y: torch.Tensor, ysq: torch.Tensor, sigma: float, chunk: int) -> torch.Tensor:
+    """What users write: fp32 expansion logits in row chunks, softmax, weights @ Y.
+
+    x: (N, d) fp32 model space; Y: (M, d) fp32; ysq: (M,) fp32. Returns D* (N, d) fp32.
+    """
+    xsq = (x * x).sum(1, keepdim=True)
+    logits = torch.empty(x.shape[0], Y.shape[0])
+    for a in range(0, Y.shape[0], chunk):
+        yc = Y[a : a + chunk]
+        logits[:, a : a + chunk] = -(xsq - 2.0 * x @ yc.T + ysq[a : a + chunk]) / (2.0 * sigma**2)
+    w = torch.softmax(logits, dim=1)
+    out = torch.zeros(x.shape[0], Y.shape[1])
+    for a in range(0, Y.shape[0], chunk):
+        out += w[:, a : a + chunk] @ Y[a : a + chunk]
+    return out
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        model = info.get("Model name", model).strip()
+        cores = info.get("CPU(s)", "?").strip()
+        return f"{model}, {cores} CPUs, torch threads {torch.get_num_threads()}"
+    except (OSError, subprocess.CalledProcessError):
+        return f"{model}, {os.cpu_count()} CPUs"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
+    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+
+def errors(raw: np.ndarray, sigmas, n_err: int, m_err: int, chunk: int, rng) -> dict:
+    """Max relative error of D* against the float64 oracle on the first m_err rows."""
+    sub = optden.Dataset.from_array(raw[:m_err])
+    y = sub.model_rows(np.arange(sub.M)).numpy()
+    Y = torch.from_numpy(y).float()
+    ysq = (Y * Y).sum(1)
+    dens = {b: optden.OptimalDenoiser(sub, backend=b) for b in ("cpu", "torch")}
+    worst = {"cpu": 0.0, "torch": 0.0, "naive_fp32": 0.0}
+    for sigma in sigmas:
+        x = y[rng.integers(0, sub.M, n_err)] + sigma * rng.standard_normal((n_err, sub.d))
+        ref = np.concatenate([R.denoise(x[i : i + 1], y, sigma) for i in range(n_err)])
+        for b, den in dens.items():
+            worst[b] = max(worst[b], rel_err(den(torch.from_numpy(x), sigma).numpy(), ref))
+        worst["naive_fp32"] = max(worst["naive_fp32"], rel_err(naive_fp32(torch.from_numpy(x).float(), Y, ysq, sigma, chunk).double().numpy(), ref))
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--M", type=int, default=50_000)
+    ap.add_argument("--d", type=int, default=3072)
+    ap.add_argument("--N", type=int, nargs="+", default=[1, 8, 64, 512])
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 20.0],
+                    help="sigmas (model space [-1, 1]) of the timed cpu runs; baselines do not depend on sigma")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--err-sigmas", type=float, nargs="+", default=[1e-3, 0.1, 1.0, 20.0, 1e3])
+    ap.add_argument("--err-rows", type=int, default=3000, help="rows of the data used for the error check")
+    ap.add_argument("--matmul-n", type=int, default=4096)
+    ap.add_argument("--bw-bytes", type=int, default=1 << 30)
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out: naive_fp32 torch cpu")
+    ap.add_argument("--csv", default=os.path.join(HERE, "bench_dense.csv"))
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.M, args.d, args.N, args.repeats = 600, 75, [1, 5], 2
+        args.err_sigmas, args.err_rows, args.matmul_n, args.bw_bytes = [1e-3, 1.0, 1e3], 300, 256, 1 << 22
+        args.sigmas = [0.5, 20.0]
+
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    print(f"# bench_dense: {machine()}; commit {commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    fp32 = matmul_rate(torch.float32, args.matmul_n, 3)
+    bf16 = matmul_rate(torch.bfloat16, args.matmul_n, 3)
+    bw = read_bandwidth(args.bw_bytes, 5)
+    print(f"# limits: fp32 matmul {fp32:.1f} GFLOP/s, bf16 matmul {bf16:.1f} GFLOP/s, read bandwidth {bw:.1f} GB/s")
+
+    raw = rng.integers(0, 256, (args.M, args.d), dtype=np.uint8)
+    ds = optden.Dataset.from_array(raw)
+    M, d = ds.M, ds.d
+    chunk = max(1, (1 << 26) // (4 * d))  # 64 MB of fp32 rows per chunk
+    Y = None
+    if "naive_fp32" not in args.skip:
+        Y = ds.model_rows(np.arange(M)).float()
+        ysq = (Y * Y).sum(1)
+    dens = {b: optden.OptimalDenoiser(ds, backend=b) for b in ("cpu", "torch") if b not in args.skip}
+
+    err = errors(raw, args.err_sigmas, 3, min(args.err_rows, M), chunk, rng)
+    rows = []
+    for n in args.N:
+        idx = rng.integers(0, M, n)
+        base = ds.model_rows(idx).numpy()
+        runs = []
+        if Y is not None:
+            x = torch.from_numpy(base + args.sigmas[-1] * rng.standard_normal(base.shape))
+            xf = x.float()
+            runs.append(("naive_fp32", args.sigmas[-1], lambda xf=xf, s=args.sigmas[-1]: naive_fp32(xf, Y, ysq, s, chunk), "-"))
+        if "torch" in dens:
+            x = torch.from_numpy(base + args.sigmas[-1] * rng.standard_normal(base.shape))
+            runs.append(("torch", args.sigmas[-1], lambda x=x, s=args.sigmas[-1]: dens["torch"](x, s), "-"))
+        if "cpu" in dens:
+            for s in args.sigmas:
+                x = torch.from_numpy(base + s * rng.standard_normal(base.shape))
+                ev = dens["cpu"].denoise_certified(x, s)
+                modes = ",".join(f"{m}:{ev.mode.count(m)}" for m in sorted(set(ev.mode)))
+                runs.append(("cpu", s, lambda x=x, s=s: dens["cpu"](x, s), modes))
+        reps = args.repeats if n < 512 else max(2, args.repeats // 2)
+        all_t = interleaved_times([fn for _, _, fn, _ in runs], reps)
+        for (name, s, fn, modes), ts in zip(runs, all_t):
+            t, tmin = statistics.median(ts), min(ts)
+            gflops = 4.0 * n * M * d / t / 1e9
+            gbs = M * d / t / 1e9
+            rows.append({
+                "method": name, "N": n, "M": M, "d": d, "sigma": s, "time_s": t, "best_s": tmin, "GFLOP/s": gflops,
+                "vs_fp32_peak": gflops / fp32, "vs_bf16_peak": gflops / bf16, "GB/s": gbs, "vs_bandwidth": gbs / bw,
+                "best_vs_fp32_peak": 4.0 * n * M * d / tmin / 1e9 / fp32, "best_vs_bandwidth": M * d / tmin / 1e9 / bw,
+                "max_rel_err": err.get(name, float("nan")), "modes": modes,
+            })
+            r = rows[-1]
+            print(f"{name:>10} N={n:<4} sigma={s:<6g} {t * 1e3:9.1f} ms (best {tmin * 1e3:.1f}) {gflops:8.1f} GFLOP/s "
+                  f"({r['vs_fp32_peak']:.2f} fp32, {r['vs_bf16_peak']:.2f} bf16) {gbs:6.2f} GB/s ({r['vs_bandwidth']:.2f} bw) "
+                  f"err {r['max_rel_err']:.1e} {modes}", flush=True)
+
+    print()
+    print("| method | N | sigma | median ms | best ms | GFLOP/s | / fp32 | / bf16 | GB/s | / bandwidth | best / bandwidth "
+          "| max rel err D* | speed-up vs naive (median, best) | vs torch (median, best) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = {m: next((q for q in rows if q["method"] == m and q["N"] == r["N"]), None) for m in ("naive_fp32", "torch")}
+        sp = {m: (f"{q['time_s'] / r['time_s']:.2f}, {q['best_s'] / r['best_s']:.2f}" if q else "-") for m, q in ref.items()}
+        print(f"| {r['method']} | {r['N']} | {r['sigma']:g} | {r['time_s'] * 1e3:.1f} | {r['best_s'] * 1e3:.1f} | "
+              f"{r['GFLOP/s']:.1f} | {r['vs_fp32_peak']:.2f} | {r['vs_bf16_peak']:.2f} | {r['GB/s']:.2f} | "
+              f"{r['vs_bandwidth']:.2f} | {r['best_vs_bandwidth']:.2f} | {r['max_rel_err']:.1e} | {sp['naive_fp32']} | "
+              f"{sp['torch']} |")
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["fp32_GFLOPs", "bf16_GFLOPs", "bandwidth_GBs"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, "fp32_GFLOPs": fp32, "bf16_GFLOPs": bf16, "bandwidth_GBs": bw})
+        print(f"# wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

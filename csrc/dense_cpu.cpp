@@ -1,0 +1,659 @@
+// The CPU dense pass of the optimal denoiser: one fused pass over blocks of rows that
+// computes coarse logits, an online softmax, the weighted sum and the top-K logits, with
+// a rigorous per-query bound `delta` on the logit error (see optden/backends/cpu.py for
+// the derivation). Also the exact re-score of gathered rows and a top-k selection.
+//
+// Logits: l_i = -coef ||v - q_i||^2 = -coef ((||v||^2 - 2 v.q_i) + ||q_i||^2), with v the
+// centered query (float64) and q_i = raw_i - center the centered row.
+//
+// uint8 rows with an integral center ("int" path): v is split into int16 fixed-point
+// limbs v ~ sum_l 2^(-k-15l) Q_l, and each Q_l . raw_i is computed exactly in integers
+// (vpdpwssd / vpmaddwd, int32 lanes flushed to int64), so the dot product's only error
+// is the known query residual e = v - vq: |e.q_i| <= ||e|| max||q||.
+// Other rows ("float" path: fp16, bf16, fp32, or a non-integral center): float64 dot
+// products of v with rows centered in float64, error <= gamma_{d+1} ||v|| max||q||.
+//
+// Work is split over sub-blocks of rows (OpenMP, dynamic); each thread keeps its own
+// (max, sumexp, weighted sum, top-K) and the threads are merged by log-sum-exp.
+#include <immintrin.h>
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+// ---- the kernels, once per instruction set (see dense_kernels.h)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+#define OPTDEN_KNS k_avx512
+#define OPTDEN_ISA 2
+#include "dense_kernels.h"
+#undef OPTDEN_KNS
+#undef OPTDEN_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define OPTDEN_KNS k_avx2
+#define OPTDEN_ISA 1
+#include "dense_kernels.h"
+#undef OPTDEN_KNS
+#undef OPTDEN_ISA
+#pragma GCC pop_options
+
+#define OPTDEN_KNS k_portable
+#define OPTDEN_ISA 0
+#include "dense_kernels.h"
+#undef OPTDEN_KNS
+#undef OPTDEN_ISA
+
+namespace py = pybind11;
+
+namespace optden {
+namespace {
+
+constexpr double kU = 1.1102230246251565e-16;  // unit roundoff of float64, 2^-53
+
+struct Kernels {
+  const char* name;
+  void (*dot_u8)(const int16_t*, int, int, const uint8_t*, int, int, int64_t*, int);
+  void (*dot_f64)(const double*, int, int, const double*, int, int, double*, int);
+  void (*acc_f64)(const double*, int, int, const double*, int, double*, int, const int*, int, int);
+  void (*acc_u8)(const double*, int, int, const uint8_t*, int, int, double*, int, const int*, int);
+};
+
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::acc_u8};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::acc_u8};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_f64, k_portable::acc_f64, k_portable::acc_u8};
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// The kernel set for `path`: "auto" (best the CPU has; env OPTDEN_CPU_PATH overrides),
+// "avx512", "avx2" or "portable". A path the CPU lacks is an error, never a crash.
+const Kernels& pick_kernels(std::string path) {
+  if (path == "auto") {
+    const char* env = std::getenv("OPTDEN_CPU_PATH");
+    if (env && *env) path = env;
+  }
+  if (path == "auto") return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kPortable;
+  if (path == "avx512") {
+    if (!cpu_has_avx512()) throw std::invalid_argument("path: this CPU lacks AVX-512 (F, BW, VL, DQ, VNNI)");
+    return kAvx512;
+  }
+  if (path == "avx2") {
+    if (!cpu_has_avx2()) throw std::invalid_argument("path: this CPU lacks AVX2 + FMA");
+    return kAvx2;
+  }
+  if (path == "portable") return kPortable;
+  throw std::invalid_argument("path: expected 'auto', 'avx512', 'avx2' or 'portable', got '" + path + "'");
+}
+
+enum class DType { U8, F16, BF16, F32 };
+
+DType parse_dtype(const std::string& s) {
+  if (s == "uint8") return DType::U8;
+  if (s == "float16") return DType::F16;
+  if (s == "bfloat16") return DType::BF16;
+  if (s == "float32") return DType::F32;
+  throw std::invalid_argument("dtype: expected uint8, float16, bfloat16 or float32, got '" + s + "'");
+}
+
+size_t itemsize(DType t) { return t == DType::U8 ? 1 : t == DType::F32 ? 4 : 2; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp((float)man, -24);  // zero or subnormal, exact
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    b |= sign;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+  uint32_t b = sign | ((exp == 31 ? 255u : exp + 112u) << 23) | (man << 13);
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline double raw_value(const void* base, DType t, size_t idx) {
+  switch (t) {
+    case DType::U8: return (double)static_cast<const uint8_t*>(base)[idx];
+    case DType::F16: return (double)half_to_float(static_cast<const uint16_t*>(base)[idx]);
+    case DType::BF16: {
+      const uint32_t b = (uint32_t)static_cast<const uint16_t*>(base)[idx] << 16;
+      float f;
+      std::memcpy(&f, &b, 4);
+      return (double)f;
+    }
+    case DType::F32: return (double)static_cast<const float*>(base)[idx];
+  }
+  return 0.0;
+}
+
+// Compensated sum of squares (Ogita, Rump, Oishi Dot2): error <= u|s| + gamma_n^2 s.
+double sumsq2(const double* x, int n) {
+  double s = 0.0, c = 0.0;
+  for (int j = 0; j < n; ++j) {
+    const double p = x[j] * x[j];
+    const double pe = std::fma(x[j], x[j], -p);
+    const double t = s + p;
+    const double z = t - s;
+    c += ((s - (t - z)) + (p - z)) + pe;
+    s = t;
+  }
+  return s + c;
+}
+
+double gamma(double n) { return n * kU / (1.0 - n * kU); }
+
+constexpr int kSB = 128;  // rows per sub-block (one unit of parallel work)
+constexpr int kJC = 240;  // columns per chunk of the float64 buffers (a multiple of 3 * 8 * 2)
+
+using TopHeap = std::vector<std::pair<double, int64_t>>;  // min-heap of the K best
+
+inline void heap_push(TopHeap& h, size_t K, double val, int64_t idx) {
+  auto gt = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) { return a.first > b.first; };
+  if (h.size() < K) {
+    h.emplace_back(val, idx);
+    std::push_heap(h.begin(), h.end(), gt);
+  } else if (val > h.front().first) {
+    std::pop_heap(h.begin(), h.end(), gt);
+    h.back() = {val, idx};
+    std::push_heap(h.begin(), h.end(), gt);
+  }
+}
+
+struct ThreadState {
+  std::vector<double> m, s, acc;
+  std::vector<TopHeap> top;
+};
+
+class DensePass {
+ public:
+  DensePass(py::array_t<double, py::array::c_style | py::array::forcecast> v,
+            py::array_t<double, py::array::c_style | py::array::forcecast> coef,
+            py::array_t<double, py::array::c_style | py::array::forcecast> center, double max_cnorm, int64_t k,
+            const std::string& dtype, const std::string& path, double target_delta, int limbs)
+      : kern_(&pick_kernels(path)), dtype_(parse_dtype(dtype)), target_(target_delta) {
+    if (v.ndim() != 2) throw std::invalid_argument("v: expected a 2-D (N, d) float64 array");
+    N_ = (int)v.shape(0);
+    d_ = (int)v.shape(1);
+    if (N_ < 1 || d_ < 1) throw std::invalid_argument("v: expected N >= 1 queries of width d >= 1");
+    if (coef.ndim() != 1 || coef.shape(0) != N_) throw std::invalid_argument("coef: expected shape (N,) = (" + std::to_string(N_) + ",)");
+    if (center.ndim() != 1 || center.shape(0) != d_) throw std::invalid_argument("center: expected shape (d,) = (" + std::to_string(d_) + ",)");
+    if (k < 1) throw std::invalid_argument("k: expected k >= 1");
+    if (!(max_cnorm >= 0.0) || !std::isfinite(max_cnorm)) throw std::invalid_argument("max_cnorm: expected a finite number >= 0");
+    if (limbs < 0 || limbs > 4) throw std::invalid_argument("limbs: expected 0 (automatic) or 1..4");
+    K_ = (size_t)k;
+    v_.assign(v.data(), v.data() + (size_t)N_ * d_);
+    coef_.assign(coef.data(), coef.data() + N_);
+    for (double c : coef_)
+      if (!(c > 0.0) || !std::isfinite(c)) throw std::invalid_argument("coef: expected finite positive values");
+    for (double x : v_)
+      if (!std::isfinite(x)) throw std::invalid_argument("v: contains NaN or inf");
+    center_.assign(center.data(), center.data() + d_);
+    qmax_ = max_cnorm * (1.0 + 1e-9);
+    bool integral = dtype_ == DType::U8;
+    for (double c : center_) integral = integral && std::isfinite(c) && c == std::nearbyint(c) && std::fabs(c) <= 255.0;
+    int_path_ = integral;
+    vsq_.resize(N_);
+    for (int n = 0; n < N_; ++n) vsq_[n] = sumsq2(&v_[(size_t)n * d_], d_);
+    if (int_path_) prepare_limbs(limbs);
+    else prepare_float();
+    m_.assign(N_, -std::numeric_limits<double>::infinity());
+    s_.assign(N_, 0.0);
+    acc_.assign((size_t)N_ * d_, 0.0);
+    top_.assign(N_, TopHeap());
+  }
+
+  // Add rows raw (B, d) whose positions in the row source start at `offset`.
+  void update(py::array raw, py::array_t<double, py::array::c_style | py::array::forcecast> csq, int64_t offset) {
+    if (finished_) throw std::runtime_error("DensePass: update() after finish()");
+    if (raw.ndim() != 2 || raw.shape(1) != d_)
+      throw std::invalid_argument("raw: expected a 2-D (B, " + std::to_string(d_) + ") array");
+    if (!(raw.flags() & py::array::c_style)) throw std::invalid_argument("raw: expected a C-contiguous array");
+    if ((size_t)raw.itemsize() != itemsize(dtype_))
+      throw std::invalid_argument("raw: item size " + std::to_string(raw.itemsize()) + " does not match the dtype of this pass");
+    const int64_t B = raw.shape(0);
+    if (csq.ndim() != 1 || csq.shape(0) != B) throw std::invalid_argument("csq: expected shape (B,) = (" + std::to_string(B) + ",)");
+    if (B == 0) return;
+    const void* base = raw.data();
+    const double* cs = csq.data();
+    {
+      py::gil_scoped_release nogil;
+      run_block(base, cs, B, offset);
+    }
+  }
+
+  // (m (N,), s (N,), acc (N, d) centered, top_val (N, K) descending, top_idx (N, K), delta (N,))
+  py::tuple finish() {
+    finished_ = true;
+    py::array_t<double> m(N_), s(N_), acc({(py::ssize_t)N_, (py::ssize_t)d_}), delta(N_);
+    const size_t K = K_;
+    py::array_t<double> tv({(py::ssize_t)N_, (py::ssize_t)K});
+    py::array_t<int64_t> ti({(py::ssize_t)N_, (py::ssize_t)K});
+    double* tvp = tv.mutable_data();
+    int64_t* tip = ti.mutable_data();
+    for (int n = 0; n < N_; ++n) {
+      TopHeap h = top_[n];
+      std::sort(h.begin(), h.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+      for (size_t t = 0; t < K; ++t) {
+        tvp[n * K + t] = t < h.size() ? h[t].first : -std::numeric_limits<double>::infinity();
+        tip[n * K + t] = t < h.size() ? h[t].second : 0;
+      }
+      const double top0 = h.empty() ? 0.0 : std::fabs(h[0].first);
+      delta.mutable_data()[n] = delta_base_[n] + 4.0 * kU * top0;
+    }
+    std::memcpy(m.mutable_data(), m_.data(), N_ * sizeof(double));
+    std::memcpy(s.mutable_data(), s_.data(), N_ * sizeof(double));
+    std::memcpy(acc.mutable_data(), acc_.data(), acc_.size() * sizeof(double));
+    return py::make_tuple(m, s, acc, tv, ti, delta);
+  }
+
+  std::string path() const { return kern_->name; }
+  std::string arith() const { return int_path_ ? "int16-limbs" : "float64"; }
+  std::vector<int> limbs() const { return nlimbs_; }
+
+ private:
+  // Split each query into int16 limbs: v_j ~ sum_l Q_lj 2^(-k-15l), |Q_lj| <= 2^14, the
+  // residual e = v - vq known exactly. Picks per query the fewest limbs (1..4) whose
+  // residual keeps delta <= target (or, when the rounding floor alone is above target,
+  // at most 1e-3, which suffices for the top-K certificate).
+  void prepare_limbs(int forced) {
+    dp_ = (d_ + 63) / 64 * 64;
+    std::vector<std::vector<int16_t>> limb(4, std::vector<int16_t>(d_));
+    std::vector<int> cint(d_);
+    for (int j = 0; j < d_; ++j) cint[j] = (int)center_[j];
+    nlimbs_.resize(N_);
+    qstart_.resize(N_);
+    delta_base_.resize(N_);
+    for (int n = 0; n < N_; ++n) {
+      const double* vn = &v_[(size_t)n * d_];
+      double amax = 0.0;
+      for (int j = 0; j < d_; ++j) amax = std::max(amax, std::fabs(vn[j]));
+      int kexp = 0;
+      if (amax > 0.0) kexp = std::min(900, 13 - std::ilogb(amax));  // amax * 2^k < 2^14
+      std::vector<double> r(d_);
+      for (int j = 0; j < d_; ++j) r[j] = std::ldexp(vn[j], kexp);
+      double enorm[4], anorm[4];
+      std::vector<double> a(d_, 0.0);
+      for (int l = 0; l < 4; ++l) {
+        double e2 = 0.0, a2 = 0.0;
+        const double pw = std::ldexp(1.0, -kexp - 15 * l);
+        for (int j = 0; j < d_; ++j) {
+          const double q = std::nearbyint(r[j]);  // |r| <= 2^14 so |q| <= 2^14
+          limb[l][j] = (int16_t)q;
+          r[j] -= q;  // exact, |r| <= 1/2
+          a[j] += std::fabs(q) * pw;
+          const double e = std::ldexp(r[j], -kexp - 15 * l);
+          e2 += e * e;
+          a2 += a[j] * a[j];
+          r[j] = std::ldexp(r[j], 15);
+        }
+        enorm[l] = std::sqrt(e2) * (1.0 + 2.0 * gamma(d_ + 2));
+        anorm[l] = std::sqrt(a2) * (1.0 + 2.0 * gamma(d_ + 2));
+      }
+      auto bound = [&](int L, bool with_quant) {
+        const double c = coef_[n], q = qmax_, vs = vsq_[n];
+        const double an = anorm[L - 1];
+        double t = 2.0 * gamma(L - 1 > 0 ? L - 1 : 0) * an * q  // combining the limbs' sums
+                   + 2.0 * kU * vs                                  // compensated ||v||^2
+                   + 2.0 * kU * (1.0 + kU) * (vs + 2.0 * an * q + q * q);  // (vsq - 2 dot) + csq
+        if (with_quant) t += 2.0 * enorm[L - 1] * q;
+        return c * t * (1.0 + 1e-6);
+      };
+      int L = forced;
+      if (L == 0) {
+        const double floor4 = bound(4, false);
+        const double goal = floor4 <= target_ ? target_ : std::max(floor4, 1e-3);
+        L = 4;
+        for (int t = 1; t <= 4; ++t)
+          if (bound(t, true) <= goal) {
+            L = t;
+            break;
+          }
+      }
+      nlimbs_[n] = L;
+      qstart_[n] = (int)pw_.size();
+      delta_base_[n] = bound(L, true);
+      for (int l = 0; l < L; ++l) {
+        const size_t r0 = Q_.size();
+        Q_.resize(r0 + dp_, 0);
+        std::copy(limb[l].begin(), limb[l].end(), Q_.begin() + r0);
+        int64_t sc = 0;
+        for (int j = 0; j < d_; ++j) sc += (int64_t)limb[l][j] * cint[j];
+        Sc_.push_back(sc);
+        pw_.push_back(std::ldexp(1.0, -kexp - 15 * l));
+      }
+    }
+    R_ = (int)pw_.size();
+  }
+
+  void prepare_float() {
+    delta_base_.resize(N_);
+    nlimbs_.assign(N_, 0);
+    for (int n = 0; n < N_; ++n) {
+      const double c = coef_[n], q = qmax_, vs = vsq_[n];
+      const double vn = std::sqrt(vs) * (1.0 + 4.0 * kU);
+      // + gamma_{d+2} qmax^2: the float64 norms ||q_i||^2 of float rows carry their own rounding
+      const double t = 2.0 * gamma(d_ + 2) * vn * q + gamma(d_ + 2) * q * q + 2.0 * kU * vs +
+                       2.0 * kU * (1.0 + kU) * (vs + 2.0 * vn * q + q * q);
+      delta_base_[n] = c * t * (1.0 + 1e-6);
+    }
+  }
+
+  // centered float64 copy of rows [0, nb) of X, columns [j0, j0 + w) -> XC (nb, w)
+  void center_chunk(const void* X, int64_t row0, int nb, int j0, int w, double* XC) const {
+    if (dtype_ == DType::U8) {
+      const uint8_t* x = static_cast<const uint8_t*>(X);
+      for (int i = 0; i < nb; ++i) {
+        const uint8_t* xr = x + (size_t)(row0 + i) * d_ + j0;
+        double* o = XC + (size_t)i * w;
+        for (int j = 0; j < w; ++j) o[j] = (double)xr[j] - center_[j0 + j];
+      }
+      return;
+    }
+    for (int i = 0; i < nb; ++i)
+      for (int j = 0; j < w; ++j)
+        XC[(size_t)i * w + j] = raw_value(X, dtype_, (size_t)(row0 + i) * d_ + j0 + j) - center_[j0 + j];
+  }
+
+  void run_block(const void* X, const double* csq, int64_t B, int64_t offset) {
+    const int nsb = (int)((B + kSB - 1) / kSB);
+    const int T = std::max(1, std::min(omp_get_max_threads(), nsb));
+    std::vector<ThreadState> ts(T);
+#pragma omp parallel num_threads(T)
+    {
+      const int tid = omp_get_thread_num();
+      ThreadState& st = ts[tid];
+      st.m.assign(N_, -std::numeric_limits<double>::infinity());
+      st.s.assign(N_, 0.0);
+      st.acc.assign((size_t)N_ * d_, 0.0);
+      st.top.assign(N_, TopHeap());
+      std::vector<int64_t> S(int_path_ ? (size_t)R_ * kSB : 0);
+      std::vector<double> D((size_t)N_ * kSB), P((size_t)N_ * kSB), XC((size_t)kSB * kJC);
+      const int ntiles = (N_ + 3) / 4;
+      std::vector<int> rows((size_t)ntiles * kSB), nrows(ntiles), uni(kSB);
+      std::vector<char> used(kSB);
+#pragma omp for schedule(dynamic, 1)
+      for (int sb = 0; sb < nsb; ++sb) {
+        const int64_t r0 = (int64_t)sb * kSB;
+        const int nb = (int)std::min<int64_t>(kSB, B - r0);
+        // 1. row-dependent dot products v.q_i
+        if (int_path_) {
+          kern_->dot_u8(Q_.data(), R_, dp_, static_cast<const uint8_t*>(X) + (size_t)r0 * d_, nb, d_, S.data(), kSB);
+          for (int n = 0; n < N_; ++n)
+            for (int i = 0; i < nb; ++i) {
+              double dot = 0.0;
+              for (int l = nlimbs_[n] - 1; l >= 0; --l) {
+                const int r = qstart_[n] + l;
+                dot += (double)(S[(size_t)r * kSB + i] - Sc_[r]) * pw_[r];
+              }
+              D[(size_t)n * kSB + i] = dot;
+            }
+        } else {
+          std::fill(D.begin(), D.end(), 0.0);
+          for (int j0 = 0; j0 < d_; j0 += kJC) {
+            const int w = std::min(kJC, d_ - j0);
+            center_chunk(X, r0, nb, j0, w, XC.data());
+            kern_->dot_f64(v_.data() + j0, N_, d_, XC.data(), nb, w, D.data(), kSB);
+          }
+        }
+        // 2. logits, online softmax, top-K
+        for (int n = 0; n < N_; ++n) {
+          double* Pn = &P[(size_t)n * kSB];
+          double bm = -std::numeric_limits<double>::infinity();
+          for (int i = 0; i < nb; ++i) {
+            const double l = -coef_[n] * ((vsq_[n] - 2.0 * D[(size_t)n * kSB + i]) + csq[r0 + i]);
+            Pn[i] = l;
+            bm = std::max(bm, l);
+          }
+          if (bm > st.m[n]) {
+            if (st.s[n] > 0.0) {
+              const double a = std::exp(st.m[n] - bm);
+              st.s[n] *= a;
+              double* An = &st.acc[(size_t)n * d_];
+              for (int j = 0; j < d_; ++j) An[j] *= a;
+            }
+            st.m[n] = bm;
+          }
+          const double mn = st.m[n];
+          double sum = 0.0;
+          for (int i = 0; i < nb; ++i) {
+            heap_push(st.top[n], K_, Pn[i], offset + r0 + i);
+            const double p = std::exp(Pn[i] - mn);
+            sum += p;
+            // weights below 2^-80 of the running max are left out of the weighted sum
+            // (they stay in the normaliser): at most M 2^-80 relative, far below any tolerance
+            Pn[i] = p >= 0x1p-80 ? p : 0.0;
+          }
+          st.s[n] += sum;
+        }
+        // 3. weighted sum of the rows that carry weight, queries in tiles of 4; each column
+        //    chunk of the rows any tile needs is centered once into XC
+        int nu = 0;
+        for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
+          const int nt = std::min(4, N_ - n0);
+          int* lst = &rows[(size_t)tile * kSB];
+          int nr = 0;
+          for (int i = 0; i < nb; ++i) {
+            bool any = false;
+            for (int t = 0; t < nt; ++t) any = any || P[(size_t)(n0 + t) * kSB + i] != 0.0;
+            if (any) lst[nr++] = i;
+          }
+          nrows[tile] = nr;
+        }
+        std::fill(used.begin(), used.end(), 0);
+        for (int tile = 0; tile < ntiles; ++tile)
+          for (int t = 0; t < nrows[tile]; ++t) used[rows[(size_t)tile * kSB + t]] = 1;
+        for (int i = 0; i < nb; ++i)
+          if (used[i]) uni[nu++] = i;
+        if (nu == 0) continue;
+        if (int_path_ && N_ <= 8) {
+          // few queries: uint8 rows read in place (no float64 copy to write and read back);
+          // sum_i p_i raw_i - (sum_i p_i) c gives the centered sum. With more queries the
+          // centered float64 chunk below is shared by every query tile, which is cheaper.
+          const uint8_t* Xb = static_cast<const uint8_t*>(X) + (size_t)r0 * d_;
+          for (int j0 = 0; j0 < d_; j0 += kJC) {
+            const int w = std::min(kJC, d_ - j0);
+            for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
+              if (nrows[tile] == 0) continue;
+              kern_->acc_u8(P.data() + (size_t)n0 * kSB, std::min(4, N_ - n0), kSB, Xb + j0, d_, w,
+                            st.acc.data() + (size_t)n0 * d_ + j0, d_, &rows[(size_t)tile * kSB], nrows[tile]);
+            }
+          }
+          for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile)
+            for (int n = n0; n < std::min(N_, n0 + 4); ++n) {
+              double ps = 0.0;
+              for (int t = 0; t < nrows[tile]; ++t) ps += P[(size_t)n * kSB + rows[(size_t)tile * kSB + t]];
+              if (ps == 0.0) continue;
+              double* An = &st.acc[(size_t)n * d_];
+              for (int j = 0; j < d_; ++j) An[j] -= ps * center_[j];
+            }
+          continue;
+        }
+        for (int j0 = 0; j0 < d_; j0 += kJC) {
+          const int w = std::min(kJC, d_ - j0);
+          for (int t = 0; t < nu; ++t) center_chunk(X, r0 + uni[t], 1, j0, w, XC.data() + (size_t)uni[t] * w);
+          for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
+            if (nrows[tile] == 0) continue;
+            kern_->acc_f64(P.data() + (size_t)n0 * kSB, std::min(4, N_ - n0), kSB, XC.data(), w,
+                           st.acc.data() + (size_t)n0 * d_ + j0, d_, &rows[(size_t)tile * kSB], nrows[tile], 4);
+          }
+        }
+      }
+    }
+    // merge the threads into the pass state by log-sum-exp
+    for (int n = 0; n < N_; ++n) {
+      double mm = m_[n];
+      for (auto& st : ts) mm = std::max(mm, st.m[n]);
+      if (!std::isfinite(mm)) continue;
+      const double a0 = s_[n] > 0.0 ? std::exp(m_[n] - mm) : 0.0;
+      s_[n] *= a0;
+      double* An = &acc_[(size_t)n * d_];
+      for (int j = 0; j < d_; ++j) An[j] *= a0;
+      for (auto& st : ts) {
+        if (!(st.s[n] > 0.0)) continue;
+        const double a = std::exp(st.m[n] - mm);
+        s_[n] += st.s[n] * a;
+        const double* Bn = &st.acc[(size_t)n * d_];
+        for (int j = 0; j < d_; ++j) An[j] += a * Bn[j];
+        for (auto& e : st.top[n]) heap_push(top_[n], K_, e.first, e.second);
+      }
+      m_[n] = mm;
+    }
+  }
+
+  const Kernels* kern_;
+  DType dtype_;
+  double target_;
+  int N_ = 0, d_ = 0, dp_ = 0, R_ = 0;
+  size_t K_ = 1;
+  bool int_path_ = false, finished_ = false;
+  double qmax_ = 0.0;
+  std::vector<double> v_, coef_, center_, vsq_, delta_base_, pw_;
+  std::vector<int16_t> Q_;
+  std::vector<int64_t> Sc_;
+  std::vector<int> nlimbs_, qstart_;
+  std::vector<double> m_, s_, acc_;
+  std::vector<TopHeap> top_;
+};
+
+// Exact logits -coef ||v_n - (rows[idx[n, t]] - center)||^2 by float64 direct differences.
+py::array_t<double> rescore(py::array_t<double, py::array::c_style | py::array::forcecast> v,
+                            py::array_t<double, py::array::c_style | py::array::forcecast> coef, py::array rows,
+                            py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx,
+                            py::array_t<double, py::array::c_style | py::array::forcecast> center,
+                            const std::string& dtype) {
+  const DType dt = parse_dtype(dtype);
+  if (v.ndim() != 2) throw std::invalid_argument("v: expected a 2-D (n, d) float64 array");
+  const int64_t n = v.shape(0), d = v.shape(1);
+  if (coef.ndim() != 1 || coef.shape(0) != n) throw std::invalid_argument("coef: expected shape (n,)");
+  if (rows.ndim() != 2 || rows.shape(1) != d) throw std::invalid_argument("rows: expected a 2-D (R, d) array");
+  if (!(rows.flags() & py::array::c_style)) throw std::invalid_argument("rows: expected a C-contiguous array");
+  if ((size_t)rows.itemsize() != itemsize(dt)) throw std::invalid_argument("rows: item size does not match dtype");
+  if (idx.ndim() != 2 || idx.shape(0) != n) throw std::invalid_argument("idx: expected shape (n, K)");
+  if (center.ndim() != 1 || center.shape(0) != d) throw std::invalid_argument("center: expected shape (d,)");
+  const int64_t K = idx.shape(1), R = rows.shape(0);
+  const int64_t* ip = idx.data();
+  for (int64_t t = 0; t < n * K; ++t)
+    if (ip[t] < 0 || ip[t] >= R) throw std::invalid_argument("idx: row index " + std::to_string(ip[t]) + " out of range 0.." + std::to_string(R - 1));
+  py::array_t<double> out({(py::ssize_t)n, (py::ssize_t)K});
+  double* o = out.mutable_data();
+  const double *vp = v.data(), *cp = coef.data(), *ctr = center.data();
+  const void* base = rows.data();
+  {
+    py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t t = 0; t < n * K; ++t) {
+      const int64_t q = t / K;
+      const size_t row = (size_t)ip[t] * d;
+      double acc = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        const double diff = vp[q * d + j] - (raw_value(base, dt, row + j) - ctr[j]);
+        acc += diff * diff;
+      }
+      o[t] = -cp[q] * acc;
+    }
+  }
+  return out;
+}
+
+// The k largest entries of each row of vals (n, M), descending (ties: smaller index first).
+py::tuple topk(py::array_t<double, py::array::c_style | py::array::forcecast> vals, int64_t k) {
+  if (vals.ndim() != 2) throw std::invalid_argument("vals: expected a 2-D (n, M) array");
+  const int64_t n = vals.shape(0), M = vals.shape(1);
+  if (k < 1 || k > M) throw std::invalid_argument("k: expected 1 <= k <= " + std::to_string(M));
+  py::array_t<double> tv({(py::ssize_t)n, (py::ssize_t)k});
+  py::array_t<int64_t> ti({(py::ssize_t)n, (py::ssize_t)k});
+  const double* vp = vals.data();
+  double* tvp = tv.mutable_data();
+  int64_t* tip = ti.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t q = 0; q < n; ++q) {
+      const double* row = vp + q * M;
+      std::vector<int64_t> order(M);
+      for (int64_t i = 0; i < M; ++i) order[i] = i;
+      auto better = [row](int64_t a, int64_t b) {
+        const bool na = std::isnan(row[a]), nb = std::isnan(row[b]);
+        if (na != nb) return nb;  // NaN ranks last
+        return row[a] > row[b] || (!(row[a] < row[b]) && a < b);
+      };
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), better);
+      for (int64_t t = 0; t < k; ++t) {
+        tvp[q * k + t] = row[order[t]];
+        tip[q * k + t] = order[t];
+      }
+    }
+  }
+  return py::make_tuple(tv, ti);
+}
+
+py::dict cpu_features() {
+  py::dict f;
+  __builtin_cpu_init();
+  f["avx2"] = (bool)__builtin_cpu_supports("avx2");
+  f["fma"] = (bool)__builtin_cpu_supports("fma");
+  f["avx512f"] = (bool)__builtin_cpu_supports("avx512f");
+  f["avx512bw"] = (bool)__builtin_cpu_supports("avx512bw");
+  f["avx512vnni"] = (bool)__builtin_cpu_supports("avx512vnni");
+  f["dense_paths"] = std::vector<std::string>{"avx512", "avx2", "portable"};
+  f["dense_default_path"] = std::string(pick_kernels("auto").name);
+  return f;
+}
+
+}  // namespace
+
+void register_dense(py::module_& m) {
+  py::class_<DensePass>(m, "DensePass",
+                        "One coarse pass over rows for N queries: logits -coef ||v - q_i||^2, online softmax, weighted "
+                        "sum, top-K logits and the logit error bound delta. Feed row blocks with update(), then finish().")
+      .def(py::init<py::array_t<double, py::array::c_style | py::array::forcecast>,
+                    py::array_t<double, py::array::c_style | py::array::forcecast>,
+                    py::array_t<double, py::array::c_style | py::array::forcecast>, double, int64_t, const std::string&,
+                    const std::string&, double, int>(),
+           py::arg("v"), py::arg("coef"), py::arg("center"), py::arg("max_cnorm"), py::arg("k"), py::arg("dtype"),
+           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0,
+           "v (N, d) float64 centered queries; coef (N,) > 0; center (d,); max_cnorm >= max_i ||raw_i - center||; "
+           "k top logits kept; dtype of the rows; path 'auto'|'avx512'|'avx2'|'portable'; target_delta the logit "
+           "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path).")
+      .def("update", &DensePass::update, py::arg("raw"), py::arg("csq"), py::arg("offset"),
+           "raw (B, d) rows in the pass dtype (bfloat16 as uint16 bits), csq (B,) float64 ||raw_i - center||^2, "
+           "offset = source position of raw[0]. Releases the GIL.")
+      .def("finish", &DensePass::finish,
+           "-> (m (N,), s (N,), acc (N, d) centered, top_val (N, K) descending, top_idx (N, K) int64, delta (N,))")
+      .def_property_readonly("path", &DensePass::path)
+      .def_property_readonly("arith", &DensePass::arith)
+      .def_property_readonly("limbs", &DensePass::limbs);
+  m.def("rescore", &rescore, py::arg("v"), py::arg("coef"), py::arg("rows"), py::arg("idx"), py::arg("center"),
+        py::arg("dtype"),
+        "Exact logits (n, K) float64: -coef_n ||v_n - (rows[idx[n, t]] - center)||^2 by direct differences. "
+        "v (n, d) float64, rows (R, d) in dtype (bfloat16 as uint16 bits), idx (n, K) int64.");
+  m.def("topk", &topk, py::arg("vals"), py::arg("k"),
+        "The k largest of each row of vals (n, M) float64 -> (values (n, k) descending, indices (n, k) int64).");
+  m.def("cpu_features", &cpu_features, "CPU features seen at run time and the dense pass's kernel paths.");
+}
+}  // namespace optden

@@ -1,0 +1,288 @@
+// Inner kernels of the CPU dense pass, compiled once per instruction set.
+//
+// dense_cpu.cpp includes this file several times, each time inside its own namespace
+// and `#pragma GCC target` region (AVX-512 VNNI, AVX2+FMA, portable baseline), so one
+// source gives every version; the caller picks one at run time. No include guard on
+// purpose. GCC vector extensions give the float kernels in the width of the target;
+// the exact integer dot product uses intrinsics where the target has them.
+//
+//   dot_u8   S[r, i]  = sum_j Q[r, j] * X[i, j]         int16 x uint8, exact in int64
+//   dot_f64  D[n, i] += sum_j V[n, j] * XC[i, j]        float64 (any order; gamma_d bound)
+//   acc_f64  A[n, j] += sum_{i in rows} P[n, i] XC[i, j] float64 weighted sum of a chunk
+
+#if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
+#error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
+#endif
+// (GCC does not reliably define __AVX2__ etc. inside `#pragma GCC target` regions in
+// C++, hence the explicit OPTDEN_ISA.)
+
+namespace optden {
+namespace OPTDEN_KNS {
+
+#if OPTDEN_ISA == 2
+constexpr int kVecBytes = 64;
+#elif OPTDEN_ISA == 1
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+typedef double vd __attribute__((vector_size(kVecBytes)));
+constexpr int kW = kVecBytes / 8;  // doubles per vector
+
+static inline vd vload(const double* p) {
+  vd x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+static inline void vstore(double* p, vd x) { __builtin_memcpy(p, &x, sizeof x); }
+static inline double vsum(vd x) {
+  double s = 0.0;
+  for (int t = 0; t < kW; ++t) s += x[t];
+  return s;
+}
+
+// ---------------------------------------------------------------- exact int dot
+// Q: (R, dp) int16 (dp >= d, padding ignored); X: (B, d) uint8 rows with stride d;
+// S: (R, ldS) int64, written (not accumulated). |Q| <= 2^15, so one pair of int16
+// products is below 2^24 and int32 lanes are flushed to int64 every 2048 elements.
+constexpr int kFlush = 2048;
+
+#if OPTDEN_ISA == 2
+constexpr int kIntStep = 32;
+template <int RT, int BT>
+static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
+  const int nv = d / kIntStep * kIntStep;
+  int64_t tot[RT][BT] = {};
+  for (int c0 = 0; c0 < nv; c0 += kFlush) {
+    const int c1 = c0 + kFlush < nv ? c0 + kFlush : nv;
+    __m512i acc[RT][BT];
+    for (int r = 0; r < RT; ++r)
+      for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_setzero_si512();
+    for (int j = c0; j < c1; j += kIntStep) {
+      __m512i x[BT];
+      for (int b = 0; b < BT; ++b)
+        x[b] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + (size_t)b * d + j)));
+      for (int r = 0; r < RT; ++r) {
+        const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(Q + (size_t)r * dp + j));
+        for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], q, x[b]);
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int b = 0; b < BT; ++b) {
+        const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r][b]));
+        const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r][b], 1));
+        tot[r][b] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+      }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int b = 0; b < BT; ++b) {
+      int64_t t = tot[r][b];
+      for (int j = nv; j < d; ++j) t += (int64_t)Q[(size_t)r * dp + j] * X[(size_t)b * d + j];
+      S[(size_t)r * ldS + b] = t;
+    }
+}
+constexpr int kRT = 4, kBT = 4;
+#elif OPTDEN_ISA == 1
+constexpr int kIntStep = 16;
+template <int RT, int BT>
+static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
+  const int nv = d / kIntStep * kIntStep;
+  int64_t tot[RT][BT] = {};
+  for (int c0 = 0; c0 < nv; c0 += kFlush) {
+    const int c1 = c0 + kFlush < nv ? c0 + kFlush : nv;
+    __m256i acc[RT][BT];
+    for (int r = 0; r < RT; ++r)
+      for (int b = 0; b < BT; ++b) acc[r][b] = _mm256_setzero_si256();
+    for (int j = c0; j < c1; j += kIntStep) {
+      __m256i x[BT];
+      for (int b = 0; b < BT; ++b)
+        x[b] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(X + (size_t)b * d + j)));
+      for (int r = 0; r < RT; ++r) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Q + (size_t)r * dp + j));
+        for (int b = 0; b < BT; ++b) acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(q, x[b]));
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int b = 0; b < BT; ++b) {
+        const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[r][b]));
+        const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc[r][b], 1));
+        alignas(32) int64_t t[4];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_add_epi64(lo, hi));
+        tot[r][b] += t[0] + t[1] + t[2] + t[3];
+      }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int b = 0; b < BT; ++b) {
+      int64_t t = tot[r][b];
+      for (int j = nv; j < d; ++j) t += (int64_t)Q[(size_t)r * dp + j] * X[(size_t)b * d + j];
+      S[(size_t)r * ldS + b] = t;
+    }
+}
+constexpr int kRT = 4, kBT = 2;
+#else
+template <int RT, int BT>
+static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
+  for (int r = 0; r < RT; ++r)
+    for (int b = 0; b < BT; ++b) {
+      int64_t tot = 0;
+      for (int c0 = 0; c0 < d; c0 += kFlush) {
+        const int c1 = c0 + kFlush < d ? c0 + kFlush : d;
+        int32_t t = 0;  // |partial| < 2048 * 2^15 * 255 < 2^31
+        for (int j = c0; j < c1; ++j) t += (int32_t)Q[(size_t)r * dp + j] * (int32_t)X[(size_t)b * d + j];
+        tot += t;
+      }
+      S[(size_t)r * ldS + b] = tot;
+    }
+}
+constexpr int kRT = 2, kBT = 2;
+#endif
+
+template <int RT>
+static void dot_rows(const int16_t* Q, int dp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+  int b = 0;
+  for (; b + kBT <= B; b += kBT) dot_tile<RT, kBT>(Q, dp, X + (size_t)b * d, d, S + b, ldS);
+  for (; b < B; ++b) dot_tile<RT, 1>(Q, dp, X + (size_t)b * d, d, S + b, ldS);
+}
+
+static void dot_u8(const int16_t* Q, int R, int dp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+  int r = 0;
+  for (; r + kRT <= R; r += kRT) dot_rows<kRT>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS);
+  // the last 1..3 limb rows in one tile, so each row of X is read once more, not 3 times
+  const int rest = R - r;
+  if (rest >= 3) dot_rows<3>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS), r += 3;
+  else if (rest == 2) dot_rows<2>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS), r += 2;
+  for (; r < R; ++r) dot_rows<1>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS);
+}
+
+// ---------------------------------------------------------------- float64 dot
+// V: (N, ldv) queries (the chunk's columns start at V); XC: (B, w) centered rows of a
+// column chunk of width w; D: (N, ldD), accumulated.
+template <int NT, int BT>
+static inline void dotf_tile(const double* V, int ldv, const double* XC, int w, double* D, int ldD) {
+  const int nv = w / kW * kW;
+  vd acc[NT][BT];
+  for (int n = 0; n < NT; ++n)
+    for (int b = 0; b < BT; ++b) acc[n][b] = vd{} ;
+  for (int j = 0; j < nv; j += kW) {
+    vd x[BT];
+    for (int b = 0; b < BT; ++b) x[b] = vload(XC + (size_t)b * w + j);
+    for (int n = 0; n < NT; ++n) {
+      const vd q = vload(V + (size_t)n * ldv + j);
+      for (int b = 0; b < BT; ++b) acc[n][b] += q * x[b];
+    }
+  }
+  for (int n = 0; n < NT; ++n)
+    for (int b = 0; b < BT; ++b) {
+      double t = vsum(acc[n][b]);
+      for (int j = nv; j < w; ++j) t += V[(size_t)n * ldv + j] * XC[(size_t)b * w + j];
+      D[(size_t)n * ldD + b] += t;
+    }
+}
+
+template <int NT>
+static void dotf_rows(const double* V, int ldv, const double* XC, int B, int w, double* D, int ldD) {
+  int b = 0;
+  for (; b + 2 <= B; b += 2) dotf_tile<NT, 2>(V, ldv, XC + (size_t)b * w, w, D + b, ldD);
+  for (; b < B; ++b) dotf_tile<NT, 1>(V, ldv, XC + (size_t)b * w, w, D + b, ldD);
+}
+
+static void dot_f64(const double* V, int N, int ldv, const double* XC, int B, int w, double* D, int ldD) {
+  int n = 0;
+  for (; n + 4 <= N; n += 4) dotf_rows<4>(V + (size_t)n * ldv, ldv, XC, B, w, D + (size_t)n * ldD, ldD);
+  for (; n < N; ++n) dotf_rows<1>(V + (size_t)n * ldv, ldv, XC, B, w, D + (size_t)n * ldD, ldD);
+}
+
+// ---------------------------------------------------------------- weighted sum
+// P: (N, ldp) weights of the block's rows; XC: (B, w) centered rows of the chunk;
+// A: (N, lda) accumulators, columns of the chunk start at A; rows: the rows to add.
+#if OPTDEN_ISA == 2
+constexpr int kJV = 3;  // vectors of columns per register tile (4 x 3 accumulators of 32)
+#else
+constexpr int kJV = 1;
+#endif
+
+template <int NT>
+static inline void acc_tile(const double* P, int ldp, const double* XC, int w, double* A, int lda, const int* rows,
+                            int nrows) {
+  const int nv = w / (kW * kJV) * (kW * kJV);
+  for (int j = 0; j < nv; j += kW * kJV) {
+    vd a[NT][kJV];
+    for (int n = 0; n < NT; ++n)
+      for (int c = 0; c < kJV; ++c) a[n][c] = vload(A + (size_t)n * lda + j + c * kW);
+    for (int t = 0; t < nrows; ++t) {
+      const int i = rows[t];
+      vd x[kJV];
+      for (int c = 0; c < kJV; ++c) x[c] = vload(XC + (size_t)i * w + j + c * kW);
+      for (int n = 0; n < NT; ++n) {
+        const double p = P[(size_t)n * ldp + i];
+        for (int c = 0; c < kJV; ++c) a[n][c] += p * x[c];
+      }
+    }
+    for (int n = 0; n < NT; ++n)
+      for (int c = 0; c < kJV; ++c) vstore(A + (size_t)n * lda + j + c * kW, a[n][c]);
+  }
+  for (int j = nv; j < w; ++j)
+    for (int n = 0; n < NT; ++n) {
+      double a = A[(size_t)n * lda + j];
+      for (int t = 0; t < nrows; ++t) a += P[(size_t)n * ldp + rows[t]] * XC[(size_t)rows[t] * w + j];
+      A[(size_t)n * lda + j] = a;
+    }
+}
+
+// The same for uint8 rows read in place (X: rows with stride d, the chunk's columns
+// start at X): A[n, j] += sum_i P[n, i] X[i, j], raw (uncentered) values converted in
+// registers; the caller subtracts (sum_i P[n, i]) center_j afterwards.
+typedef uint8_t vu8 __attribute__((vector_size(kW)));
+
+template <int NT>
+static inline void accu8_tile(const double* P, int ldp, const uint8_t* X, int d, int w, double* A, int lda,
+                              const int* rows, int nrows) {
+  const int nv = w / (kW * kJV) * (kW * kJV);
+  for (int j = 0; j < nv; j += kW * kJV) {
+    vd a[NT][kJV];
+    for (int n = 0; n < NT; ++n)
+      for (int c = 0; c < kJV; ++c) a[n][c] = vload(A + (size_t)n * lda + j + c * kW);
+    for (int t = 0; t < nrows; ++t) {
+      const int i = rows[t];
+      vd x[kJV];
+      for (int c = 0; c < kJV; ++c) {
+        vu8 b;
+        __builtin_memcpy(&b, X + (size_t)i * d + j + c * kW, sizeof b);
+        x[c] = __builtin_convertvector(b, vd);
+      }
+      for (int n = 0; n < NT; ++n) {
+        const double p = P[(size_t)n * ldp + i];
+        for (int c = 0; c < kJV; ++c) a[n][c] += p * x[c];
+      }
+    }
+    for (int n = 0; n < NT; ++n)
+      for (int c = 0; c < kJV; ++c) vstore(A + (size_t)n * lda + j + c * kW, a[n][c]);
+  }
+  for (int j = nv; j < w; ++j)
+    for (int n = 0; n < NT; ++n) {
+      double a = A[(size_t)n * lda + j];
+      for (int t = 0; t < nrows; ++t) a += P[(size_t)n * ldp + rows[t]] * (double)X[(size_t)rows[t] * d + j];
+      A[(size_t)n * lda + j] = a;
+    }
+}
+
+static void acc_u8(const double* P, int N, int ldp, const uint8_t* X, int d, int w, double* A, int lda,
+                   const int* rows, int nrows) {
+  if (N == 4) accu8_tile<4>(P, ldp, X, d, w, A, lda, rows, nrows);
+  else if (N == 3) accu8_tile<3>(P, ldp, X, d, w, A, lda, rows, nrows);
+  else if (N == 2) accu8_tile<2>(P, ldp, X, d, w, A, lda, rows, nrows);
+  else if (N == 1) accu8_tile<1>(P, ldp, X, d, w, A, lda, rows, nrows);
+}
+
+static void acc_f64(const double* P, int N, int ldp, const double* XC, int w, double* A, int lda,
+                    const int* rows, int nrows, int tile_first) {
+  // tile_first: the caller's query tiling (4), so the row list of each tile applies
+  (void)tile_first;
+  if (N == 4) acc_tile<4>(P, ldp, XC, w, A, lda, rows, nrows);
+  else if (N == 3) acc_tile<3>(P, ldp, XC, w, A, lda, rows, nrows);
+  else if (N == 2) acc_tile<2>(P, ldp, XC, w, A, lda, rows, nrows);
+  else if (N == 1) acc_tile<1>(P, ldp, XC, w, A, lda, rows, nrows);
+}
+
+}  // namespace OPTDEN_KNS
+}  // namespace optden

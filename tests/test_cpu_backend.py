@@ -1,0 +1,329 @@
+"""The ``cpu`` backend (optden._C dense pass) against the float64 oracle."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import optden
+from optden import _ext, dispatch
+from optden import reference as R
+from optden.backends.cpu import CpuBackend, raw_numpy
+from optden.errors import BackendUnavailableError
+from optden.precision import EXACT, certify
+from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS
+
+C = _ext.C
+PATHS = ["portable"] + [p for p, ok in (("avx2", C.cpu_features()["avx2"] and C.cpu_features()["fma"]),
+                                        ("avx512", C.cpu_features()["dense_default_path"] == "avx512")) if ok]
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
+    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+
+def make_ds(dtype: str, M: int, d: int, rng) -> optden.Dataset:
+    if dtype == "uint8":
+        return optden.Dataset.from_array(rng.integers(0, 256, (M, d), dtype=np.uint8))
+    x = torch.from_numpy(rng.standard_normal((M, d)).astype(np.float32))
+    return optden.Dataset.from_array(x.to(getattr(torch, dtype)))
+
+
+def model_rows(ds) -> np.ndarray:
+    return ds.model_rows(np.arange(ds.M)).numpy()
+
+
+def centered(ds, src, x: np.ndarray, sigma: float):
+    """(v, coef) of queries x (N, d) in model space, as OptimalDenoiser builds them."""
+    u = torch.from_numpy(x)
+    v = (u - ds.offset) / ds.scale - src.center
+    coef = torch.full((x.shape[0],), ds.scale**2 / (2.0 * sigma**2), dtype=torch.float64)
+    return v, coef
+
+
+def recording_fallback(den):
+    """Wrap the denoiser's fallback (the float64 torch pass): record what it was asked."""
+    calls = []
+    orig = den._fallback
+
+    def fb(src, k):
+        inner = orig(src, k)
+
+        def run(v, coef):
+            p = inner(v, coef)
+            calls.append((src, v, coef, p))
+            return p
+
+        return run
+
+    den._fallback = fb
+    return calls
+
+
+def test_registered_auto_and_reasons():
+    assert "cpu" in dispatch.names()
+    assert dispatch.get("cpu").availability() == []
+    assert isinstance(dispatch.select("auto", torch.device("cpu"), "uint8", 64), CpuBackend)
+    assert optden.info()["backends"]["cpu"]["available"] is True
+    why = dispatch.get("cpu").not_supported_reasons(torch.device("cuda"), "uint8", 64)
+    assert why and "CPU" in why[0]
+    with pytest.raises(BackendUnavailableError, match="CPU"):
+        dispatch.select("cpu", torch.device("cuda"), "uint8", 64)
+    ds = optden.Dataset.from_array(np.zeros((3, 4), np.uint8))
+    assert optden.OptimalDenoiser(ds).backend.name == "cpu"
+
+
+@pytest.mark.parametrize("data,path", [("digits_u8", "auto"), ("faces_u8", "auto"), ("faces_u8", "portable")])
+def test_contract_real_images(data, path, request, rng, monkeypatch):
+    """D* and log density within the contract over the sigma range, every kind of query."""
+    monkeypatch.setenv("OPTDEN_CPU_PATH", "" if path == "auto" else path)
+    ds = optden.Dataset.from_array(request.getfixturevalue(data))
+    den = optden.OptimalDenoiser(ds, backend="cpu", block_rows=257)  # 257 divides no M here
+    fallbacks = recording_fallback(den)
+    y = model_rows(ds)
+    worst = 0.0
+    for sigma in SIGMAS:
+        i = rng.integers(0, ds.M, 3)
+        a, b = rng.integers(0, ds.M, 2)
+        x = np.concatenate([
+            y[i] + sigma * rng.standard_normal((3, ds.d)),            # near a row
+            0.5 * (y[a] + y[b])[None] + 1e-4 * rng.standard_normal((1, ds.d)),  # between two rows
+            max(sigma, 1.0) * rng.standard_normal((2, ds.d)),         # pure noise
+        ])
+        ev = den.denoise_certified(torch.from_numpy(x), sigma)
+        assert torch.isfinite(ev.denoised).all()
+        err = rel_err(ev.denoised, R.denoise(x, y, sigma))
+        worst = max(worst, err)
+        assert err <= DENOISE_RTOL, (sigma, err, ev.mode)
+        ld, ldr = den.log_density(torch.from_numpy(x), sigma).numpy(), R.log_density(x, y, sigma)
+        assert np.max(np.abs(ld - ldr) / np.abs(ldr)) <= LOG_DENSITY_RTOL, sigma
+    # the exact integer dot products leave delta tight enough that a query falls back to
+    # the float64 torch pass only where that pass cannot certify it either (many rows
+    # within log(M / tol) of the best, e.g. duplicated flat patches: the exact pass's job)
+    for src, v, coef, p in fallbacks:
+        assert (certify(p, v, coef, src, den.tol).mode == EXACT).all()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("M,d,N", [(1, 37, 1), (5, 105, 3), (300, 37, 6), (300, 105, 1)])
+def test_partial_against_oracle(dtype, M, d, N, rng):
+    """The raw pass (no certificate) at sigmas where it is DENSE: lse, D*, top-K."""
+    ds = make_ds(dtype, M, d, rng)
+    y = model_rows(ds)
+    den = optden.OptimalDenoiser(ds, backend="cpu", block_rows=64)  # M < block and M > block
+    src = den.source()
+    k = min(M, 8)
+    for sigma in (0.3, 3.0, 1e3):
+        sig = sigma * float(np.abs(y).max() + 1)
+        x = y[rng.integers(0, M, N)] + sig * rng.standard_normal((N, d))
+        v, coef = centered(ds, src, x, sig)
+        p = dispatch.get("cpu").partial(v, coef, src, k)
+        for t in (p.m, p.s, p.acc, p.top_val, p.delta):
+            assert torch.isfinite(t).all()
+        lg = R.logits(x, y, sig)
+        lse_ref = R.log_density(x, y, sig) + np.log(M) + 0.5 * d * np.log(2 * np.pi * sig**2)
+        # the raw pass is within its bound: logits within delta, weights within exp(2 delta)
+        bound = 1e-10 + 4.0 * float(p.delta.max())
+        np.testing.assert_allclose((p.m + torch.log(p.s)).numpy(), lse_ref, rtol=1e-12, atol=bound)
+        dc = (p.acc / p.s[:, None] + src.center) * ds.scale + ds.offset
+        assert rel_err(dc, R.denoise(x, y, sig)) <= bound
+        order = np.argsort(-lg, axis=1, kind="stable")[:, :k]
+        np.testing.assert_allclose(p.top_val.numpy(), np.take_along_axis(lg, order, 1), rtol=1e-9, atol=1e-9)
+        # top_idx: the exact logits at the returned rows are the top-K values (ties may permute)
+        np.testing.assert_allclose(np.take_along_axis(lg, p.top_idx.numpy(), 1), np.take_along_axis(lg, order, 1),
+                                   rtol=1e-9, atol=1e-9)
+    ev = den.denoise_certified(torch.from_numpy(y[:N] + 1e-3 * rng.standard_normal((N, d))), 1e-3)
+    assert rel_err(ev.denoised, R.denoise(y[:N] + 0, y, 1e-3)) < 1.0  # finite, sane
+    assert torch.isfinite(ev.denoised).all()
+
+
+def _exact_logits_ld(ds, src, x, sigma):
+    """-coef ||v - q_i||^2 in extended precision (numpy longdouble): (N, M)."""
+    ld = np.longdouble
+    v = ((x.astype(ld) - ld(ds.offset)) / ld(ds.scale)) - src.center.numpy().astype(ld)
+    q = ds.raw_block(0, ds.M).to(torch.float64).numpy().astype(ld) - src.center.numpy().astype(ld)
+    coef = ld(ds.scale) ** 2 / (2 * ld(sigma) ** 2)
+    return -coef * ((v[:, None, :] - q[None]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("dtype,limbs", [("uint8", 1), ("uint8", 2), ("uint8", 0), ("float32", 0), ("bfloat16", 0),
+                                         ("float16", 0)])
+def test_delta_bounds_the_coarse_error(dtype, limbs, faces_u8, rng):
+    """|coarse logit - exact logit| <= delta for every row (k = M gives every coarse logit)."""
+    if dtype == "uint8":
+        ds = optden.Dataset.from_array(faces_u8[:150])
+    else:
+        ds = make_ds(dtype, 150, 105, rng)
+    den = optden.OptimalDenoiser(ds, backend="torch")
+    src = den.source()
+    y = model_rows(ds)
+    be = CpuBackend(limbs=limbs)
+    for sigma in (1e-3, 0.05, 1.0, 100.0):
+        x = y[rng.integers(0, ds.M, 4)] + sigma * rng.standard_normal((4, ds.d))
+        v, coef = centered(ds, src, x, sigma)
+        # the pass takes v as given; the exact logits use the same float64 v
+        p = be.partial(v, coef, src, ds.M)
+        exact = _exact_logits_ld(ds, src, (v.numpy() + src.center.numpy()) * ds.scale + ds.offset, sigma)
+        exact = -coef.numpy()[:, None].astype(np.longdouble) * (
+            (v.numpy().astype(np.longdouble)[:, None, :]
+             - (ds.raw_block(0, ds.M).double().numpy().astype(np.longdouble) - src.center.numpy())[None]) ** 2).sum(-1)
+        coarse = p.top_val.numpy().astype(np.longdouble)
+        ex = np.take_along_axis(exact, p.top_idx.numpy(), 1)
+        err = np.abs(coarse - ex).max(axis=1).astype(np.float64)
+        assert np.all(err <= p.delta.numpy()), (sigma, err, p.delta)
+        if limbs == 1:  # one 15-bit limb: a real error, and the bound is not vacuous
+            assert np.all(p.delta.numpy() < 1e4 * np.maximum(err, 1e-300))
+
+
+def test_delta_tight_enough_for_dense(faces_u8, rng):
+    """Mid-range sigma: the automatic limb count reaches delta <= tol / 4 (DENSE)."""
+    ds = optden.Dataset.from_array(faces_u8)
+    den = optden.OptimalDenoiser(ds, backend="cpu")
+    src = den.source()
+    y = model_rows(ds)
+    for sigma in (0.05, 0.3, 3.0):
+        x = y[rng.integers(0, ds.M, 4)] + sigma * rng.standard_normal((4, ds.d))
+        v, coef = centered(ds, src, x, sigma)
+        p = dispatch.get("cpu").partial(v, coef, src, 16)
+        assert bool((p.delta <= 0.25 * den.tol).all()), (sigma, p.delta)
+        cert = certify(p, v, coef, src, den.tol)
+        assert (cert.mode == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_paths_agree(dtype, rng):
+    """Every kernel path gives the same pass: integer dots are bitwise equal across paths."""
+    ds = make_ds(dtype, 200, 105, rng)
+    den = optden.OptimalDenoiser(ds, backend="torch")
+    src = den.source()
+    x = model_rows(ds)[:5] + 0.5 * rng.standard_normal((5, 105))
+    v, coef = centered(ds, src, x, 2.0)
+    parts = [CpuBackend(path=p).partial(v, coef, src, 10) for p in PATHS]
+    for p in parts[1:]:
+        if dtype == "uint8":
+            assert torch.equal(p.top_val, parts[0].top_val)
+        torch.testing.assert_close(p.top_val, parts[0].top_val, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(p.acc / p.s[:, None], parts[0].acc / parts[0].s[:, None], rtol=1e-12, atol=1e-12)
+    for missing in {"avx2", "avx512"} - set(PATHS):
+        with pytest.raises(ValueError, match="path"):
+            C.DensePass(v.numpy(), coef.numpy(), src.center.numpy(), src.max_cnorm, 3, dtype, missing, 1e-8, 0)
+
+
+def test_labels_posterior_nearest(digits_u8, rng):
+    """Class-conditional rows (a gathered source), posterior and nearest match the oracle."""
+    labels = rng.integers(0, 3, len(digits_u8))
+    ds = optden.Dataset.from_array(digits_u8, labels=labels)
+    den = optden.OptimalDenoiser(ds, backend="cpu", block_rows=100)
+    y = model_rows(ds)
+    x = y[:4] + 0.2 * rng.standard_normal((4, ds.d))
+    lab = np.array([0, 1, 2, 0])
+    out = den(torch.from_numpy(x), 0.2, labels=torch.from_numpy(lab)).numpy()
+    for j in range(4):
+        rows = np.flatnonzero(labels == lab[j])
+        assert rel_err(out[j : j + 1], R.denoise(x[j : j + 1], y[rows], 0.2)) <= DENOISE_RTOL
+    w, idx = den.posterior(torch.from_numpy(x), 0.2, k=5)
+    wr, ir = R.posterior(x, y, 0.2, 5)
+    np.testing.assert_allclose(w.numpy(), wr, rtol=1e-6, atol=1e-12)
+    dist, nidx = den.nearest(torch.from_numpy(x), k=3)
+    dr, nr = R.nearest(x, y, 3)
+    np.testing.assert_allclose(dist.numpy(), dr, rtol=1e-10)
+    np.testing.assert_array_equal(nidx.numpy(), nr)
+
+
+def test_rescore_method_matches_precision(faces_u8, rng):
+    from optden.precision import _rescore
+
+    ds = optden.Dataset.from_array(faces_u8)
+    den = optden.OptimalDenoiser(ds, backend="cpu")
+    src = den.source()
+    x = model_rows(ds)[:3] + 0.01 * rng.standard_normal((3, ds.d))
+    v, coef = centered(ds, src, x, 0.01)
+    idx = torch.from_numpy(rng.integers(0, ds.M, (3, 9)))
+    torch.testing.assert_close(dispatch.get("cpu").rescore(v, coef, src, idx), _rescore(v, coef, src, idx),
+                               rtol=1e-13, atol=0.0)
+
+
+def test_dense_pass_errors(rng):
+    v, coef, c = np.zeros((2, 5)), np.ones(2), np.zeros(5)
+    with pytest.raises(ValueError, match="path"):
+        C.DensePass(v, coef, c, 1.0, 3, "uint8", "bogus", 1e-8, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        C.DensePass(v, coef, c, 1.0, 3, "int16", "auto", 1e-8, 0)
+    with pytest.raises(ValueError, match="coef"):
+        C.DensePass(v, -coef, c, 1.0, 3, "uint8", "auto", 1e-8, 0)
+    with pytest.raises(ValueError, match="limbs"):
+        C.DensePass(v, coef, c, 1.0, 3, "uint8", "auto", 1e-8, 7)
+    dp = C.DensePass(v, coef, c, 1.0, 3, "uint8", "auto", 1e-8, 0)
+    with pytest.raises(ValueError, match="raw"):
+        dp.update(np.zeros((4, 6), np.uint8), np.zeros(4), 0)
+    with pytest.raises(ValueError, match="raw"):
+        dp.update(np.zeros((4, 5), np.float32), np.zeros(4), 0)
+    with pytest.raises(ValueError, match="csq"):
+        dp.update(np.zeros((4, 5), np.uint8), np.zeros(3), 0)
+    dp.update(np.zeros((4, 5), np.uint8), np.zeros(4), 0)
+    m, s, acc, tv, ti, delta = dp.finish()
+    assert np.isfinite(tv).all() and sorted(ti[0].tolist()) == [0, 1, 2] and np.all(s == 4.0)
+    with pytest.raises(RuntimeError, match="finish"):
+        dp.update(np.zeros((4, 5), np.uint8), np.zeros(4), 0)
+
+
+def test_raw_numpy_bfloat16_bits():
+    t = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
+    a = raw_numpy(t)
+    assert a.dtype == np.int16 and a.flags.c_contiguous
+    assert torch.equal(torch.from_numpy(a).view(torch.bfloat16), t)
+
+
+def test_bench_quick(tmp_path):
+    """bench/bench_dense.py --quick runs end to end and writes its CSV."""
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_dense.py")
+    spec = importlib.util.spec_from_file_location("bench_dense", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.csv"
+    assert mod.main(["--quick", "--csv", str(out)]) == 0
+    text = out.read_text().splitlines()
+    assert text[0].startswith("method,N,M,d,sigma,time_s")
+    methods = {line.split(",")[0] for line in text[1:]}
+    assert methods == {"cpu", "torch", "naive_fp32"}
+
+
+@pytest.mark.parametrize("integral", [True, False])
+@pytest.mark.parametrize("N", [5, 11])  # the weighted sum reads uint8 in place for N <= 8
+def test_dense_pass_direct_uint8(integral, N, rng):
+    """DensePass on its own: exact int path for an integral center, float64 path otherwise."""
+    M, d = 333, 70
+    x = rng.integers(0, 256, (M, d), dtype=np.uint8)
+    c = np.round(x.mean(0)) if integral else x.mean(0)
+    q = x - c
+    csq = (q * q).sum(1)
+    v = q[rng.integers(0, M, N)] + 30.0 * rng.standard_normal((N, d))
+    coef = rng.uniform(1e-4, 1e-2, N)
+    dp = C.DensePass(v, coef, c, float(np.sqrt(csq.max())), 6, "uint8", "auto", 1e-8, 0)
+    assert dp.arith == ("int16-limbs" if integral else "float64")
+    for a in range(0, M, 100):  # several calls carry the state across blocks
+        dp.update(x[a : a + 100], csq[a : a + 100], a)
+    m, s, acc, tv, ti, delta = dp.finish()
+    lg = -coef[:, None] * ((v[:, None, :] - q[None]) ** 2).sum(-1)
+    lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+    np.testing.assert_allclose(m + np.log(s), lse, rtol=1e-12, atol=2 * delta.max())
+    w = np.exp(lg - lse[:, None])
+    np.testing.assert_allclose(acc / s[:, None], w @ q, rtol=1e-7, atol=1e-7)
+    np.testing.assert_array_equal(np.sort(ti, 1), np.sort(np.argsort(-lg, 1)[:, :6], 1))
+    assert np.all(np.abs(tv - np.take_along_axis(lg, ti, 1)) <= delta[:, None])
+
+
+def test_memmapped_dataset_streams(tmp_path, faces_u8, rng, monkeypatch):
+    """A memory-mapped dataset is streamed in blocks (prefetcher) and gives the same D*."""
+    monkeypatch.setattr("optden.backends.cpu._STREAM_CALL_BYTES", 192 * 100)  # 100-row blocks
+    np.save(tmp_path / "x.npy", faces_u8)
+    ds = optden.Dataset.from_npy(tmp_path / "x.npy")
+    den = optden.OptimalDenoiser(ds, backend="cpu")
+    y = model_rows(ds)
+    x = y[:3] + 0.1 * rng.standard_normal((3, ds.d))
+    assert rel_err(den(torch.from_numpy(x), 0.1), R.denoise(x, y, 0.1)) <= DENOISE_RTOL
