@@ -25,9 +25,11 @@ class Evaluation:
     """Everything one evaluation produced, per query (float64 unless noted).
 
     denoised: (N, d) D* in model space.   lse: (N,) logsumexp_i of -||u - y_i||^2 / 2 sigma^2.
-    top_w: (N, K) largest weights;        top_idx: (N, K) their dataset row indices (int64).
+    top_w: (N, K) largest weights;        top_idx: (N, K) their dataset row indices (int64;
+        a pruned evaluation with fewer candidates than K pads with weight 0 and index -1).
     bound: (N,) certified bound on the relative weight left out or misweighted.
-    mode: list of str per query: "dense", "rescored" or "exact".
+    mode: list of str per query: "dense", "rescored", "exact", or (pruned path,
+        ``optden.prune``) "pruned" (FAISS candidates) / "cached" (neighbour cache).
     """
 
     denoised: torch.Tensor
@@ -50,6 +52,12 @@ class OptimalDenoiser:
         block_rows: rows per block (default: about 16 MB of float64 per block).
         resident: keep the raw rows on the device ("auto": when they fit half its
             free memory, for accelerators; CPU datasets are always used in place).
+        prune: certified FAISS pruning (``optden.prune``): "off" (dense passes only),
+            "flat" / "ivf" (that index: loaded from beside the dataset, else built),
+            a ``PruneIndex``, or "auto" (the index saved beside the dataset by
+            ``optden index``, IVF first, if there is one; else off: nothing is built
+            implicitly). Pruned evaluations are certified to ``tol``; queries the
+            index cannot certify, and class-conditional ones, run dense.
 
     Call it like an EDM / k-diffusion model: ``den(x, sigma)`` with x (B, ...) of any
     shape whose trailing size is d, and sigma a scalar or (B,).
@@ -64,6 +72,7 @@ class OptimalDenoiser:
         topk: int = 64,
         block_rows: int | None = None,
         resident="auto",
+        prune="auto",
     ):
         if dataset is None or not hasattr(dataset, "raw_block"):
             raise DtypeError(f"dataset: expected an optden.Dataset, got {type(dataset).__name__}")
@@ -84,6 +93,13 @@ class OptimalDenoiser:
         self.backend = dispatch.select(backend, self.device, dataset.dtype, dataset.d)
         self._resident = self._decide_resident(resident)
         self._sources: dict = {}
+        # --- pruning (optden.prune): resolved lazily on the first unconditional call
+        if not (prune in ("auto", "off", "flat", "ivf") or hasattr(prune, "search")):
+            raise InputError(f"prune: expected 'auto', 'off', 'flat', 'ivf' or a PruneIndex, got {prune!r}")
+        if hasattr(prune, "search") and getattr(prune, "M", None) != dataset.M:
+            raise DatasetError(f"prune: the index holds {getattr(prune, 'M', '?')} rows, the dataset {dataset.M}")
+        self.prune = prune
+        self._pruner = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -125,6 +141,29 @@ class OptimalDenoiser:
                 self.dataset, self.device, self.block_rows, index=index, resident=self._resident
             )
         return self._sources[label]
+
+    def pruner(self):
+        """The ``optden.prune.Pruner`` in use, or None (prune="off", or "auto" found none)."""
+        if self._pruner is None and self.prune != "off":
+            from .prune import Pruner, PruneIndex
+
+            ds = self.dataset
+            index = None
+            if hasattr(self.prune, "search"):
+                index = self.prune
+            elif self.prune in ("flat", "ivf"):
+                index = (PruneIndex.load(ds, self.prune) if PruneIndex.exists(ds, self.prune)
+                         else PruneIndex.build(ds, self.prune))
+            else:  # auto
+                for kind in ("ivf", "flat"):
+                    if PruneIndex.exists(ds, kind):
+                        index = PruneIndex.load(ds, kind)
+                        break
+            if index is None:
+                self.prune = "off"
+                return None
+            self._pruner = Pruner(index, self.source(None), tol=self.tol)
+        return self._pruner
 
     def _fallback(self, src: RowSource, k: int):
         """The float64 torch pass behind a faster, less precise backend (None for torch)."""
@@ -184,7 +223,23 @@ class OptimalDenoiser:
         top_idx = torch.zeros(n, k_out, dtype=torch.int64, device=self.device)
         modes = [""] * n
         sig = sigma.to(self.device, torch.float64)
+        pr = self.pruner() if labels is None else None
+        if pr is not None:  # certified pruned path; what it cannot certify runs dense below
+            src = self.source(None)
+            v = (u - ds.offset) / ds.scale - src.center
+            res = pr.evaluate(v, (ds.scale**2) / (2.0 * sig**2), k_out, k_need=1 if k is None else k_out)
+            okd = res.ok
+            denoised[okd] = (res.dc[okd] + src.center) * ds.scale + ds.offset
+            lse[okd], bound[okd] = res.lse[okd], res.bound[okd]
+            top_w[okd] = res.top_w[okd]
+            ti = res.top_idx[okd]
+            top_idx[okd] = torch.where(ti >= 0, src.global_index(ti.clamp(min=0)), ti)
+            for j in okd.nonzero().flatten().tolist():
+                modes[j] = "cached" if bool(res.cached[j]) else "pruned"
+            groups = [(None, (~okd).nonzero().flatten().cpu())]
         for label, qi in groups:
+            if qi.numel() == 0:
+                continue
             src = self.source(label)
             kk = min(max(k_req, self.topk), src.M)
             qd = qi.to(self.device)

@@ -37,7 +37,6 @@ Launch with torchrun (one process per GPU, or per CPU socket)::
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 
 import numpy as np
@@ -204,10 +203,8 @@ class ShardedDenoiser(OptimalDenoiser):
                 "in a process launched by torchrun"
             )
         # The global row source (for re-scoring and the rare exact pass) is never resident.
-        extra = {}
-        if "prune" in inspect.signature(OptimalDenoiser.__init__).parameters:
-            extra["prune"] = "off"  # a whole-dataset index on every rank would undo the sharding
-        super().__init__(dataset, device, backend, tol, topk, block_rows, resident=False, **extra)
+        # prune="off": a whole-dataset index on every rank would undo the sharding.
+        super().__init__(dataset, device, backend, tol, topk, block_rows, resident=False, prune="off")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)

@@ -1,0 +1,743 @@
+"""FAISS indexes for certified pruning (DESIGN.md section 7): build, save beside the
+dataset, load (rejected when they do not match), and a candidate search whose every
+answer carries a rigorous lower bound on the distance of the rows it left out.
+
+Coordinates. The index holds the *centered raw* rows ``q_i = raw_i - center`` in float32
+(exact for uint8 data, whose center is integral); queries are centered raw ``v`` (float64,
+``v = (u - offset) / scale - center``). Logits are ``-coef ||v - q_i||^2`` with
+``coef = scale^2 / (2 sigma^2)``, as in ``optden.precision``.
+
+FAISS computes squared distances in float32, by direct differences or by the expansion
+``||x||^2 + ||y||^2 - 2 x.y`` depending on its code path; either way
+``|fl(d^2) - d^2| <= 2 gamma_{d+4} (||x|| + ||y||)^2`` (Higham's gamma with float32's
+unit roundoff; a factor 2 of slack). So a row FAISS did not return, whose computed distance
+is at least the last returned one ``D_K``, has exact distance (to the float32 query, from
+its float32 copy) at least ``sqrt(D_K - E)`` with ``E = 2 gamma (||x32|| + R)^2`` and
+``R`` the largest row norm; the roundings of query and row to float32 are added by the
+triangle inequality (``||v - v32||`` is computed exactly, ``||q - q32|| <= u R``).
+
+IVF lists carry exact float64 radii: every member of list ``l`` lies within ``r_l`` of its
+centroid ``c_l`` (float64 copy of FAISS's centroid, radius measured in float64 and widened
+by a relative margin), so ``||v - q|| >= ||v - c_l|| - r_l`` for every member.
+
+Everything left out is described by *shells*: ``(count, lower)`` pairs per query, meaning
+``count`` rows at exact distance >= ``lower`` from the query. ``optden.neighbour_cache``
+shifts shells by the distance a query moved (triangle inequality).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
+
+__all__ = ["PruneIndex", "Candidates", "dataset_fingerprint", "index_paths", "KINDS", "faiss_gpu_available"]
+
+KINDS = ("flat", "ivf")
+INDEX_FORMAT = "optden.index"
+INDEX_VERSION = 1
+
+_U32 = 2.0**-24  # float32 unit roundoff
+# faiss-gpu may run its GEMMs in TF32 (10-bit mantissa): bound as if it did.
+_U_GPU = 2.0**-11
+# Relative widening of float64 radii and distances: covers their own rounding (~1e-16 d).
+_MARGIN = 1e-9
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # faiss-cpu is a dependency; say how to get it anyway
+        raise DatasetError("prune: FAISS is not installed (pip install faiss-cpu, or faiss-gpu)") from e
+    return faiss
+
+
+def faiss_gpu_available() -> bool:
+    """True when faiss-gpu is installed and sees at least one GPU (no CUDA call otherwise)."""
+    faiss = _faiss()
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 of (dtype, M, d, raw rows), streamed in blocks; cached per Dataset object."""
+    try:
+        return _FINGERPRINTS[dataset]
+    except (KeyError, TypeError):
+        pass
+    h = hashlib.sha256(f"{dataset.dtype}:{dataset.M}:{dataset.d}:".encode())
+    step = max(1, (64 << 20) // max(1, dataset.d))
+    raw = dataset.raw
+    for a in range(0, dataset.M, step):
+        h.update(np.ascontiguousarray(raw[a : a + step]).data)
+    fp = h.hexdigest()
+    try:
+        _FINGERPRINTS[dataset] = fp
+    except TypeError:
+        pass
+    return fp
+
+
+def index_paths(dir, kind: str) -> tuple[Path, Path]:
+    """(FAISS file, JSON metadata) of an index of ``kind`` in dataset directory ``dir``."""
+    dir = Path(dir)
+    return dir / f"index_{kind}.faiss", dir / f"index_{kind}.json"
+
+
+def _check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise InputError(f"kind: expected one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def _centered_f32(dataset, a: int, b: int) -> np.ndarray:
+    """Centered raw rows a:b as float32 (b - a, d), C-contiguous."""
+    block = dataset.raw_block(a, b).to(torch.float64).numpy()
+    return np.ascontiguousarray(block - np.asarray(dataset.center), dtype=np.float32)
+
+
+def _gamma(n: int, u: float) -> float:
+    return n * u / (1.0 - n * u)
+
+
+def _group_shells(counts: np.ndarray, lower: np.ndarray, groups: int = 16):
+    """Merge (N, L) shells into at most ``groups`` per query: sorted by lower bound, each
+    group keeps its summed count and its smallest lower bound (still a valid bound)."""
+    n, L = counts.shape
+    if L <= groups:
+        return counts, lower
+    order = np.argsort(lower, axis=1, kind="stable")
+    lo = np.take_along_axis(lower, order, 1)
+    ct = np.take_along_axis(counts, order, 1)
+    starts = np.linspace(0, L, groups + 1).astype(int)[:-1]
+    return np.add.reduceat(ct, starts, axis=1), lo[:, starts]
+
+
+@dataclass
+class Candidates:
+    """A certified candidate set per query (torch, on the query device).
+
+    idx:    (N, K) int64 local row positions, -1 where a query has fewer candidates.
+    counts: (N, S) float64 rows per shell of left-out rows.
+    lower:  (N, S) float64 exact lower bound on their distance (centered raw units)
+            from the query the search ran for.
+    cand_lower / cand_upper: (N, K) float64 exact bounds on each candidate's distance
+            (from FAISS's float32 distance and its error bound; inf where idx is -1).
+    """
+
+    idx: torch.Tensor
+    counts: torch.Tensor
+    lower: torch.Tensor
+    cand_lower: torch.Tensor = None
+    cand_upper: torch.Tensor = None
+
+    def truncate(self, coef: torch.Tensor, slack: float) -> "Candidates":
+        """Drop candidates that provably carry negligible weight before any exact re-score.
+
+        A candidate whose distance lower bound satisfies ``coef (low^2 - up_1^2) > slack``
+        (``up_1`` = the smallest candidate upper bound, >= the nearest row's distance)
+        moves to a new shell (count, smallest such lower bound). coef: (N,)."""
+        valid = self.idx >= 0
+        up1 = torch.where(valid, self.cand_upper, torch.full_like(self.cand_upper, torch.inf)).min(1).values
+        need = valid & (coef[:, None] * (self.cand_lower**2 - up1[:, None] ** 2) <= slack)
+        drop = valid & ~need
+        low = torch.where(drop, self.cand_lower, torch.full_like(self.cand_lower, torch.inf)).min(1).values
+        counts = torch.cat([self.counts, drop.sum(1, keepdim=True).to(torch.float64)], dim=1)
+        lower = torch.cat([self.lower, low[:, None]], dim=1)
+        kept = torch.where(need, self.idx, torch.full_like(self.idx, -1))
+        order = (kept < 0).to(torch.int8).argsort(dim=1, stable=True)
+        kept = kept.gather(1, order)
+        width = max(1, int((kept >= 0).sum(1).max()))
+        return Candidates(kept[:, :width], counts, lower)
+
+
+class PruneIndex:
+    """A FAISS index over a Dataset's centered raw rows (all rows; labels are not indexed).
+
+    kind: "flat" (exact exhaustive search, ``IndexFlatL2``) or "ivf" (``IndexIVFFlat``
+    with ``nlist`` lists and exact float64 per-list radii for the cluster bounds).
+    Build with :meth:`build`, persist with :meth:`save`, reopen with :meth:`load`.
+    """
+
+    def __init__(self, dataset, kind: str, index, fingerprint: str, radii=None, centroids=None):
+        self.dataset = dataset
+        self.kind = _check_kind(kind)
+        self.index = index
+        self.fingerprint = fingerprint
+        self.M, self.d = dataset.M, dataset.d
+        self.max_cnorm = float(np.sqrt(np.asarray(dataset.centered_sqnorms).max()))
+        self.radii = None if radii is None else np.asarray(radii, dtype=np.float64)
+        self.centroids = None if centroids is None else np.asarray(centroids, dtype=np.float64)
+        self.list_sizes = None
+        self._gpu_index = None
+        self.direct = False
+        if kind == "ivf":
+            inv = index.invlists
+            self.list_sizes = np.array([inv.list_size(l) for l in range(index.nlist)], dtype=np.float64)
+            self.direct = self._probe_direct()
+        self.searches = 0  # FAISS searches run (one per batched call)
+
+    def __repr__(self) -> str:
+        extra = f", nlist={self.index.nlist}" if self.kind == "ivf" else ""
+        return f"PruneIndex(kind={self.kind!r}, M={self.M}, d={self.d}{extra})"
+
+    @property
+    def nlist(self) -> int:
+        return int(self.index.nlist) if self.kind == "ivf" else 1
+
+    def _probe_direct(self, n: int = 8) -> bool:
+        """Check that this FAISS build scans IVF lists by direct differences (fvec_L2sqr).
+
+        Queries a hair away from the rows of largest norm: there the expansion's float32
+        error (~u ||q||^2) would exceed the direct-difference bound gamma_{d+2} d^2 by
+        orders of magnitude. True when every returned distance meets the direct bound;
+        otherwise the searches use the (looser) expansion bound.
+        """
+        cs = np.asarray(self.dataset.centered_sqnorms)
+        rows = np.argsort(cs)[-min(n, self.M):]
+        q = self.dataset.raw_rows(rows).to(torch.float64).numpy() - np.asarray(self.dataset.center)
+        q32 = q.astype(np.float32)
+        e = np.random.default_rng(0).standard_normal(q32.shape).astype(np.float32) * np.float32(0.01)
+        x32 = np.ascontiguousarray(q32 + e)
+        self.index.nprobe = self.nlist
+        D, I = self.index.search_preassigned(x32, 1, np.tile(np.arange(self.nlist), (len(rows), 1)), None)
+        exact = ((x32.astype(np.float64)[:, None, :] - q32.astype(np.float64)[None]) ** 2).sum(-1)
+        mine = exact[np.arange(len(rows)), np.arange(len(rows))]
+        if (I[:, 0] < 0).any():
+            return False
+        ref = ((x32.astype(np.float64) - self.dataset.raw_rows(I[:, 0]).to(torch.float64).numpy()
+                + np.asarray(self.dataset.center)) ** 2).sum(1)
+        g = _gamma(self.d + 2, _U32)
+        return bool((np.abs(D[:, 0] - ref) <= 2 * g * ref + 1e-30).all() and (ref <= mine * (1 + 1e-6)).all())
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, dataset, kind: str = "flat", nlist: int | None = None, niter: int = 10, seed: int = 0,
+              train_rows: int | None = None) -> "PruneIndex":
+        """Build an index of ``kind`` over every row of ``dataset``.
+
+        nlist: IVF lists (default ``4 sqrt(M)``, at most M); niter: k-means iterations;
+        train_rows: rows sampled for k-means (default ``min(M, 64 nlist)``).
+        """
+        if dataset is None or not hasattr(dataset, "raw_block"):
+            raise DtypeError(f"dataset: expected an optden.Dataset, got {type(dataset).__name__}")
+        kind = _check_kind(kind)
+        faiss = _faiss()
+        M, d = dataset.M, dataset.d
+        step = max(1, (64 << 20) // (4 * d))
+        if kind == "flat":
+            index = faiss.IndexFlatL2(d)
+            for a in range(0, M, step):
+                index.add(_centered_f32(dataset, a, min(M, a + step)))
+            return cls(dataset, kind, index, dataset_fingerprint(dataset))
+        if nlist is None:
+            nlist = max(1, min(M, int(round(4 * math.sqrt(M)))))
+        if isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= M:
+            raise InputError(f"nlist: expected an integer in 1..{M} (the number of rows), got {nlist!r}")
+        if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 1:
+            raise InputError(f"niter: expected a positive integer, got {niter!r}")
+        nlist = int(nlist)
+        n_train = min(M, 64 * nlist) if train_rows is None else int(train_rows)
+        if not nlist <= n_train <= M:
+            raise InputError(f"train_rows: expected {nlist}..{M}, got {train_rows!r}")
+        rng = np.random.default_rng(seed)
+        sel = np.sort(rng.choice(M, size=n_train, replace=False))
+        train = np.ascontiguousarray(
+            dataset.raw_rows(sel).to(torch.float64).numpy() - np.asarray(dataset.center), dtype=np.float32
+        )
+        km = faiss.Kmeans(d, nlist, niter=niter, seed=int(seed), verbose=False, min_points_per_centroid=1)
+        km.train(train)
+        quantizer = faiss.IndexFlatL2(d)
+        quantizer.add(km.centroids)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        quantizer.this.disown()  # the index owns (and frees) its quantizer
+        index.own_fields = True
+        index.is_trained = True
+        for a in range(0, M, step):
+            index.add(_centered_f32(dataset, a, min(M, a + step)))
+        centroids = quantizer.reconstruct_n(0, nlist).astype(np.float64)
+        radii = cls._radii(dataset, index, centroids)
+        return cls(dataset, kind, index, dataset_fingerprint(dataset), radii=radii, centroids=centroids)
+
+    @staticmethod
+    def _radii(dataset, index, centroids: np.ndarray) -> np.ndarray:
+        """Exact float64 max distance of each list's members to its centroid, widened by _MARGIN."""
+        faiss = _faiss()
+        inv = index.invlists
+        assign = np.full(dataset.M, -1, dtype=np.int64)
+        for l in range(index.nlist):
+            n = inv.list_size(l)
+            if n:
+                ids = faiss.rev_swig_ptr(inv.get_ids(l), n).copy()
+                assign[ids] = l
+        if (assign < 0).any():
+            raise DatasetError("prune: the IVF index does not hold every row of the dataset")
+        radii = np.zeros(index.nlist, dtype=np.float64)
+        center = np.asarray(dataset.center)
+        step = max(1, (32 << 20) // (8 * dataset.d))
+        for a in range(0, dataset.M, step):
+            b = min(dataset.M, a + step)
+            q = dataset.raw_block(a, b).to(torch.float64).numpy() - center
+            dist = np.sqrt(((q - centroids[assign[a:b]]) ** 2).sum(1))
+            np.maximum.at(radii, assign[a:b], dist)
+        return radii * (1.0 + _MARGIN) + _MARGIN
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir=None) -> Path:
+        """Write ``index_<kind>.faiss`` and ``index_<kind>.json`` into ``dir`` (default: the
+        dataset's directory). The JSON (written last) records the dataset's fingerprint."""
+        faiss = _faiss()
+        if dir is None:
+            dir = getattr(self.dataset, "path", None)
+            if dir is None:
+                raise InputError("dir: the dataset has no directory (save it first, or pass dir)")
+        dir = Path(dir)
+        if not dir.is_dir():
+            raise DatasetNotFoundError(f"dir: {dir} is not a directory")
+        fpath, jpath = index_paths(dir, self.kind)
+        tmp = fpath.with_name(fpath.name + f".tmp-{os.getpid()}")
+        jpath.unlink(missing_ok=True)
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, fpath)
+        h = hashlib.sha256(fpath.read_bytes()).hexdigest()
+        meta = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "kind": self.kind,
+            "M": self.M,
+            "d": self.d,
+            "dtype": self.dataset.dtype,
+            "dataset_sha256": self.fingerprint,
+            "index_sha256": h,
+            "faiss_version": getattr(faiss, "__version__", "?"),
+        }
+        if self.kind == "ivf":
+            meta["nlist"] = self.nlist
+            meta["radii"] = [float(r) for r in self.radii]
+            meta["centroids_sha256"] = hashlib.sha256(self.centroids.tobytes()).hexdigest()
+        jtmp = jpath.with_name(jpath.name + f".tmp-{os.getpid()}")
+        jtmp.write_text(json.dumps(meta))
+        os.replace(jtmp, jpath)
+        return dir
+
+    @classmethod
+    def exists(cls, dataset, kind: str) -> bool:
+        dir = getattr(dataset, "path", None)
+        return dir is not None and all(p.is_file() for p in index_paths(dir, kind))
+
+    @classmethod
+    def load(cls, dataset, kind: str = "flat", dir=None) -> "PruneIndex":
+        """Open the index of ``kind`` saved beside ``dataset`` (or in ``dir``).
+
+        Raises DatasetNotFoundError when it is missing and DatasetError when it is corrupt
+        or was built for other data (shape, dtype or the rows' sha256 differ).
+        """
+        faiss = _faiss()
+        kind = _check_kind(kind)
+        if dir is None:
+            dir = getattr(dataset, "path", None)
+            if dir is None:
+                raise DatasetNotFoundError("dir: the dataset has no directory, so it has no saved index")
+        fpath, jpath = index_paths(dir, kind)
+        if not fpath.is_file() or not jpath.is_file():
+            raise DatasetNotFoundError(f"dir: {dir} has no {kind} index ({fpath.name} + {jpath.name}); "
+                                       f"build one with `optden index {dir} --kind {kind}`")
+        try:
+            meta = json.loads(jpath.read_text())
+            M, d, dtype, fp = int(meta["M"]), int(meta["d"]), meta["dtype"], meta["dataset_sha256"]
+            if meta.get("format") != INDEX_FORMAT or int(meta["version"]) > INDEX_VERSION or meta["kind"] != kind:
+                raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')} kind {meta.get('kind')!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{jpath}: malformed index metadata ({e})") from None
+        if (M, d, dtype) != (dataset.M, dataset.d, dataset.dtype):
+            raise DatasetError(f"{jpath}: the index was built for ({M}, {d}) {dtype} rows, but the dataset has "
+                               f"({dataset.M}, {dataset.d}) {dataset.dtype}; rebuild it with `optden index`")
+        if fp != dataset_fingerprint(dataset):
+            raise DatasetError(f"{jpath}: the index was built for other data (the rows' sha256 differs); "
+                               f"rebuild it with `optden index`")
+        if hashlib.sha256(fpath.read_bytes()).hexdigest() != meta.get("index_sha256"):
+            raise DatasetError(f"{fpath}: sha256 differs from the one in {jpath.name}; the index file is corrupt")
+        index = faiss.read_index(str(fpath))
+        if index.ntotal != M or index.d != d:
+            raise DatasetError(f"{fpath}: holds {index.ntotal} vectors of dimension {index.d}, expected ({M}, {d})")
+        if kind == "flat":
+            return cls(dataset, kind, index, fp)
+        ivf = index  # read_index returns the downcast, owning proxy (a second proxy would dangle)
+        if not hasattr(ivf, "nlist") or not hasattr(ivf, "search_preassigned"):
+            raise DatasetError(f"{fpath}: is not an IVF index")
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float64)
+        radii = np.asarray(meta.get("radii", []), dtype=np.float64)
+        if radii.shape != (ivf.nlist,) or hashlib.sha256(centroids.tobytes()).hexdigest() != meta.get("centroids_sha256"):
+            raise DatasetError(f"{jpath}: radii / centroids do not match {fpath.name}")
+        return cls(dataset, kind, ivf, fp, radii=radii, centroids=centroids)
+
+    # ------------------------------------------------------------------ search
+    def _flat_for(self, device: torch.device):
+        """The flat index on a GPU when faiss-gpu sees one and the queries live on CUDA."""
+        if self.kind != "flat" or device.type != "cuda" or not faiss_gpu_available():
+            return self.index, _U32
+        if self._gpu_index is None:
+            faiss = _faiss()
+            self._res = faiss.StandardGpuResources()
+            self._gpu_index = faiss.index_cpu_to_gpu(self._res, device.index or 0, self.index)
+        return self._gpu_index, _U_GPU
+
+    def _lower_from_faiss(self, dk: np.ndarray, x32: np.ndarray, shift: np.ndarray, u: float,
+                          direct: bool = False) -> np.ndarray:
+        """Exact lower bound (N,) on the distance from v of rows whose float32 squared
+        distance FAISS computed as >= dk (N,); shift = ||v - v32|| + ||q - q32|| bound.
+        direct: FAISS computed by direct differences (error <= gamma_{d+2} d^2, relative)
+        rather than by the expansion (error <= 2 gamma_{d+4} (||x|| + ||q||)^2)."""
+        low, _ = self._faiss_interval(dk, x32, shift, u, direct)
+        return low
+
+    def _faiss_interval(self, D: np.ndarray, x32: np.ndarray, shift: np.ndarray, u: float, direct: bool):
+        """Exact (lower, upper) bounds on the distances from v whose float32 squared values
+        FAISS computed as D (N,) or (N, K); +inf where D is not finite (no result)."""
+        D = np.where(np.isfinite(D) & (D < 1e38), D.astype(np.float64), np.inf)
+        if D.ndim == 2:
+            x32, shift = x32, shift[:, None]
+        if direct:
+            g = 2.0 * _gamma(self.d + 2, u)
+            low2, up2 = D * (1.0 - g), D * (1.0 + g)
+        else:
+            xn = np.sqrt((x32.astype(np.float64) ** 2).sum(1))
+            R = self.max_cnorm * (1.0 + 2 * u)
+            err = 2.0 * _gamma(self.d + 4, u) * (xn + R) ** 2
+            err = err[:, None] if D.ndim == 2 else err
+            low2, up2 = D - err, D + err
+        low = np.clip(np.sqrt(np.clip(low2, 0.0, None)) * (1.0 - _MARGIN) - shift, 0.0, None)
+        up = np.sqrt(up2) * (1.0 + _MARGIN) + shift
+        return low, up
+
+    def centroid_lower(self, v: torch.Tensor) -> torch.Tensor:
+        """IVF cluster bounds: (N, nlist) exact lower bound on the distance from v (N, d) to
+        any member of each list, ``max(0, ||v - c_l|| - r_l)`` (float64)."""
+        c = torch.from_numpy(self.centroids).to(v.device)
+        r = torch.from_numpy(self.radii).to(v.device)
+        # direct differences (no expansion): float64 error ~ d * 1e-16 relative, inside _MARGIN
+        dist = torch.cdist(v, c, compute_mode="donot_use_mm_for_euclid_dist")
+        return torch.clamp(dist * (1.0 - _MARGIN) - r, min=0.0)
+
+    def search(self, v: torch.Tensor, k: int, probes: torch.Tensor | None = None) -> Candidates:
+        """The k nearest rows by FAISS and a rigorous bound on every other row.
+
+        v: (N, d) float64 centered raw queries (torch, any device). probes: IVF only, (N, P)
+        int64 list numbers to search (-1 padded); the other lists become one shell each
+        (their cluster bound). Returns ``Candidates`` on v's device.
+        """
+        dev = v.device
+        n = v.shape[0]
+        k = max(1, min(int(k), self.M))
+        x32 = v.detach().to("cpu", torch.float32).numpy()
+        x32 = np.ascontiguousarray(x32)
+        shift = torch.linalg.vector_norm(v.cpu() - torch.from_numpy(x32).to(torch.float64), dim=1).numpy()
+        shift = shift * (1.0 + _MARGIN) + _U32 * self.max_cnorm * 2.0
+        self.searches += 1
+        if self.kind == "flat":
+            index, u = self._flat_for(dev)
+            D, I = index.search(x32, k)
+            direct = False
+            low = self._lower_from_faiss(D[:, -1], x32, shift, u) if k < self.M else np.full(n, np.inf)
+            counts = np.full((n, 1), float(self.M - k))
+            lower = low[:, None]
+        else:
+            if probes is None:
+                raise InputError("probes: required for an IVF index")
+            pr = probes.detach().cpu().numpy().astype(np.int64)
+            self.index.nprobe = int(pr.shape[1])
+            D, I = self.index.search_preassigned(x32, k, pr, None)
+            u, direct = _U32, self.direct
+            probed = np.zeros((n, self.nlist), dtype=bool)
+            rows = np.repeat(np.arange(n), pr.shape[1])
+            ok = pr.reshape(-1) >= 0
+            probed[rows[ok], pr.reshape(-1)[ok]] = True
+            in_probed = (probed * self.list_sizes[None, :]).sum(1)
+            returned = (I >= 0).sum(1)
+            rest = in_probed - returned
+            # rows of probed lists that were not returned: FAISS distance >= the k-th
+            low = self._lower_from_faiss(D[:, -1], x32, shift, u=_U32, direct=self.direct)
+            low = np.where(rest > 0, low, np.inf)
+            clow = self.centroid_lower(v.detach().cpu().to(torch.float64)).numpy()
+            cnt, lw = _group_shells(np.where(probed, 0.0, self.list_sizes[None, :]), np.where(probed, np.inf, clow))
+            counts = np.concatenate([rest[:, None], cnt], axis=1)
+            lower = np.concatenate([low[:, None], lw], axis=1)
+        clow, cup = self._faiss_interval(D, x32, shift, u, direct)
+        return Candidates(
+            idx=torch.from_numpy(I.astype(np.int64)).to(dev),
+            cand_lower=torch.from_numpy(clow).to(dev),
+            cand_upper=torch.from_numpy(cup).to(dev),
+            counts=torch.from_numpy(np.asarray(counts, dtype=np.float64)).to(dev),
+            lower=torch.from_numpy(np.asarray(lower, dtype=np.float64)).to(dev),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Certified evaluation from candidates.
+
+
+@dataclass
+class PrunedResult:
+    """Per query of a batch (float64 on the query device); only rows with ``ok`` are set.
+
+    ok: (N,) bool certified; dc: (N, d) D* in centered raw space; lse: (N,) logsumexp of
+    the candidates' exact logits; top_w / top_idx: (N, k_out) weights and local rows;
+    bound: (N,) relative weight of the rows left out; cached: (N,) bool answered from the
+    neighbour cache (no search).
+    """
+
+    ok: torch.Tensor
+    dc: torch.Tensor
+    lse: torch.Tensor
+    top_w: torch.Tensor
+    top_idx: torch.Tensor
+    bound: torch.Tensor
+    cached: torch.Tensor
+
+
+def shell_log_mass(coef: torch.Tensor, counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """log of sum_s count_s exp(-coef lower_s^2): (n,) upper bound on the left-out mass."""
+    lw = torch.where(counts > 0, torch.log(counts.clamp(min=1e-300)) - coef[:, None] * lower**2, -torch.inf)
+    lw = torch.where(torch.isinf(lower), torch.full_like(lw, -torch.inf), lw)
+    return torch.logsumexp(lw, dim=1)
+
+
+def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Tensor, k_out: int,
+                     chunk_bytes: int = 1 << 27):
+    """Exact float64 softmax over each query's candidates (direct differences).
+
+    v: (n, d); coef: (n,); idx: (n, K) local rows, -1 = none (only valid pairs are
+    computed, in chunks of about ``chunk_bytes``). Returns ``(lse (n,), dc (n, d)
+    centered, top_w (n, min(k_out, K)), top_idx (same), logits (n, K) (-inf where none))``.
+    """
+    n, K = idx.shape
+    d = v.shape[1]
+    qi, ci = (idx >= 0).nonzero(as_tuple=True)
+    rid = idx[qi, ci]
+    per = max(1, chunk_bytes // (8 * d))
+    lg = torch.full((n, K), -torch.inf, dtype=torch.float64, device=v.device)
+
+    def rows(a, b):
+        return source.gather(rid[a:b]).to(torch.float64) - source.center
+
+    kept = None
+    for a in range(0, rid.numel(), per):
+        b = min(rid.numel(), a + per)
+        q = rows(a, b)
+        diff = v[qi[a:b]] - q
+        lg[qi[a:b], ci[a:b]] = -coef[qi[a:b]] * (diff * diff).sum(1)
+        kept = q if rid.numel() <= per else None
+    lse = torch.logsumexp(lg, dim=1)
+    w = torch.exp(lg - lse[:, None])
+    dc = torch.zeros(n, d, dtype=torch.float64, device=v.device)
+    for a in range(0, rid.numel(), per):
+        b = min(rid.numel(), a + per)
+        q = kept if kept is not None else rows(a, b)
+        # (n, b - a) sparse weights (pairs are sorted by query) times the rows (b - a, d)
+        crow = torch.searchsorted(qi[a:b], torch.arange(n + 1, device=v.device))
+        with warnings.catch_warnings():  # "sparse CSR is beta": the product below is plain
+            warnings.simplefilter("ignore", UserWarning)
+            S = torch.sparse_csr_tensor(crow, torch.arange(b - a, device=v.device), w[qi[a:b], ci[a:b]],
+                                        size=(n, b - a))
+        dc += S @ q
+    kk = min(k_out, K)
+    tw, wi = w.topk(kk, dim=1)
+    return lse, dc, tw, idx.gather(1, wi), lg
+
+
+class Pruner:
+    """Certified top-k evaluation over a ``PruneIndex`` (all rows of its dataset).
+
+    tol: target relative error of D* (as ``OptimalDenoiser.tol``); a query is certified
+    when the relative weight of every row left out is <= ``0.1 tol`` (the same margin as
+    ``optden.precision.certify``). k0: first search width; widened x4 up to kmax (capped
+    at M / 64), then the caller falls back to the dense pass. max_probe_frac: IVF queries that would need
+    more than this fraction of the rows are left to the dense pass (cheaper there).
+    """
+
+    def __init__(self, index: PruneIndex, source, tol: float = 1e-6, k0: int = 64, kmax: int = 4096,
+                 max_probe_frac: float = 0.25, sample_rows: int = 1024, seed: int = 0, first_probes: int = 4):
+        from .neighbour_cache import NeighbourCache
+
+        if source.M != index.M:
+            raise InputError("source: the pruned path needs all rows (class-conditional runs dense)")
+        self.index = index
+        self.source = source
+        self.tol_mass = 0.1 * float(tol)
+        self.k0 = max(1, min(int(k0), index.M))
+        # the exact float64 re-score of a row costs ~10x a dense-pass row: beyond M / 64
+        # candidates (x the widening rounds) the dense pass is cheaper
+        self.kmax = min(index.M, max(4 * self.k0, min(int(kmax), index.M // 64)),
+                        2048 if faiss_gpu_available() else index.M)
+        self.max_probe_frac = float(max_probe_frac)
+        self.first_probes = max(1, int(first_probes))
+        self.cache = NeighbourCache()
+        self.stats = {"queries": 0, "certified": 0, "cached": 0, "dense": 0, "searches": 0, "rows_scored": 0}
+        g = np.random.default_rng(seed)
+        ns = min(index.M, int(sample_rows))
+        self._sample = torch.from_numpy(np.sort(g.choice(index.M, ns, replace=False))).to(source.device)
+        self._sample_rows = None
+
+    # ---------------------------------------------------------------- gate
+    def worth_trying(self, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: queries whose posterior looks concentrated enough to certify with
+        kmax rows (estimated from a fixed random sample of rows). Cost only, never
+        correctness: a query let through that cannot certify goes dense after searching."""
+        if self._sample_rows is None:
+            self._sample_rows = self.source.gather(self._sample).to(torch.float64) - self.source.center
+        q = self._sample_rows
+        lg = -coef[:, None] * torch.cdist(v, q, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        frac = torch.exp(lg - lg.max(1, keepdim=True).values).mean(1)  # effective share of rows
+        return frac * self.index.M <= 0.25 * self.kmax
+
+    # ---------------------------------------------------------------- IVF probes
+    def _probes(self, v: torch.Tensor, coef: torch.Tensor, dref: torch.Tensor):
+        """Lists each query must search: all but the smallest-bound lists whose summed
+        bound stays <= tol_mass / 2 of exp(-coef dref^2). Returns (probes (n, P) -1 padded,
+        rows needed (n,))."""
+        low = self.index.centroid_lower(v)  # (n, nlist)
+        sizes = torch.from_numpy(self.index.list_sizes).to(v.device)
+        lw = torch.log(sizes.clamp(min=1e-300))[None, :] - coef[:, None] * (low**2 - dref[:, None] ** 2)
+        lw = torch.where(sizes[None, :] > 0, lw, torch.full_like(lw, -torch.inf))
+        order = lw.argsort(dim=1)  # ascending: smallest bounds first
+        srt = lw.gather(1, order)
+        cum = torch.logcumsumexp(srt, dim=1)
+        skip = cum <= math.log(0.5 * self.tol_mass)
+        need = ~skip
+        P = int(need.sum(1).max())
+        # the needed lists are the tail of `order`; take the last P and blank the skipped
+        tail = order[:, -P:] if P else order[:, :0]
+        tail_need = need[:, -P:] if P else need[:, :0]
+        probes = torch.where(tail_need, tail, torch.full_like(tail, -1))
+        rows = (sizes[None, :].expand_as(lw).gather(1, order) * need).sum(1)
+        return probes, rows
+
+    def _dref_loose(self, v: torch.Tensor) -> torch.Tensor:
+        """Upper bound on the nearest row's distance: min over lists of ||v - c|| + r."""
+        c = torch.from_numpy(self.index.centroids).to(v.device)
+        r = torch.from_numpy(self.index.radii).to(v.device)
+        dist = torch.cdist(v, c, compute_mode="donot_use_mm_for_euclid_dist")
+        sizes = torch.from_numpy(self.index.list_sizes).to(v.device)
+        dist = torch.where(sizes[None, :] > 0, dist * (1 + 1e-9) + r, torch.full_like(dist, torch.inf))
+        return dist.min(1).values
+
+    def _trim(self, idx, lg, lse, coef, counts, lower):
+        """Shrink a certified candidate set before caching it: candidates whose exact logit
+        is below ``lse - log(M / tol_mass) - 10`` move to a new shell (their count and their
+        smallest exact distance), so cache hits re-score only the rows that matter."""
+        keep = lg >= (lse - math.log(self.index.M / self.tol_mass) - 10.0)[:, None]
+        drop = (idx >= 0) & ~keep
+        dist2 = torch.where(drop, -lg / coef[:, None], torch.full_like(lg, torch.inf))
+        low = torch.sqrt(dist2.min(1).values.clamp(min=0.0)) * (1.0 - _MARGIN)
+        counts = torch.cat([counts, drop.sum(1, keepdim=True).to(torch.float64)], dim=1)
+        lower = torch.cat([lower, low[:, None]], dim=1)
+        kept = torch.where(keep, idx, torch.full_like(idx, -1))
+        order = (kept < 0).to(torch.int8).argsort(dim=1, stable=True)
+        kept = kept.gather(1, order)
+        width = max(1, int((kept >= 0).sum(1).max()))
+        return kept[:, :width], counts, lower
+
+    # ---------------------------------------------------------------- evaluate
+    def evaluate(self, v: torch.Tensor, coef: torch.Tensor, k_out: int, use_cache: bool = True,
+                 gate: bool = True, k_need: int | None = None) -> PrunedResult:
+        """Certified evaluation of centered raw queries v (N, d) float64, coef (N,).
+
+        k_out: width of top_w / top_idx; k_need: how many of them must be real rows
+        (default k_out; entries past a query's candidates have weight 0 and index -1).
+
+        Rows that cannot be certified within kmax candidates have ``ok`` False (the
+        caller runs the dense pass for them). Never returns an uncertified ``ok`` row.
+        """
+        n, d = v.shape
+        dev = v.device
+        k_out = max(1, min(k_out, self.index.M))
+        nan = torch.nan
+        res = PrunedResult(
+            ok=torch.zeros(n, dtype=torch.bool, device=dev),
+            dc=torch.full((n, d), nan, dtype=torch.float64, device=dev),
+            lse=torch.full((n,), nan, dtype=torch.float64, device=dev),
+            top_w=torch.full((n, k_out), nan, dtype=torch.float64, device=dev),
+            top_idx=torch.full((n, k_out), -1, dtype=torch.int64, device=dev),
+            bound=torch.full((n,), nan, dtype=torch.float64, device=dev),
+            cached=torch.zeros(n, dtype=torch.bool, device=dev),
+        )
+        self.stats["queries"] += n
+        key = (self.index.fingerprint, self.index.kind, n)
+
+        def accept(sel, idx, counts, lower, store: bool):
+            """Rescore candidates of queries sel exactly; set the certified ones; return failures."""
+            lse, dc, tw, ti, lg = exact_candidates(v[sel], coef[sel], self.source, idx, k_out)
+            lmax = lg.max(1).values
+            self.stats["rows_scored"] += int((idx >= 0).sum())
+            bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse)
+            good = bound <= self.tol_mass
+            g = sel[good]
+            kk = tw.shape[1]
+            res.ok[g] = True
+            res.dc[g], res.lse[g], res.bound[g] = dc[good], lse[good], bound[good]
+            res.top_w[g, :kk], res.top_idx[g, :kk] = tw[good], ti[good]
+            if kk < k_out:
+                res.top_w[g, kk:] = 0.0
+            if store and use_cache and g.numel():
+                self.cache.store(key, v, g, *self._trim(idx[good], lg[good], lse[good], coef[g],
+                                                       counts[good], lower[good]))
+            return sel[~good], lmax[~good]
+
+        pending = torch.arange(n, device=dev)
+        k_need = k_out if k_need is None else max(1, min(int(k_need), k_out))
+        if use_cache and self.cache.idx is not None and self.cache.idx.shape[1] < k_need:
+            self.cache.clear()  # cached candidate sets are narrower than the weights asked for
+        if use_cache:
+            rows, idx, counts, lower = self.cache.lookup(key, v)
+            if rows.numel():
+                failed, _ = accept(rows, idx, counts, lower, store=False)
+                hit = rows[res.ok[rows]]
+                res.cached[hit] = True
+                self.cache.hits += int(hit.numel())
+                self.cache.misses += int(failed.numel())
+                self.cache.invalidate(failed)
+                pending = (~res.ok).nonzero().flatten()
+        if pending.numel() and gate:
+            pending = pending[self.worth_trying(v[pending], coef[pending])]
+        k = max(self.k0, k_need)
+        dref = None
+        while pending.numel():
+            probes = None
+            if self.index.kind == "ivf" and dref is None:
+                # first round: the few lists nearest by centroid, to find an exact best distance
+                c = torch.from_numpy(self.index.centroids).to(dev)
+                cd = torch.cdist(v[pending], c, compute_mode="donot_use_mm_for_euclid_dist")
+                probes = cd.topk(min(self.index.nlist, self.first_probes), dim=1, largest=False).indices
+            elif self.index.kind == "ivf":
+                probes, need_rows = self._probes(v[pending], coef[pending], dref)
+                fits = need_rows <= self.max_probe_frac * self.index.M
+                pending, probes = pending[fits], probes[fits]
+                if pending.numel() == 0:
+                    break
+            cand = self.index.search(v[pending], k, probes)
+            cand = cand.truncate(coef[pending], math.log(self.index.M / self.tol_mass) + 10.0)
+            self.stats["searches"] += 1
+            failed, lmax = accept(pending, cand.idx, cand.counts, cand.lower, store=True)
+            if failed.numel() == 0 or k >= self.kmax:
+                break
+            # widen: x4 candidates, and (IVF) the probes for the exact best distance found
+            pending = failed
+            if self.index.kind == "ivf":  # exact best distance found so far (an upper bound on d_1)
+                dref = torch.sqrt(torch.clamp(-lmax / coef[failed], min=0.0)) * (1 + 1e-9)
+                dref = torch.minimum(dref, self._dref_loose(v[failed]))
+            k = min(self.kmax, 4 * k)
+        done = int(res.ok.sum())
+        self.stats["certified"] += done
+        self.stats["cached"] += int(res.cached.sum())
+        self.stats["dense"] += n - done
+        return res
