@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fileio import fsync_dir, sha256_file, write_synced
 from .errors import ChecksumError, DatasetError, DatasetNotFoundError, DtypeError, InputError
 from .validate import as_tensor, check_positive_int
 
@@ -41,7 +42,6 @@ FORMAT_VERSION = 1
 BLOCK_BYTES = 64 << 20
 """Working-set size of one block in the streaming passes (float64 bytes per block)."""
 
-_HASH_CHUNK = 8 << 20
 _DTYPE_NAMES = ("uint8", "float16", "bfloat16", "float32")
 _NUMPY_STORAGE = {"uint8": np.dtype(np.uint8), "float16": np.dtype(np.float16),
                   "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
@@ -214,18 +214,6 @@ def _raw_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
         warnings.filterwarnings("ignore", message=".*not writable.*")
         t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def _sha256_file(path: Path) -> str:
-    """sha256 hex digest of a file, streamed in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _HashingWriter(io.RawIOBase):
@@ -850,7 +838,7 @@ class Dataset:
                 want = checksums.get(name)
                 if want is None:
                     raise DatasetError(f"{meta_path}: no checksum recorded for {name}")
-                got = _sha256_file(p)
+                got = sha256_file(p)
                 if got != want:
                     raise ChecksumError(f"{p}: sha256 {got} differs from {want} recorded in meta.json; the file is corrupt")
         labels = None
@@ -932,12 +920,12 @@ class Dataset:
             checksums["data.npy"] = w.sha.hexdigest()
             if self.labels is not None:
                 tmp["labels.npy"] = dir / ("labels.npy" + tag)
-                _write_small(tmp["labels.npy"], lambda f: np.save(f, np.asarray(self.labels, dtype=np.int64)))
-                checksums["labels.npy"] = _sha256_file(tmp["labels.npy"])
+                write_synced(tmp["labels.npy"], lambda f: np.save(f, np.asarray(self.labels, dtype=np.int64)))
+                checksums["labels.npy"] = sha256_file(tmp["labels.npy"])
             tmp["norms.npz"] = dir / ("norms.npz" + tag)
-            _write_small(tmp["norms.npz"], lambda f: np.savez(f, center=center, centered_sqnorms=centered,
+            write_synced(tmp["norms.npz"], lambda f: np.savez(f, center=center, centered_sqnorms=centered,
                                                               sqnorms=sqnorms))
-            checksums["norms.npz"] = _sha256_file(tmp["norms.npz"])
+            checksums["norms.npz"] = sha256_file(tmp["norms.npz"])
             meta = {
                 "format": "optden.dataset",
                 "version": FORMAT_VERSION,
@@ -952,7 +940,7 @@ class Dataset:
                 "sha256": checksums,
             }
             tmp["meta.json"] = dir / ("meta.json" + tag)
-            _write_small(tmp["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            write_synced(tmp["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
             # Commit: invalidate the old set, move the payload in, then the marker.
             (dir / "meta.json").unlink(missing_ok=True)
             # pop only after a successful move, so an interrupted move still cleans up its temporary
@@ -964,7 +952,7 @@ class Dataset:
                 (dir / "labels.npy").unlink(missing_ok=True)
             os.replace(tmp["meta.json"], dir / "meta.json")
             del tmp["meta.json"]
-            _fsync_dir(dir)
+            fsync_dir(dir)
         finally:
             for p in tmp.values():
                 try:
@@ -997,26 +985,6 @@ def _convert_float_rows(rows: np.ndarray, src: str, target: str, name: str) -> n
             with np.errstate(over="ignore", invalid="ignore"):
                 out[s:s + step] = blk.astype(out.dtype)
     return out
-
-
-def _write_small(path: Path, writer) -> None:
-    with open(path, "wb") as f:
-        writer(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(dir: Path) -> None:
-    try:
-        fd = os.open(dir, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _labels_from_dataset_json(text: bytes, names: list[str], path: Path):

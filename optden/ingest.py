@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from .data import (
     _list_some,
 )
 from .errors import DatasetError, DatasetNotFoundError, InputError
+from .fileio import atomic_write, sha256_file
 from .validate import check_positive_int
 
 __all__ = ["build_dataset", "BuildReport", "list_images"]
@@ -101,26 +101,6 @@ def list_images(src) -> list[str]:
         s.close()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _decode(source: _Source, name: str, resolution):
     try:
         data = source.read(name)
@@ -165,7 +145,7 @@ def _chunk_done(build: Path, c: int, names: list[str]) -> dict | None:
         rec = json.loads(rec_path.read_text())
     except ValueError:
         return None
-    if rec.get("names") != names or _sha256(arr_path) != rec.get("sha256"):
+    if rec.get("names") != names or sha256_file(arr_path) != rec.get("sha256"):
         return None  # damaged or from another plan: rebuilt
     return rec
 
@@ -235,7 +215,7 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
             old = None
         if old is None:
             ref_shape, ref_name = _reference_shape(source, resolution, names)
-            _atomic(plan_path, lambda f: f.write(json.dumps(
+            atomic_write(plan_path, lambda f: f.write(json.dumps(
                 {"plan": plan, "image_shape": list(ref_shape), "reference": ref_name}, indent=1).encode()))
         else:
             ref_shape, ref_name = tuple(old["image_shape"]), old["reference"]
@@ -274,9 +254,9 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
                         keep.append(j)
                     arr_path = build / f"chunk_{ci:06d}.npy"
                     data = np.ascontiguousarray(rows[:len(keep)])
-                    _atomic(arr_path, lambda f: np.save(f, data))
-                    rec = {"names": chunk, "kept": keep, "rejected": bad, "sha256": _sha256(arr_path)}
-                    _atomic(build / f"chunk_{ci:06d}.json", lambda f: f.write(json.dumps(rec).encode()))
+                    atomic_write(arr_path, lambda f: np.save(f, data))
+                    rec = {"names": chunk, "kept": keep, "rejected": bad, "sha256": sha256_file(arr_path)}
+                    atomic_write(build / f"chunk_{ci:06d}.json", lambda f: f.write(json.dumps(rec).encode()))
                     recs.append(rec)
                     bar.update(len(chunk))
         finally:
@@ -296,9 +276,9 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
         del ds
         meta = json.loads((out / "meta.json").read_text())
         report.sha256 = meta["sha256"]["data.npy"]
-        _atomic(out / "rejected.json", lambda f: f.write(json.dumps(
+        atomic_write(out / "rejected.json", lambda f: f.write(json.dumps(
             {"rejected": [{"file": n, "reason": why} for n, why in report.rejected]}, indent=1).encode()))
-        _atomic(done_marker, lambda f: f.write(json.dumps(
+        atomic_write(done_marker, lambda f: f.write(json.dumps(
             {"plan": plan, "accepted": report.accepted, "rejected": [list(r) for r in report.rejected]},
             indent=1).encode()))
         shutil.rmtree(build, ignore_errors=True)

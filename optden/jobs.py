@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import DtypeError, InputError, OptdenError
+from .fileio import atomic_write, fsync_dir
 from .validate import check_positive_int
 
 __all__ = ["run_sample_job", "JobResult", "JobMismatchError", "batch_seed", "MEMORIZED_RATIO"]
@@ -91,36 +92,8 @@ def dataset_fingerprint(ds) -> str:
 # ------------------------------------------------------------------------ atomic files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
 
 
 # ------------------------------------------------------------------------ the job
@@ -257,7 +230,7 @@ def _run_batch(den, b, start, stop, shape, steps, solver, schedule, seed, label,
 
 
 def _save_batch(path: Path, arrays: dict) -> None:
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _as_denoiser(den_or_dataset, device, backend, memory_budget):
@@ -409,9 +382,9 @@ def _finish(out: Path, manifest, batches, shape, load: bool, computed, skipped) 
         os.replace(tmp, out / "samples.npy")
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     cat = {k: np.concatenate(v) for k, v in small.items()}
-    _atomic_write(out / "nearest.npz", lambda f: np.savez(f, **cat))
+    atomic_write(out / "nearest.npz", lambda f: np.savez(f, **cat))
     nn1 = cat["nn_dist"][:, 0]
     summary = {
         "n": n,

@@ -42,9 +42,10 @@ def _datasets(tmp: Path):
     dg = load_digits()
     x = np.clip(np.round(dg.data * 255.0 / 16.0), 0, 255).astype(np.uint8)
     f = tmp / "digits.npy"
-    if not f.exists():
-        np.save(tmp / "digits.tmp.npy", x)
-        os.replace(tmp / "digits.tmp.npy", f)
+    if not f.exists():  # both ranks may get here at once: each writes its own temporary
+        part = tmp / f"digits.tmp-{os.getpid()}.npy"
+        np.save(part, x)
+        os.replace(part, f)
     ds = optden.Dataset.from_npy(f, labels=dg.target.astype(np.int64), image_shape=(1, 8, 8))
     one = optden.Dataset.from_array(x[5:6].reshape(1, 1, 8, 8))
     return ds, one

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +49,7 @@ def images(tmp_path_factory):
 def test_folder_build_interrupted_resumes_and_reports_bad_images(images, tmp_path, monkeypatch):
     src, clean, _ = images
     out = tmp_path / "ds"
-    real_atomic = ingest._atomic
+    real_atomic = ingest.atomic_write
     calls = {"n": 0}
 
     def crash_after_two_chunks(path, write):
@@ -59,12 +58,12 @@ def test_folder_build_interrupted_resumes_and_reports_bad_images(images, tmp_pat
             raise KeyboardInterrupt
         real_atomic(path, write)
 
-    monkeypatch.setattr(ingest, "_atomic", crash_after_two_chunks)
+    monkeypatch.setattr(ingest, "atomic_write", crash_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         ingest.build_dataset(src, out, chunk_size=64, progress=False)
     assert not (out / "meta.json").exists()
     assert len(list((out / ".build").glob("chunk_*.npy"))) == 2
-    monkeypatch.setattr(ingest, "_atomic", real_atomic)
+    monkeypatch.setattr(ingest, "atomic_write", real_atomic)
 
     decoded = []
     real_decode = ingest._decode

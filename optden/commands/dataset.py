@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._args import positive_int
+
 
 def _resolution(text: str):
     try:
@@ -20,16 +22,6 @@ def _resolution(text: str):
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected N or H,W with positive sizes, got {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def run_build(args) -> int:
@@ -79,10 +71,10 @@ def register(sub) -> None:
     b.add_argument("dir", help="output dataset directory")
     b.add_argument("--resolution", type=_resolution, default=None,
                    help="resize every image to N (square) or H,W; default: all must match the first image")
-    b.add_argument("--chunk-size", type=_positive_int, default=4096, help="images per resumable chunk (default 4096)")
+    b.add_argument("--chunk-size", type=positive_int, default=4096, help="images per resumable chunk (default 4096)")
     b.add_argument("--strict", action="store_true", help="fail on any unreadable or mis-sized image")
     b.add_argument("--no-labels", action="store_true", help="ignore dataset.json labels")
-    b.add_argument("--workers", type=_positive_int, default=None, help="decoding threads (default: CPU count, <= 8)")
+    b.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: CPU count, <= 8)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     b.set_defaults(func=run_build)

@@ -287,7 +287,7 @@ def _markdown(s: dict, models: dict) -> str:
                      f"{dev['paired']['mean'][i]:.4g} | {dev['optimal']['score_mean'][i]:.4g} |")
         L += ["", f"![deviation {name}]({figs[f'deviation_{name}']})", ""]
         if f"trajectory_{name}" in figs:
-            L += [f"Its own trajectories and samples beside their nearest training image:", "",
+            L += ["Its own trajectories and samples beside their nearest training image:", "",
                   f"![trajectory {name}]({figs[f'trajectory_{name}']})", "",
                   f"![nearest {name}]({figs[f'nearest_{name}']})", ""]
     L += ["## Timings (seconds)", "", "| step | seconds |", "|---|---:|"]

@@ -12,28 +12,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
+from ._args import nonneg_int, positive_int
 
 DEMOS = ("digits", "patches")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def open_dataset(spec: str):
@@ -111,14 +92,14 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample with the optimal denoiser (resumable job)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", help="dataset directory, .npy file, or demo:digits / demo:patches")
-    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=64,
+    p.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=64,
                    help="number of samples (default 64); under torchrun write --num-samples (torchrun "
                         "takes --n for an abbreviation of its own options)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch file (default 64)")
-    p.add_argument("--steps", type=_positive_int, default=18, help="solver steps (default 18)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch file (default 64)")
+    p.add_argument("--steps", type=positive_int, default=18, help="solver steps (default 18)")
     p.add_argument("--solver", default="heun", help="euler, heun, dpmpp2m or edm_stochastic (default heun)")
     p.add_argument("--schedule", default="edm", help="edm, polynomial, loguniform, vp or flow (default edm)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument("--label", type=int, default=None, help="sample one class (class-conditional)")
     p.add_argument("--sigma-stop", type=float, default=None, help="ODE-jump at the first sigma <= this")
     p.add_argument("--out", default="sample_out", help="job directory (default sample_out)")
