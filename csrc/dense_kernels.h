@@ -124,13 +124,9 @@ template <int RT, int BT>
 static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
   for (int r = 0; r < RT; ++r)
     for (int b = 0; b < BT; ++b) {
+      // 64-bit sums: a 32-bit partial over kFlush terms of |2^15 * 255| could overflow
       int64_t tot = 0;
-      for (int c0 = 0; c0 < d; c0 += kFlush) {
-        const int c1 = c0 + kFlush < d ? c0 + kFlush : d;
-        int32_t t = 0;  // |partial| < 2048 * 2^15 * 255 < 2^31
-        for (int j = c0; j < c1; ++j) t += (int32_t)Q[(size_t)r * dp + j] * (int32_t)X[(size_t)b * d + j];
-        tot += t;
-      }
+      for (int j = 0; j < d; ++j) tot += (int64_t)Q[(size_t)r * dp + j] * (int64_t)X[(size_t)b * d + j];
       S[(size_t)r * ldS + b] = tot;
     }
 }

@@ -96,8 +96,13 @@ class OptimalDenoiser:
         # --- pruning (optden.prune): resolved lazily on the first unconditional call
         if not (prune in ("auto", "off", "flat", "ivf") or hasattr(prune, "search")):
             raise InputError(f"prune: expected 'auto', 'off', 'flat', 'ivf' or a PruneIndex, got {prune!r}")
-        if hasattr(prune, "search") and getattr(prune, "M", None) != dataset.M:
-            raise DatasetError(f"prune: the index holds {getattr(prune, 'M', '?')} rows, the dataset {dataset.M}")
+        if hasattr(prune, "search"):
+            from .prune import dataset_fingerprint
+
+            if getattr(prune, "M", None) != dataset.M:
+                raise DatasetError(f"prune: the index holds {getattr(prune, 'M', '?')} rows, the dataset {dataset.M}")
+            if getattr(prune, "fingerprint", None) != dataset_fingerprint(dataset):
+                raise DatasetError("prune: the index was built for other rows than this dataset's")
         self.prune = prune
         self._pruner = None
 
@@ -223,11 +228,18 @@ class OptimalDenoiser:
         top_idx = torch.zeros(n, k_out, dtype=torch.int64, device=self.device)
         modes = [""] * n
         sig = sigma.to(self.device, torch.float64)
+        coef_all = (ds.scale**2) / (2.0 * sig**2)  # the logits' 1 / (2 sigma^2) in raw units
+        if not bool(torch.isfinite(coef_all).all()) or bool((coef_all <= 0).any()):
+            bad = float(sig[~torch.isfinite(coef_all) | (coef_all <= 0)][0])
+            raise InputError(
+                f"sigma: {bad:g} is outside the range float64 logits can represent "
+                f"(1 / (2 sigma^2) must be finite and > 0: about 1e-150 < sigma < 1e150)"
+            )
         pr = self.pruner() if labels is None else None
         if pr is not None:  # certified pruned path; what it cannot certify runs dense below
             src = self.source(None)
             v = (u - ds.offset) / ds.scale - src.center
-            res = pr.evaluate(v, (ds.scale**2) / (2.0 * sig**2), k_out, k_need=1 if k is None else k_out)
+            res = pr.evaluate(v, coef_all, k_out, k_need=1 if k is None else k_out)
             okd = res.ok
             denoised[okd] = (res.dc[okd] + src.center) * ds.scale + ds.offset
             lse[okd], bound[okd] = res.lse[okd], res.bound[okd]
@@ -244,7 +256,7 @@ class OptimalDenoiser:
             kk = min(max(k_req, self.topk), src.M)
             qd = qi.to(self.device)
             v = (u[qd] - ds.offset) / ds.scale - src.center
-            coef = (ds.scale**2) / (2.0 * sig[qd] ** 2)
+            coef = coef_all[qd]
             part = self.backend.partial(v, coef, src, kk)
             cert = certify(part, v, coef, src, self.tol, fallback=self._fallback(src, kk))
             denoised[qd] = (cert.dc + src.center) * ds.scale + ds.offset

@@ -327,3 +327,18 @@ def test_memmapped_dataset_streams(tmp_path, faces_u8, rng, monkeypatch):
     y = model_rows(ds)
     x = y[:3] + 0.1 * rng.standard_normal((3, ds.d))
     assert rel_err(den(torch.from_numpy(x), 0.1), R.denoise(x, y, 0.1)) <= DENOISE_RTOL
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bright_rows_long_dots_do_not_overflow(path):
+    """All-255 rows against bright queries at d = 2048: integer partial sums exceed 2^31."""
+    M, d = 4, 2048
+    x = np.zeros((M, d), np.uint8)
+    x[0] = 255
+    ds = optden.Dataset.from_array(x)
+    y = model_rows(ds)
+    u = np.vstack([y[0], 0.5 * (y[0] + y[1])])
+    den = optden.OptimalDenoiser(ds, backend="cpu", prune="off", topk=1)
+    den.backend = CpuBackend(path=path)
+    ev = den.denoise_certified(torch.from_numpy(u), 0.5)
+    assert rel_err(ev.denoised, R.denoise(u, y, 0.5)) <= DENOISE_RTOL

@@ -240,6 +240,11 @@ class TestErrors:
             den(x, torch.ones(3))
         with pytest.raises(optden.InputError, match="s: must be > 0"):
             den(x, 1.0, s=0.0)
+        for extreme in (1e-200, 1e200):  # 1 / (2 sigma^2) overflows or underflows float64
+            with pytest.raises(optden.InputError, match="sigma: .* outside the range"):
+                den(x, extreme)
+            with pytest.raises(optden.InputError, match="sigma: .* outside the range"):
+                den.log_density(x, extreme)
 
     def test_bad_k_and_labels(self, den):
         x = torch.zeros(2, 12)
