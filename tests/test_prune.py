@@ -98,8 +98,9 @@ def test_pruned_denoiser_matches_oracle(kind, faces_ds, rng):
     y = model_rows(ds)
     den = optden.OptimalDenoiser(ds, prune=flat if kind == "flat" else ivf)
     modes = []
+    textured = np.flatnonzero(y.std(axis=1) > 0.15)  # the 135 identical flat patches run dense
     for sigma in SIGMAS:
-        i = rng.integers(0, ds.M, 4)
+        i = rng.choice(textured, 4)
         u = np.concatenate([y[i] + sigma * rng.standard_normal((4, ds.d)), 0.5 * (y[i[:2]] + y[i[2:]])])
         ev = den.denoise_certified(torch.from_numpy(u), sigma)
         assert rel_err(ev.denoised, R.denoise(u, y, sigma)) <= DENOISE_RTOL, sigma
