@@ -14,17 +14,11 @@ from optden import reference as R
 from optden.backends.cpu import CpuBackend, raw_numpy
 from optden.errors import BackendUnavailableError
 from optden.precision import EXACT, certify
-from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS
+from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
 
 C = _ext.C
 PATHS = ["portable"] + [p for p, ok in (("avx2", C.cpu_features()["avx2"] and C.cpu_features()["fma"]),
                                         ("avx512", C.cpu_features()["dense_default_path"] == "avx512")) if ok]
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
 
 
 def make_ds(dtype: str, M: int, d: int, rng) -> optden.Dataset:
@@ -32,10 +26,6 @@ def make_ds(dtype: str, M: int, d: int, rng) -> optden.Dataset:
         return optden.Dataset.from_array(rng.integers(0, 256, (M, d), dtype=np.uint8))
     x = torch.from_numpy(rng.standard_normal((M, d)).astype(np.float32))
     return optden.Dataset.from_array(x.to(getattr(torch, dtype)))
-
-
-def model_rows(ds) -> np.ndarray:
-    return ds.model_rows(np.arange(ds.M)).numpy()
 
 
 def centered(ds, src, x: np.ndarray, sigma: float):

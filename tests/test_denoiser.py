@@ -7,17 +7,7 @@ import torch
 
 import optden
 from optden import reference as R
-from tolerances import DENOISE_RTOL, FLOAT64_RTOL, LOG_DENSITY_RTOL, SIGMAS
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
-
-
-def model_rows(ds) -> np.ndarray:
-    return ds.model_rows(np.arange(ds.M)).numpy()
+from tolerances import DENOISE_RTOL, FLOAT64_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
 
 
 def queries(y: np.ndarray, sigma: float, rng, n: int = 6) -> dict:

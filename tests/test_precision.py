@@ -19,7 +19,7 @@ from optden import reference as R
 from optden.backends.torch_blocked import merge_topk
 from optden.dispatch import Partial
 from optden.rows import RowSource
-from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL
+from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, model_rows, rel_err
 
 TOL = precision.DEFAULT_TOL
 CPU = torch.device("cpu")
@@ -77,16 +77,6 @@ def centered(ds, x: np.ndarray, sigma, block_rows: int = 257):
     sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(x),))
     coef = torch.from_numpy(ds.scale**2 / (2.0 * sig**2))
     return src, v, coef
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
-
-
-def model_rows(ds) -> np.ndarray:
-    return ds.model_rows(np.arange(ds.M)).numpy()
 
 
 def queries(y: np.ndarray, sigma: float, rng, n: int = 3) -> np.ndarray:

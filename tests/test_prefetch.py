@@ -12,13 +12,7 @@ import optden
 from optden import reference as R
 from optden.prefetch import Prefetcher, plan_blocks
 from optden.rows import RowSource, parse_bytes
-from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, rel_err
 
 
 @pytest.fixture

@@ -12,17 +12,7 @@ import optden
 from optden import reference as R
 from optden.cli import main as cli_main
 from optden.prune import PruneIndex, Pruner, exact_candidates, shell_log_mass
-from tolerances import DENOISE_RTOL, SIGMAS
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
-
-
-def model_rows(ds) -> np.ndarray:
-    return ds.model_rows(np.arange(ds.M)).numpy()
+from tolerances import DENOISE_RTOL, SIGMAS, model_rows, rel_err
 
 
 def centered(ds, u: np.ndarray) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The one table of test tolerances (relative errors against optden.reference, float64)."""
+"""The one table of test tolerances, and the one way errors are measured against them."""
+import numpy as np
 
 # Precision contract (DESIGN.md section 5), default mode.
 DENOISE_RTOL = 1e-5
@@ -7,3 +8,15 @@ LOG_DENSITY_RTOL = 1e-6
 FLOAT64_RTOL = 1e-10
 # The sigma range the contract covers.
 SIGMAS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
+
+
+def rel_err(out, ref) -> float:
+    """Largest per-query relative error ||out - ref|| / ||ref|| over the rows of (N, ...) arrays."""
+    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
+    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+
+def model_rows(ds) -> np.ndarray:
+    """Every row of a Dataset in model space, (M, d) float64."""
+    return ds.model_rows(np.arange(ds.M)).numpy()
