@@ -39,7 +39,7 @@ def test_contract_real_images(data, sigma, request, rng):
         assert np.max(np.abs(ld - ldr) / np.abs(ldr)) <= LOG_DENSITY_RTOL, kind
 
 
-def test_naive_float32_expansion_fails_where_contract_holds(faces_u8, rng):
+def test_naive_float32_expansion_fails_where_contract_holds(faces_u8):
     """What most public code does (fp32 expansion) is far off at small sigma; optden is not.
 
     The query sits between the two closest textured patches (flat black patches would make
@@ -53,7 +53,8 @@ def test_naive_float32_expansion_fails_where_contract_holds(faces_u8, rng):
     d2[d2 == 0] = np.inf
     a, b = np.unravel_index(np.argmin(d2), d2.shape)
     mid = 0.5 * (y[textured[a]] + y[textured[b]])
-    x = mid + 1e-4 * rng.standard_normal((8, y.shape[1]))
+    # a fixed hard case: some random offsets push every query to one row, where fp32 is exact too
+    x = mid + 1e-4 * np.random.default_rng(0).standard_normal((8, y.shape[1]))
     ref = R.denoise(x, y, sigma)
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()
     lg = -((xt * xt).sum(1, keepdim=True) - 2 * xt @ yt.T + (yt * yt).sum(1)) / (2 * sigma**2)
