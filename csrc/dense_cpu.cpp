@@ -6,10 +6,14 @@
 // Logits: l_i = -coef ||v - q_i||^2 = -coef ((||v||^2 - 2 v.q_i) + ||q_i||^2), with v the
 // centered query (float64) and q_i = raw_i - center the centered row.
 //
-// uint8 rows with an integral center ("int" path): v is split into int16 fixed-point
-// limbs v ~ sum_l 2^(-k-15l) Q_l, and each Q_l . raw_i is computed exactly in integers
-// (vpdpwssd / vpmaddwd, int32 lanes flushed to int64), so the dot product's only error
-// is the known query residual e = v - vq: |e.q_i| <= ||e|| max||q||.
+// uint8 rows with an integral center ("int" path): v is split into fixed-point limbs
+// v ~ sum_l 2^(-k-15l) Q_l (Q_0 int8, the others int16), and each Q_l . raw_i is computed
+// exactly in integers (vpdpbusd for Q_0, vpdpwssd / vpmaddwd, int32 lanes flushed to
+// int64), so the dot product's only error is the known query residual e = v - vq:
+// |e.q_i| <= ||e|| max||q||. Limb 0 alone gives every row a coarse logit with a bound
+// delta_1; only the rows that can matter (within kSkipT of the best logit, or candidates
+// for the top K) get the other limbs. The rest are left out, and the bound on their
+// total weight is added to delta.
 // Other rows ("float" path: fp16, bf16, fp32, or a non-integral center): float64 dot
 // products of v with rows centered in float64, error <= gamma_{d+1} ||v|| max||q||.
 //
@@ -38,6 +42,7 @@
 #define OPTDEN_KNS k_avx512
 #define OPTDEN_ISA 2
 #include "dense_kernels.h"
+#include "wsum_kernels.h"
 #undef OPTDEN_KNS
 #undef OPTDEN_ISA
 #pragma GCC pop_options
@@ -47,6 +52,7 @@
 #define OPTDEN_KNS k_avx2
 #define OPTDEN_ISA 1
 #include "dense_kernels.h"
+#include "wsum_kernels.h"
 #undef OPTDEN_KNS
 #undef OPTDEN_ISA
 #pragma GCC pop_options
@@ -54,6 +60,7 @@
 #define OPTDEN_KNS k_portable
 #define OPTDEN_ISA 0
 #include "dense_kernels.h"
+#include "wsum_kernels.h"
 #undef OPTDEN_KNS
 #undef OPTDEN_ISA
 
@@ -66,15 +73,18 @@ constexpr double kU = 1.1102230246251565e-16;  // unit roundoff of float64, 2^-5
 
 struct Kernels {
   const char* name;
-  void (*dot_u8)(const int16_t*, int, int, const uint8_t*, int, int, int64_t*, int);
+  void (*dot_u8)(const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int);
+  void (*dot_q0)(const int8_t* const*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int);
   void (*dot_f64)(const double*, int, int, const double*, int, int, double*, int);
   void (*acc_f64)(const double*, int, int, const double*, int, double*, int, const int*, int, int);
-  void (*acc_u8)(const double*, int, int, const uint8_t*, int, int, double*, int, const int*, int);
+  void (*wsum_u8)(const int16_t*, int, int, const double*, const int*, const uint8_t*, int, const int*, int, int,
+                  double*, int, int16_t*);
+  int (*ws_scratch)(int);
 };
 
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::acc_u8};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::acc_u8};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_f64, k_portable::acc_f64, k_portable::acc_u8};
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -168,6 +178,13 @@ double sumsq2(const double* x, int n) {
 double gamma(double n) { return n * kU / (1.0 - n * kU); }
 
 constexpr int kSB = 128;  // rows per sub-block (one unit of parallel work)
+// A row whose coarse logit bound is this far below the best logit seen is left out of the
+// refinement and of the sums: weight <= e^-40 (4e-18) of the maximum; the pass adds the
+// exact bound of these rows' total weight to delta, so the choice only affects speed.
+constexpr double kSkipT = 40.0;
+// Relative weight error of a query's quantized weights in one sub-block above which a
+// third int16 limb is used (the default tolerance needs delta <= 2.5e-7 in all).
+constexpr double kWeightTarget = 5e-8;
 constexpr int kJC = 240;  // columns per chunk of the float64 buffers (a multiple of 3 * 8 * 2)
 
 using TopHeap = std::vector<std::pair<double, int64_t>>;  // min-heap of the K best
@@ -185,7 +202,11 @@ inline void heap_push(TopHeap& h, size_t K, double val, int64_t idx) {
 }
 
 struct ThreadState {
-  std::vector<double> m, s, acc;
+  // m running max, s normaliser, xs bound on the weight left out, es weight error of the
+  // quantized weights (int path), acc centered weighted sum (float path), accr raw weighted
+  // sum and ps the sum of its weights (int path); all but m relative to exp(m)
+  std::vector<double> m, s, xs, es, ps, acc, accr;
+  int64_t refined = 0;
   std::vector<TopHeap> top;
 };
 
@@ -223,6 +244,8 @@ class DensePass {
     else prepare_float();
     m_.assign(N_, -std::numeric_limits<double>::infinity());
     s_.assign(N_, 0.0);
+    xs_.assign(N_, 0.0);
+    es_.assign(N_, 0.0);
     acc_.assign((size_t)N_ * d_, 0.0);
     top_.assign(N_, TopHeap());
   }
@@ -263,7 +286,11 @@ class DensePass {
         tip[n * K + t] = t < h.size() ? h[t].second : 0;
       }
       const double top0 = h.empty() ? 0.0 : std::fabs(h[0].first);
-      delta.mutable_data()[n] = delta_base_[n] + 4.0 * kU * top0;
+      // rows left out and weights quantized (int path): relative weight <= (xs + es) / s,
+      // folded into delta (a relative perturbation eps of the weights is covered by
+      // delta + eps; see cpu.py)
+      const double left_out = s_[n] > 0.0 ? 1.01 * (xs_[n] + es_[n]) / s_[n] : 0.0;
+      delta.mutable_data()[n] = delta_base_[n] + 4.0 * kU * top0 + left_out;
     }
     std::memcpy(m.mutable_data(), m_.data(), N_ * sizeof(double));
     std::memcpy(s.mutable_data(), s_.data(), N_ * sizeof(double));
@@ -272,11 +299,14 @@ class DensePass {
   }
 
   std::string path() const { return kern_->name; }
-  std::string arith() const { return int_path_ ? "int16-limbs" : "float64"; }
+  std::string arith() const { return int_path_ ? "int-limbs" : "float64"; }
   std::vector<int> limbs() const { return nlimbs_; }
+  // fraction of (query, row) pairs whose logits were computed exactly to delta (the rest
+  // were left out after the coarse limb showed them negligible)
+  double refined() const { return pairs_ ? (double)refined_ / (double)pairs_ : 1.0; }
 
  private:
-  // Split each query into int16 limbs: v_j ~ sum_l Q_lj 2^(-k-15l), |Q_lj| <= 2^14, the
+  // Split each query into limbs: v_j ~ sum_l Q_lj 2^(-k-15l), |Q_0j| <= 127, |Q_lj| <= 2^14, the
   // residual e = v - vq known exactly. Picks per query the fewest limbs (1..4) whose
   // residual keeps delta <= target (or, when the rounding floor alone is above target,
   // at most 1e-3, which suffices for the top-K certificate).
@@ -286,14 +316,24 @@ class DensePass {
     std::vector<int> cint(d_);
     for (int j = 0; j < d_; ++j) cint[j] = (int)center_[j];
     nlimbs_.resize(N_);
-    qstart_.resize(N_);
+    rstart_.resize(N_);
     delta_base_.resize(N_);
+    delta1_.resize(N_);
+    Q0_.assign((size_t)N_ * dp_, 0);
+    Q08_.assign((size_t)N_ * dp_, 0);
+    Sc0_.resize(N_);
+    pw0_.resize(N_);
     for (int n = 0; n < N_; ++n) {
       const double* vn = &v_[(size_t)n * d_];
       double amax = 0.0;
       for (int j = 0; j < d_; ++j) amax = std::max(amax, std::fabs(vn[j]));
+      // limb 0 is int8 (|Q_0| <= 127: the coarse pass runs u8 x s8 on AVX-512), the others
+      // int16 (|Q_l| <= 2^14, 15 bits each)
       int kexp = 0;
-      if (amax > 0.0) kexp = std::min(900, 13 - std::ilogb(amax));  // amax * 2^k < 2^14
+      if (amax > 0.0) {
+        kexp = std::min(900, 6 - std::ilogb(amax));  // amax * 2^k in [64, 128)
+        if (std::ldexp(amax, kexp) > 127.0) --kexp;
+      }
       std::vector<double> r(d_);
       for (int j = 0; j < d_; ++j) r[j] = std::ldexp(vn[j], kexp);
       double enorm[4], anorm[4];
@@ -302,7 +342,7 @@ class DensePass {
         double e2 = 0.0, a2 = 0.0;
         const double pw = std::ldexp(1.0, -kexp - 15 * l);
         for (int j = 0; j < d_; ++j) {
-          const double q = std::nearbyint(r[j]);  // |r| <= 2^14 so |q| <= 2^14
+          const double q = std::nearbyint(r[j]);  // |r| <= 127 (l = 0) or 2^14, and so is |q|
           limb[l][j] = (int16_t)q;
           r[j] -= q;  // exact, |r| <= 1/2
           a[j] += std::fabs(q) * pw;
@@ -335,23 +375,43 @@ class DensePass {
           }
       }
       nlimbs_[n] = L;
-      qstart_[n] = (int)pw_.size();
       delta_base_[n] = bound(L, true);
+      delta1_[n] = L > 1 ? bound(1, true) : delta_base_[n];
+      rstart_[n] = (int)pwr_.size();
       for (int l = 0; l < L; ++l) {
-        const size_t r0 = Q_.size();
-        Q_.resize(r0 + dp_, 0);
-        std::copy(limb[l].begin(), limb[l].end(), Q_.begin() + r0);
+        int16_t* dst;
+        if (l == 0) {
+          dst = &Q0_[(size_t)n * dp_];
+          for (int j = 0; j < d_; ++j) Q08_[(size_t)n * dp_ + j] = (int8_t)limb[0][j];
+        } else {
+          const size_t r0 = Qr_.size();
+          Qr_.resize(r0 + dp_, 0);
+          dst = &Qr_[r0];
+        }
+        std::copy(limb[l].begin(), limb[l].end(), dst);
         int64_t sc = 0;
         for (int j = 0; j < d_; ++j) sc += (int64_t)limb[l][j] * cint[j];
-        Sc_.push_back(sc);
-        pw_.push_back(std::ldexp(1.0, -kexp - 15 * l));
+        const double pw = std::ldexp(1.0, -kexp - 15 * l);
+        if (l == 0) {
+          Sc0_[n] = sc;
+          pw0_[n] = pw;
+        } else {
+          Scr_.push_back(sc);
+          pwr_.push_back(pw);
+        }
       }
     }
-    R_ = (int)pw_.size();
+    Rr_ = (int)pwr_.size();
+    q0p_.resize(N_);
+    q08p_.resize(N_);
+    for (int n = 0; n < N_; ++n) q0p_[n] = &Q0_[(size_t)n * dp_], q08p_[n] = &Q08_[(size_t)n * dp_];
+    qrp_.resize(Rr_);
+    for (int r = 0; r < Rr_; ++r) qrp_[r] = &Qr_[(size_t)r * dp_];
   }
 
   void prepare_float() {
     delta_base_.resize(N_);
+    delta1_.assign(N_, 0.0);
     nlimbs_.assign(N_, 0);
     for (int n = 0; n < N_; ++n) {
       const double c = coef_[n], q = qmax_, vs = vsq_[n];
@@ -379,6 +439,81 @@ class DensePass {
         XC[(size_t)i * w + j] = raw_value(X, dtype_, (size_t)(row0 + i) * d_ + j0 + j) - center_[j0 + j];
   }
 
+  // Sub-block of nb rows starting at row r0 of X, int path: coarse logits of every row from
+  // limb 0 (C), then the rows that can matter are refined with the other limbs (P, exact
+  // to delta_base): rows within kSkipT of the best logit seen, and rows that could enter
+  // the top-K. The others (weight <= e^-kSkipT of the maximum each) are marked in `ref` as
+  // left out; their weight is bounded by the caller. A query that needs more than 1/8 of
+  // the rows refined gets all of them, by the tiled kernel.
+  void int_logits(const uint8_t* Xsb, const double* csq, int nb, ThreadState& st, int64_t* S0, int64_t* Sr,
+                  double* C, double* P, char* ref) const {
+    kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB);
+    std::vector<char> dense(N_, 0);
+    for (int n = 0; n < N_; ++n) {
+      double* Cn = C + (size_t)n * kSB;
+      char* rn = ref + (size_t)n * kSB;
+      double cmax = -std::numeric_limits<double>::infinity();
+      for (int i = 0; i < nb; ++i) {
+        const double dot0 = (double)(S0[(size_t)n * kSB + i] - Sc0_[n]) * pw0_[n];
+        Cn[i] = -coef_[n] * ((vsq_[n] - 2.0 * dot0) + csq[i]);
+        cmax = std::max(cmax, Cn[i]);
+      }
+      if (nlimbs_[n] == 1) {
+        std::fill(rn, rn + nb, 1);
+        continue;
+      }
+      const double d1 = delta1_[n];
+      const double thr = std::max(st.m[n], cmax - d1) - kSkipT;
+      const bool hfull = st.top[n].size() >= K_;
+      const double hmin = hfull ? st.top[n].front().first : -std::numeric_limits<double>::infinity();
+      int cnt = 0;
+      for (int i = 0; i < nb; ++i) {
+        const double ub = Cn[i] + d1;
+        rn[i] = (char)(ub >= thr || ub > hmin);
+        cnt += rn[i];
+      }
+      if (8 * cnt > nb) {
+        dense[n] = 1;
+        std::fill(rn, rn + nb, 1);
+      } else {
+        const int nr = nlimbs_[n] - 1;
+        for (int i = 0; i < nb; ++i)
+          if (rn[i]) kern_->dot_u8(&qrp_[rstart_[n]], nr, Xsb + (size_t)i * d_, 1, d_, Sr + (size_t)rstart_[n] * kSB + i, kSB);
+      }
+    }
+    // refine the dense queries, a run of consecutive ones (contiguous limb rows) per call
+    for (int n = 0; n < N_;) {
+      if (!dense[n]) {
+        ++n;
+        continue;
+      }
+      int e = n;
+      while (e < N_ && dense[e]) ++e;
+      const int ra = rstart_[n], rb = rstart_[e - 1] + nlimbs_[e - 1] - 1;
+      kern_->dot_u8(&qrp_[ra], rb - ra, Xsb, nb, d_, Sr + (size_t)ra * kSB, kSB);
+      n = e;
+    }
+    for (int n = 0; n < N_; ++n) {
+      const double* Cn = C + (size_t)n * kSB;
+      double* Pn = P + (size_t)n * kSB;
+      const char* rn = ref + (size_t)n * kSB;
+      const int L = nlimbs_[n];
+      for (int i = 0; i < nb; ++i) {
+        if (L == 1 || !rn[i]) {
+          Pn[i] = Cn[i];
+          continue;
+        }
+        double dot = 0.0;
+        for (int l = L - 2; l >= 0; --l) {
+          const int r = rstart_[n] + l;
+          dot += (double)(Sr[(size_t)r * kSB + i] - Scr_[r]) * pwr_[r];
+        }
+        dot += (double)(S0[(size_t)n * kSB + i] - Sc0_[n]) * pw0_[n];
+        Pn[i] = -coef_[n] * ((vsq_[n] - 2.0 * dot) + csq[i]);
+      }
+    }
+  }
+
   void run_block(const void* X, const double* csq, int64_t B, int64_t offset) {
     const int nsb = (int)((B + kSB - 1) / kSB);
     const int T = std::max(1, std::min(omp_get_max_threads(), nsb));
@@ -389,29 +524,33 @@ class DensePass {
       ThreadState& st = ts[tid];
       st.m.assign(N_, -std::numeric_limits<double>::infinity());
       st.s.assign(N_, 0.0);
+      st.xs.assign(N_, 0.0);
       st.acc.assign((size_t)N_ * d_, 0.0);
       st.top.assign(N_, TopHeap());
-      std::vector<int64_t> S(int_path_ ? (size_t)R_ * kSB : 0);
+      std::vector<int64_t> S0(int_path_ ? (size_t)N_ * kSB : 0), Sr(int_path_ ? (size_t)Rr_ * kSB : 0);
       std::vector<double> D((size_t)N_ * kSB), P((size_t)N_ * kSB), XC((size_t)kSB * kJC);
+      std::vector<char> ref((size_t)N_ * kSB, 1);
+      if (int_path_) st.accr.assign((size_t)N_ * d_, 0.0);
+      st.ps.assign(N_, 0.0);
+      st.es.assign(N_, 0.0);
+      std::vector<int16_t> W(int_path_ ? (size_t)3 * N_ * kSB : 0), scratch(int_path_ ? kern_->ws_scratch(d_) : 0);
+      std::vector<double> wscale(3 * N_), pmax(N_);
+      std::vector<int> wout(3 * N_), aq(N_);
       const int ntiles = (N_ + 3) / 4;
       std::vector<int> rows((size_t)ntiles * kSB), nrows(ntiles), uni(kSB);
       std::vector<char> used(kSB);
-#pragma omp for schedule(dynamic, 1)
+      // static: which thread sees which sub-blocks, and so its running max, its skip
+      // decisions and its weights' quantization, is the same on every run (bit-identical
+      // results for the same inputs and thread count)
+#pragma omp for schedule(static, 1)
       for (int sb = 0; sb < nsb; ++sb) {
         const int64_t r0 = (int64_t)sb * kSB;
         const int nb = (int)std::min<int64_t>(kSB, B - r0);
-        // 1. row-dependent dot products v.q_i
+        // 1. logits into P (ref: 1 where the row's logit is exact to delta, 0 where it is
+        //    left out with weight <= e^-kSkipT of the maximum)
         if (int_path_) {
-          kern_->dot_u8(Q_.data(), R_, dp_, static_cast<const uint8_t*>(X) + (size_t)r0 * d_, nb, d_, S.data(), kSB);
-          for (int n = 0; n < N_; ++n)
-            for (int i = 0; i < nb; ++i) {
-              double dot = 0.0;
-              for (int l = nlimbs_[n] - 1; l >= 0; --l) {
-                const int r = qstart_[n] + l;
-                dot += (double)(S[(size_t)r * kSB + i] - Sc_[r]) * pw_[r];
-              }
-              D[(size_t)n * kSB + i] = dot;
-            }
+          int_logits(static_cast<const uint8_t*>(X) + (size_t)r0 * d_, csq + r0, nb, st, S0.data(), Sr.data(),
+                     D.data(), P.data(), ref.data());
         } else {
           std::fill(D.begin(), D.end(), 0.0);
           for (int j0 = 0; j0 < d_; j0 += kJC) {
@@ -419,38 +558,135 @@ class DensePass {
             center_chunk(X, r0, nb, j0, w, XC.data());
             kern_->dot_f64(v_.data() + j0, N_, d_, XC.data(), nb, w, D.data(), kSB);
           }
+          for (int n = 0; n < N_; ++n)
+            for (int i = 0; i < nb; ++i)
+              P[(size_t)n * kSB + i] = -coef_[n] * ((vsq_[n] - 2.0 * D[(size_t)n * kSB + i]) + csq[r0 + i]);
         }
-        // 2. logits, online softmax, top-K
+        // 2. online softmax, top-K, the bound on the rows left out
         for (int n = 0; n < N_; ++n) {
           double* Pn = &P[(size_t)n * kSB];
+          const char* rn = &ref[(size_t)n * kSB];
           double bm = -std::numeric_limits<double>::infinity();
-          for (int i = 0; i < nb; ++i) {
-            const double l = -coef_[n] * ((vsq_[n] - 2.0 * D[(size_t)n * kSB + i]) + csq[r0 + i]);
-            Pn[i] = l;
-            bm = std::max(bm, l);
-          }
+          int64_t nref = 0;
+          for (int i = 0; i < nb; ++i)
+            if (rn[i]) bm = std::max(bm, Pn[i]), ++nref;
+          st.refined += nref;
           if (bm > st.m[n]) {
-            if (st.s[n] > 0.0) {
+            if (std::isfinite(st.m[n])) {
               const double a = std::exp(st.m[n] - bm);
               st.s[n] *= a;
+              st.xs[n] *= a;
+              st.es[n] *= a;
+              st.ps[n] *= a;
               double* An = &st.acc[(size_t)n * d_];
               for (int j = 0; j < d_; ++j) An[j] *= a;
+              if (int_path_) {
+                double* Ar = &st.accr[(size_t)n * d_];
+                for (int j = 0; j < d_; ++j) Ar[j] *= a;
+              }
             }
             st.m[n] = bm;
           }
           const double mn = st.m[n];
-          double sum = 0.0;
+          double sum = 0.0, dropped = 0.0, skmax = -std::numeric_limits<double>::infinity();
+          int nskip = 0;
           for (int i = 0; i < nb; ++i) {
+            if (!rn[i]) {
+              skmax = std::max(skmax, Pn[i] + delta1_[n]);  // coarse logit + its error bound
+              ++nskip;
+              Pn[i] = 0.0;
+              continue;
+            }
             heap_push(st.top[n], K_, Pn[i], offset + r0 + i);
             const double p = std::exp(Pn[i] - mn);
             sum += p;
             // weights below 2^-80 of the running max are left out of the weighted sum
-            // (they stay in the normaliser): at most M 2^-80 relative, far below any tolerance
-            Pn[i] = p >= 0x1p-80 ? p : 0.0;
+            // (float path: they stay in the normaliser, at most M 2^-80 relative; int path:
+            // counted in the weight error es, as the normaliser there sums what is added)
+            if (p >= 0x1p-80) {
+              Pn[i] = p;
+            } else {
+              Pn[i] = 0.0;
+              dropped += p;
+            }
           }
           st.s[n] += sum;
+          if (int_path_) st.es[n] += dropped;  // missing from the int path's weighted sum
+          if (nskip) st.xs[n] += nskip * std::exp(skmax - mn);
         }
-        // 3. weighted sum of the rows that carry weight, queries in tiles of 4; each column
+        // 3a. int path: the weights quantized to two (or three) int16 limbs per query,
+        //     p ~ (W1 + W2 2^-15 [+ W3 2^-30]) 2^-e with 2^13 <= max_i p 2^e < 2^14, and the weighted sum of the raw
+        //     rows done exactly in integers (wsum_kernels.h). The normaliser keeps the
+        //     float64 weights (the log density and top weights stay exact to delta); es
+        //     collects sum |p - p_hat|, the total variation this adds to the normalised
+        //     weights of D*, added to delta at the end.
+        if (int_path_) {
+          int na = 0;
+          for (int n = 0; n < N_; ++n) {
+            const double* Pn = &P[(size_t)n * kSB];
+            double pm = 0.0;
+            for (int i = 0; i < nb; ++i) pm = std::max(pm, Pn[i]);
+            if (pm > 0.0) aq[na] = n, pmax[na++] = pm;
+          }
+          if (na == 0) continue;
+          int nu = 0;
+          for (int i = 0; i < nb; ++i) {
+            bool any = false;
+            for (int a2 = 0; a2 < na && !any; ++a2) any = P[(size_t)aq[a2] * kSB + i] != 0.0;
+            if (any) uni[nu++] = i;
+          }
+          int R = 0;
+          for (int a2 = 0; a2 < na; ++a2) {
+            const int n = aq[a2];
+            const double* Pn = &P[(size_t)n * kSB];
+            const int e = 13 - std::ilogb(pmax[a2]);  // pmax >= 2^-80: no overflow
+            int16_t* w1 = &W[(size_t)R * kSB];
+            int16_t* w2 = w1 + kSB;
+            int16_t* w3 = w2 + kSB;
+            int64_t isum = 0;
+            double err = 0.0, psum = 0.0;
+            for (int t = 0; t < nu; ++t) {
+              const double x = std::ldexp(Pn[uni[t]], e);  // < 2^14
+              const double q1 = std::nearbyint(x);
+              const double y = std::ldexp(x - q1, 15);     // exact, |y| <= 2^14
+              const double q2 = std::nearbyint(y);
+              w1[t] = (int16_t)q1;
+              w2[t] = (int16_t)q2;
+              isum += (int64_t)q1 * 32768 + (int64_t)q2;
+              err += std::fabs(y - q2);                     // exact terms, |.| <= 1/2
+              psum += x;
+            }
+            // two limbs (30 bits) leave a relative weight error err / psum of ~1e-9 when the
+            // rows' weights are alike, up to ~1e-7 when one row dominates a block of tiny
+            // ones; above kWeightTarget a third limb takes it to ~2^-15 of that
+            int L = 2;
+            if (err * 0x1p-15 > kWeightTarget * psum) {
+              L = 3;
+              isum = 0;
+              err = 0.0;
+              for (int t = 0; t < nu; ++t) {
+                const double x = std::ldexp(Pn[uni[t]], e);
+                const double y = std::ldexp(x - (double)w1[t], 15);
+                const double z = std::ldexp(y - (double)w2[t], 15);  // exact, |z| <= 2^14
+                const double q3 = std::nearbyint(z);
+                w3[t] = (int16_t)q3;
+                isum += ((int64_t)w1[t] * 32768 + (int64_t)w2[t]) * 32768 + (int64_t)q3;
+                err += std::fabs(z - q3);
+              }
+              err *= 0x1p-15;
+            }
+            for (int l = 0; l < L; ++l) wscale[R + l] = std::ldexp(1.0, -e - 15 * l), wout[R + l] = n;
+            R += L;
+            const double ps = std::ldexp((double)isum, -e - 15 * (L - 1));  // exact: |isum| < 2^52
+            st.ps[n] += ps;
+            st.es[n] += std::ldexp(err, -e - 15) * (1.0 + 1e-12);
+          }
+          kern_->wsum_u8(W.data(), R, kSB, wscale.data(), wout.data(),
+                         static_cast<const uint8_t*>(X) + (size_t)r0 * d_, d_, uni.data(), nu, d_, st.accr.data(), d_,
+                         scratch.data());
+          continue;
+        }
+        // 3b. float path: weighted sum of the rows that carry weight, queries in tiles of 4; each column
         //    chunk of the rows any tile needs is centered once into XC
         int nu = 0;
         for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
@@ -470,29 +706,6 @@ class DensePass {
         for (int i = 0; i < nb; ++i)
           if (used[i]) uni[nu++] = i;
         if (nu == 0) continue;
-        if (int_path_ && N_ <= 8) {
-          // few queries: uint8 rows read in place (no float64 copy to write and read back);
-          // sum_i p_i raw_i - (sum_i p_i) c gives the centered sum. With more queries the
-          // centered float64 chunk below is shared by every query tile, which is cheaper.
-          const uint8_t* Xb = static_cast<const uint8_t*>(X) + (size_t)r0 * d_;
-          for (int j0 = 0; j0 < d_; j0 += kJC) {
-            const int w = std::min(kJC, d_ - j0);
-            for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
-              if (nrows[tile] == 0) continue;
-              kern_->acc_u8(P.data() + (size_t)n0 * kSB, std::min(4, N_ - n0), kSB, Xb + j0, d_, w,
-                            st.acc.data() + (size_t)n0 * d_ + j0, d_, &rows[(size_t)tile * kSB], nrows[tile]);
-            }
-          }
-          for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile)
-            for (int n = n0; n < std::min(N_, n0 + 4); ++n) {
-              double ps = 0.0;
-              for (int t = 0; t < nrows[tile]; ++t) ps += P[(size_t)n * kSB + rows[(size_t)tile * kSB + t]];
-              if (ps == 0.0) continue;
-              double* An = &st.acc[(size_t)n * d_];
-              for (int j = 0; j < d_; ++j) An[j] -= ps * center_[j];
-            }
-          continue;
-        }
         for (int j0 = 0; j0 < d_; j0 += kJC) {
           const int w = std::min(kJC, d_ - j0);
           for (int t = 0; t < nu; ++t) center_chunk(X, r0 + uni[t], 1, j0, w, XC.data() + (size_t)uni[t] * w);
@@ -504,6 +717,8 @@ class DensePass {
         }
       }
     }
+    pairs_ += (int64_t)N_ * B;
+    for (auto& st : ts) refined_ += st.refined;
     // merge the threads into the pass state by log-sum-exp
     for (int n = 0; n < N_; ++n) {
       double mm = m_[n];
@@ -511,12 +726,21 @@ class DensePass {
       if (!std::isfinite(mm)) continue;
       const double a0 = s_[n] > 0.0 ? std::exp(m_[n] - mm) : 0.0;
       s_[n] *= a0;
+      xs_[n] *= a0;
+      es_[n] *= a0;
       double* An = &acc_[(size_t)n * d_];
       for (int j = 0; j < d_; ++j) An[j] *= a0;
       for (auto& st : ts) {
         if (!(st.s[n] > 0.0)) continue;
         const double a = std::exp(st.m[n] - mm);
         s_[n] += st.s[n] * a;
+        xs_[n] += st.xs[n] * a;
+        es_[n] += st.es[n] * a;
+        if (int_path_) {  // raw sums, centered here: sum p_hat raw - (sum p_hat) center
+          const double* Rn = &st.accr[(size_t)n * d_];
+          const double ps = st.ps[n];
+          for (int j = 0; j < d_; ++j) An[j] += a * (Rn[j] - ps * center_[j]);
+        }
         const double* Bn = &st.acc[(size_t)n * d_];
         for (int j = 0; j < d_; ++j) An[j] += a * Bn[j];
         for (auto& e : st.top[n]) heap_push(top_[n], K_, e.first, e.second);
@@ -528,14 +752,24 @@ class DensePass {
   const Kernels* kern_;
   DType dtype_;
   double target_;
-  int N_ = 0, d_ = 0, dp_ = 0, R_ = 0;
+  int N_ = 0, d_ = 0, dp_ = 0, Rr_ = 0;
   size_t K_ = 1;
   bool int_path_ = false, finished_ = false;
   double qmax_ = 0.0;
-  std::vector<double> v_, coef_, center_, vsq_, delta_base_, pw_;
-  std::vector<int16_t> Q_;
-  std::vector<int64_t> Sc_;
-  std::vector<int> nlimbs_, qstart_;
+  std::vector<double> v_, coef_, center_, vsq_, delta_base_, delta1_;
+  // int path: limb 0 of every query (Q0_, one row each) gives the coarse dot of every row;
+  // limbs 1..L-1 (Qr_, rows rstart_[n] .. rstart_[n] + nlimbs_[n] - 2) refine the rows
+  // that can matter. Sc = limb . center, pw = the limb's power of two.
+  std::vector<int16_t> Q0_, Qr_;
+  std::vector<int8_t> Q08_;  // limb 0 as int8 (the AVX-512 coarse kernel)
+  std::vector<const int16_t*> q0p_, qrp_;
+  std::vector<const int8_t*> q08p_;
+  std::vector<int64_t> Sc0_, Scr_;
+  std::vector<double> pw0_, pwr_;
+  std::vector<int> nlimbs_, rstart_;
+  std::vector<double> xs_;  // per query: bound on the weight of the rows left out (scaled like s_)
+  std::vector<double> es_;  // per query: sum |p - p_hat| of the quantized weights (scaled like s_)
+  int64_t refined_ = 0, pairs_ = 0;
   std::vector<double> m_, s_, acc_;
   std::vector<TopHeap> top_;
 };
@@ -647,7 +881,8 @@ void register_dense(py::module_& m) {
            "-> (m (N,), s (N,), acc (N, d) centered, top_val (N, K) descending, top_idx (N, K) int64, delta (N,))")
       .def_property_readonly("path", &DensePass::path)
       .def_property_readonly("arith", &DensePass::arith)
-      .def_property_readonly("limbs", &DensePass::limbs);
+      .def_property_readonly("limbs", &DensePass::limbs)
+      .def_property_readonly("refined", &DensePass::refined);
   m.def("rescore", &rescore, py::arg("v"), py::arg("coef"), py::arg("rows"), py::arg("idx"), py::arg("center"),
         py::arg("dtype"),
         "Exact logits (n, K) float64: -coef_n ||v_n - (rows[idx[n, t]] - center)||^2 by direct differences. "

@@ -6,7 +6,8 @@
 // purpose. GCC vector extensions give the float kernels in the width of the target;
 // the exact integer dot product uses intrinsics where the target has them.
 //
-//   dot_u8   S[r, i]  = sum_j Q[r, j] * X[i, j]         int16 x uint8, exact in int64
+//   dot_u8   S[r, i]  = sum_j Q_r[j] * X[i, j]          int16 x uint8, exact in int64
+//   dot_q0   the same for |Q| <= 127 (int8 x uint8 with vpdpbusd on AVX-512)
 //   dot_f64  D[n, i] += sum_j V[n, j] * XC[i, j]        float64 (any order; gamma_d bound)
 //   acc_f64  A[n, j] += sum_{i in rows} P[n, i] XC[i, j] float64 weighted sum of a chunk
 
@@ -42,7 +43,8 @@ static inline double vsum(vd x) {
 }
 
 // ---------------------------------------------------------------- exact int dot
-// Q: (R, dp) int16 (dp >= d, padding ignored); X: (B, d) uint8 rows with stride d;
+// Qp: R pointers to int16 query limbs of length >= d (padding ignored; any rows of any
+// array, so a caller can pick a subset of limbs); X: (B, d) uint8 rows with stride d;
 // S: (R, ldS) int64, written (not accumulated). |Q| <= 2^15, so one pair of int16
 // products is below 2^24 and int32 lanes are flushed to int64 every 2048 elements.
 constexpr int kFlush = 2048;
@@ -50,7 +52,7 @@ constexpr int kFlush = 2048;
 #if OPTDEN_ISA == 2
 constexpr int kIntStep = 32;
 template <int RT, int BT>
-static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
+static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS) {
   const int nv = d / kIntStep * kIntStep;
   int64_t tot[RT][BT] = {};
   for (int c0 = 0; c0 < nv; c0 += kFlush) {
@@ -63,7 +65,7 @@ static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, i
       for (int b = 0; b < BT; ++b)
         x[b] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + (size_t)b * d + j)));
       for (int r = 0; r < RT; ++r) {
-        const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(Q + (size_t)r * dp + j));
+        const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(Qp[r] + j));
         for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], q, x[b]);
       }
     }
@@ -77,7 +79,7 @@ static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, i
   for (int r = 0; r < RT; ++r)
     for (int b = 0; b < BT; ++b) {
       int64_t t = tot[r][b];
-      for (int j = nv; j < d; ++j) t += (int64_t)Q[(size_t)r * dp + j] * X[(size_t)b * d + j];
+      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
       S[(size_t)r * ldS + b] = t;
     }
 }
@@ -85,7 +87,7 @@ constexpr int kRT = 4, kBT = 4;
 #elif OPTDEN_ISA == 1
 constexpr int kIntStep = 16;
 template <int RT, int BT>
-static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
+static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS) {
   const int nv = d / kIntStep * kIntStep;
   int64_t tot[RT][BT] = {};
   for (int c0 = 0; c0 < nv; c0 += kFlush) {
@@ -98,7 +100,7 @@ static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, i
       for (int b = 0; b < BT; ++b)
         x[b] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(X + (size_t)b * d + j)));
       for (int r = 0; r < RT; ++r) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Q + (size_t)r * dp + j));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Qp[r] + j));
         for (int b = 0; b < BT; ++b) acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(q, x[b]));
       }
     }
@@ -114,19 +116,19 @@ static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, i
   for (int r = 0; r < RT; ++r)
     for (int b = 0; b < BT; ++b) {
       int64_t t = tot[r][b];
-      for (int j = nv; j < d; ++j) t += (int64_t)Q[(size_t)r * dp + j] * X[(size_t)b * d + j];
+      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
       S[(size_t)r * ldS + b] = t;
     }
 }
 constexpr int kRT = 4, kBT = 2;
 #else
 template <int RT, int BT>
-static inline void dot_tile(const int16_t* Q, int dp, const uint8_t* X, int d, int64_t* S, int ldS) {
+static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS) {
   for (int r = 0; r < RT; ++r)
     for (int b = 0; b < BT; ++b) {
       // 64-bit sums: a 32-bit partial over kFlush terms of |2^15 * 255| could overflow
       int64_t tot = 0;
-      for (int j = 0; j < d; ++j) tot += (int64_t)Q[(size_t)r * dp + j] * (int64_t)X[(size_t)b * d + j];
+      for (int j = 0; j < d; ++j) tot += (int64_t)Qp[r][j] * (int64_t)X[(size_t)b * d + j];
       S[(size_t)r * ldS + b] = tot;
     }
 }
@@ -134,21 +136,85 @@ constexpr int kRT = 2, kBT = 2;
 #endif
 
 template <int RT>
-static void dot_rows(const int16_t* Q, int dp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+static void dot_rows(const int16_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
   int b = 0;
-  for (; b + kBT <= B; b += kBT) dot_tile<RT, kBT>(Q, dp, X + (size_t)b * d, d, S + b, ldS);
-  for (; b < B; ++b) dot_tile<RT, 1>(Q, dp, X + (size_t)b * d, d, S + b, ldS);
+  for (; b + kBT <= B; b += kBT) dot_tile<RT, kBT>(Qp, X + (size_t)b * d, d, S + b, ldS);
+  for (; b < B; ++b) dot_tile<RT, 1>(Qp, X + (size_t)b * d, d, S + b, ldS);
 }
 
-static void dot_u8(const int16_t* Q, int R, int dp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+static void dot_u8(const int16_t* const* Qp, int R, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
   int r = 0;
-  for (; r + kRT <= R; r += kRT) dot_rows<kRT>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS);
+  for (; r + kRT <= R; r += kRT) dot_rows<kRT>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS);
   // the last 1..3 limb rows in one tile, so each row of X is read once more, not 3 times
   const int rest = R - r;
-  if (rest >= 3) dot_rows<3>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS), r += 3;
-  else if (rest == 2) dot_rows<2>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS), r += 2;
-  for (; r < R; ++r) dot_rows<1>(Q + (size_t)r * dp, dp, X, B, d, S + (size_t)r * ldS, ldS);
+  if (rest >= 3) dot_rows<3>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS), r += 3;
+  else if (rest == 2) dot_rows<2>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS), r += 2;
+  for (; r < R; ++r) dot_rows<1>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS);
 }
+
+// The coarse limb: S[r, i] = sum_j Q_r[j] X[i, j] with |Q| <= 127. AVX-512: the int8
+// copies Q8p, u8 x s8 products with vpdpbusd (64 per instruction, twice vpdpwssd's; four
+// products of <= 255 * 127 per int32 lane per step, flushed to int64 every 16384
+// columns); other paths: the same values as int16 (Q16p) through dot_u8. Both exact, so
+// every path gives the same integers.
+#if OPTDEN_ISA == 2
+constexpr int kFlush8 = 16384;
+template <int RT, int BT>
+static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS) {
+  const int nv = d / 64 * 64;
+  int64_t tot[RT][BT] = {};
+  for (int c0 = 0; c0 < nv; c0 += kFlush8) {
+    const int c1 = c0 + kFlush8 < nv ? c0 + kFlush8 : nv;
+    __m512i acc[RT][BT];
+    for (int r = 0; r < RT; ++r)
+      for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_setzero_si512();
+    for (int j = c0; j < c1; j += 64) {
+      __m512i x[BT];
+      for (int b = 0; b < BT; ++b) x[b] = _mm512_loadu_si512(reinterpret_cast<const void*>(X + (size_t)b * d + j));
+      for (int r = 0; r < RT; ++r) {
+        const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(Qp[r] + j));
+        for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], x[b], q);
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int b = 0; b < BT; ++b) {
+        const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r][b]));
+        const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r][b], 1));
+        tot[r][b] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+      }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int b = 0; b < BT; ++b) {
+      int64_t t = tot[r][b];
+      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
+      S[(size_t)r * ldS + b] = t;
+    }
+}
+
+template <int RT>
+static void dot8_rows(const int8_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+  int b = 0;
+  for (; b + 4 <= B; b += 4) dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS);
+  for (; b < B; ++b) dot8_tile<RT, 1>(Qp, X + (size_t)b * d, d, S + b, ldS);
+}
+
+static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
+                   int64_t* S, int ldS) {
+  (void)Q16p;
+  int r = 0;
+  for (; r + 4 <= R; r += 4) dot8_rows<4>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS);
+  const int rest = R - r;
+  if (rest == 3) dot8_rows<3>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS);
+  else if (rest == 2) dot8_rows<2>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS);
+  else if (rest == 1) dot8_rows<1>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS);
+}
+#else
+static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
+                   int64_t* S, int ldS) {
+  (void)Q8p;
+  dot_u8(Q16p, R, X, B, d, S, ldS);
+}
+#endif
 
 // ---------------------------------------------------------------- float64 dot
 // V: (N, ldv) queries (the chunk's columns start at V); XC: (B, w) centered rows of a
@@ -223,51 +289,6 @@ static inline void acc_tile(const double* P, int ldp, const double* XC, int w, d
       for (int t = 0; t < nrows; ++t) a += P[(size_t)n * ldp + rows[t]] * XC[(size_t)rows[t] * w + j];
       A[(size_t)n * lda + j] = a;
     }
-}
-
-// The same for uint8 rows read in place (X: rows with stride d, the chunk's columns
-// start at X): A[n, j] += sum_i P[n, i] X[i, j], raw (uncentered) values converted in
-// registers; the caller subtracts (sum_i P[n, i]) center_j afterwards.
-typedef uint8_t vu8 __attribute__((vector_size(kW)));
-
-template <int NT>
-static inline void accu8_tile(const double* P, int ldp, const uint8_t* X, int d, int w, double* A, int lda,
-                              const int* rows, int nrows) {
-  const int nv = w / (kW * kJV) * (kW * kJV);
-  for (int j = 0; j < nv; j += kW * kJV) {
-    vd a[NT][kJV];
-    for (int n = 0; n < NT; ++n)
-      for (int c = 0; c < kJV; ++c) a[n][c] = vload(A + (size_t)n * lda + j + c * kW);
-    for (int t = 0; t < nrows; ++t) {
-      const int i = rows[t];
-      vd x[kJV];
-      for (int c = 0; c < kJV; ++c) {
-        vu8 b;
-        __builtin_memcpy(&b, X + (size_t)i * d + j + c * kW, sizeof b);
-        x[c] = __builtin_convertvector(b, vd);
-      }
-      for (int n = 0; n < NT; ++n) {
-        const double p = P[(size_t)n * ldp + i];
-        for (int c = 0; c < kJV; ++c) a[n][c] += p * x[c];
-      }
-    }
-    for (int n = 0; n < NT; ++n)
-      for (int c = 0; c < kJV; ++c) vstore(A + (size_t)n * lda + j + c * kW, a[n][c]);
-  }
-  for (int j = nv; j < w; ++j)
-    for (int n = 0; n < NT; ++n) {
-      double a = A[(size_t)n * lda + j];
-      for (int t = 0; t < nrows; ++t) a += P[(size_t)n * ldp + rows[t]] * (double)X[(size_t)rows[t] * d + j];
-      A[(size_t)n * lda + j] = a;
-    }
-}
-
-static void acc_u8(const double* P, int N, int ldp, const uint8_t* X, int d, int w, double* A, int lda,
-                   const int* rows, int nrows) {
-  if (N == 4) accu8_tile<4>(P, ldp, X, d, w, A, lda, rows, nrows);
-  else if (N == 3) accu8_tile<3>(P, ldp, X, d, w, A, lda, rows, nrows);
-  else if (N == 2) accu8_tile<2>(P, ldp, X, d, w, A, lda, rows, nrows);
-  else if (N == 1) accu8_tile<1>(P, ldp, X, d, w, A, lda, rows, nrows);
 }
 
 static void acc_f64(const double* P, int N, int ldp, const double* XC, int w, double* A, int lda,
