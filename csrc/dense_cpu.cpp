@@ -475,11 +475,24 @@ class DensePass {
       if (8 * cnt > nb) {
         dense[n] = 1;
         std::fill(rn, rn + nb, 1);
-      } else {
-        const int nr = nlimbs_[n] - 1;
-        for (int i = 0; i < nb; ++i)
-          if (rn[i]) kern_->dot_u8(&qrp_[rstart_[n]], nr, Xsb + (size_t)i * d_, 1, d_, Sr + (size_t)rstart_[n] * kSB + i, kSB);
       }
+    }
+    // the sparse refinements, one call per row with the limbs of every query that needs
+    // it (the row's uint8 -> int16 conversion is shared by all of them)
+    std::vector<const int16_t*> lp;
+    std::vector<int64_t> tmp;
+    for (int i = 0; i < nb; ++i) {
+      lp.clear();
+      for (int n = 0; n < N_; ++n)
+        if (nlimbs_[n] > 1 && !dense[n] && ref[(size_t)n * kSB + i])
+          for (int l = 0; l < nlimbs_[n] - 1; ++l) lp.push_back(qrp_[rstart_[n] + l]);
+      if (lp.empty()) continue;
+      tmp.resize(lp.size());
+      kern_->dot_u8(lp.data(), (int)lp.size(), Xsb + (size_t)i * d_, 1, d_, tmp.data(), 1);
+      size_t t = 0;
+      for (int n = 0; n < N_; ++n)
+        if (nlimbs_[n] > 1 && !dense[n] && ref[(size_t)n * kSB + i])
+          for (int l = 0; l < nlimbs_[n] - 1; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
     }
     // refine the dense queries, a run of consecutive ones (contiguous limb rows) per call
     for (int n = 0; n < N_;) {
@@ -870,7 +883,7 @@ void register_dense(py::module_& m) {
                     py::array_t<double, py::array::c_style | py::array::forcecast>, double, int64_t, const std::string&,
                     const std::string&, double, int>(),
            py::arg("v"), py::arg("coef"), py::arg("center"), py::arg("max_cnorm"), py::arg("k"), py::arg("dtype"),
-           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0,
+           py::arg("path") = "auto", py::arg("target_delta") = 1e-7, py::arg("limbs") = 0,
            "v (N, d) float64 centered queries; coef (N,) > 0; center (d,); max_cnorm >= max_i ||raw_i - center||; "
            "k top logits kept; dtype of the rows; path 'auto'|'avx512'|'avx2'|'portable'; target_delta the logit "
            "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path).")
