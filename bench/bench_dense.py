@@ -5,8 +5,9 @@ Shapes: N queries in {1, 8, 64, 512}, M = 50,000 rows of d = 3072 uint8 (CIFAR-1
 random data. Queries are ``y_i + sigma * n``. Reported per row: median time of repeats,
 GFLOP/s with FLOPs = 4 N M d (the dense pass: distances and weighted sum), GB/s for one
 read of the uint8 data (M d bytes), and their ratios to the measured limits: the fp32 and
-bf16 matmul rates (torch.matmul at 4096^2) and the memory read bandwidth (torch sum over
-a 1 GiB float32 array), each the best of its repeats. The methods are timed in
+bf16 matmul rates (torch.matmul at 4096^2), the memory read bandwidth (torch sum over
+a 1 GiB float32 array), each the best of its repeats, and the int8 multiply-add peak of
+the vector units (vpdpbusd, optden._C.cpu_peaks; "/ int8" counts 2 N M d multiply-adds). The methods are timed in
 interleaved rounds (one call of each per round) so that load from other jobs on a shared
 machine falls on all of them alike; the table gives the median and the best time. The error of each method is its max relative error of D* against
 the float64 oracle (optden.reference) on the first rows of the data at a few sigmas.
@@ -91,6 +92,18 @@ def naive_fp32(x: torch.Tensor, Y: torch.Tensor, ysq: torch.Tensor, sigma: float
     return out
 
 
+def vector_peaks() -> dict:
+    """Peak rates of the instructions the cpu backend is built from (optden._C.cpu_peaks),
+    or {} where the extension or AVX-512 VNNI is missing."""
+    C = optden._ext.C
+    if C is None or not hasattr(C, "cpu_peaks"):
+        return {}
+    try:
+        return dict(C.cpu_peaks())
+    except RuntimeError:
+        return {}
+
+
 def machine() -> str:
     model = platform.processor() or "?"
     try:
@@ -162,6 +175,11 @@ def main(argv=None) -> int:
     bf16 = matmul_rate(torch.bfloat16, args.matmul_n, 3)
     bw = read_bandwidth(args.bw_bytes, 5)
     print(f"# limits: fp32 matmul {fp32:.1f} GFLOP/s, bf16 matmul {bf16:.1f} GFLOP/s, read bandwidth {bw:.1f} GB/s")
+    peaks = vector_peaks()
+    int8 = peaks.get("int8_gmacs", float("nan"))
+    if peaks:
+        print(f"# vector-unit peaks (register-only loops, all threads): int8 vpdpbusd {int8:.0f} GMAC/s, "
+              f"int16 vpdpwssd {peaks['int16_gmacs']:.0f} GMAC/s, fp64 FMA {peaks['fp64_gflops']:.0f} GFLOP/s")
 
     raw = rng.integers(0, 256, (args.M, args.d), dtype=np.uint8)
     ds = optden.Dataset.from_array(raw)
@@ -200,7 +218,8 @@ def main(argv=None) -> int:
             gbs = M * d / t / 1e9
             rows.append({
                 "method": name, "N": n, "M": M, "d": d, "sigma": s, "time_s": t, "best_s": tmin, "GFLOP/s": gflops,
-                "vs_fp32_peak": gflops / fp32, "vs_bf16_peak": gflops / bf16, "GB/s": gbs, "vs_bandwidth": gbs / bw,
+                "vs_fp32_peak": gflops / fp32, "vs_bf16_peak": gflops / bf16, "vs_int8_peak": gflops / 2 / int8,
+                "GB/s": gbs, "vs_bandwidth": gbs / bw,
                 "best_vs_fp32_peak": 4.0 * n * M * d / tmin / 1e9 / fp32, "best_vs_bandwidth": M * d / tmin / 1e9 / bw,
                 "max_rel_err": err.get(name, float("nan")), "modes": modes,
             })
@@ -210,23 +229,24 @@ def main(argv=None) -> int:
                   f"err {r['max_rel_err']:.1e} {modes}", flush=True)
 
     print()
-    print("| method | N | sigma | median ms | best ms | GFLOP/s | / fp32 | / bf16 | GB/s | / bandwidth | best / bandwidth "
-          "| max rel err D* | speed-up vs naive (median, best) | vs torch (median, best) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | N | sigma | median ms | best ms | GFLOP/s | / fp32 | / bf16 | / int8 | GB/s | / bandwidth | "
+          "best / bandwidth | max rel err D* | speed-up vs naive (median, best) | vs torch (median, best) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = {m: next((q for q in rows if q["method"] == m and q["N"] == r["N"]), None) for m in ("naive_fp32", "torch")}
         sp = {m: (f"{q['time_s'] / r['time_s']:.2f}, {q['best_s'] / r['best_s']:.2f}" if q else "-") for m, q in ref.items()}
         print(f"| {r['method']} | {r['N']} | {r['sigma']:g} | {r['time_s'] * 1e3:.1f} | {r['best_s'] * 1e3:.1f} | "
-              f"{r['GFLOP/s']:.1f} | {r['vs_fp32_peak']:.2f} | {r['vs_bf16_peak']:.2f} | {r['GB/s']:.2f} | "
+              f"{r['GFLOP/s']:.1f} | {r['vs_fp32_peak']:.2f} | {r['vs_bf16_peak']:.2f} | {r['vs_int8_peak']:.2f} | "
+              f"{r['GB/s']:.2f} | "
               f"{r['vs_bandwidth']:.2f} | {r['best_vs_bandwidth']:.2f} | {r['max_rel_err']:.1e} | {sp['naive_fp32']} | "
               f"{sp['torch']} |")
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["fp32_GFLOPs", "bf16_GFLOPs", "bandwidth_GBs"])
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["fp32_GFLOPs", "bf16_GFLOPs", "int8_GMACs", "bandwidth_GBs"])
             w.writeheader()
             for r in rows:
-                w.writerow({**r, "fp32_GFLOPs": fp32, "bf16_GFLOPs": bf16, "bandwidth_GBs": bw})
+                w.writerow({**r, "fp32_GFLOPs": fp32, "bf16_GFLOPs": bf16, "int8_GMACs": int8, "bandwidth_GBs": bw})
         print(f"# wrote {args.csv}")
     return 0
 

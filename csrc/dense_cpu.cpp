@@ -201,6 +201,23 @@ inline void heap_push(TopHeap& h, size_t K, double val, int64_t idx) {
   }
 }
 
+// Coarse logits of one query over a sub-block: out[i] = -coef ((vsq - 2 dot_i) + csq[i]),
+// dot_i = (S[i] - sc) pw (exact: pw is a power of two); returns max_i out[i]. Cloned for
+// AVX-512 (vectorized int64 -> double) and the baseline; both give the same numbers.
+__attribute__((target_clones("arch=x86-64-v4", "default"))) double coarse_logits(
+    const int64_t* S, int64_t sc, double pw, double coef, double vsq, const double* csq, int nb, double* out) {
+  double m = -std::numeric_limits<double>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < nb; ++i) {
+    const double dot = (double)(S[i] - sc) * pw;
+    const double t = vsq - 2.0 * dot;  // exact product by 2: no contraction can change it
+    const double l = -coef * (t + csq[i]);
+    out[i] = l;
+    m = l > m ? l : m;
+  }
+  return m;
+}
+
 struct ThreadState {
   // m running max, s normaliser, xs bound on the weight left out, es weight error of the
   // quantized weights (int path), acc centered weighted sum (float path), accr raw weighted
@@ -440,68 +457,81 @@ class DensePass {
   }
 
   // Sub-block of nb rows starting at row r0 of X, int path: coarse logits of every row from
-  // limb 0 (C), then the rows that can matter are refined with the other limbs (P, exact
-  // to delta_base): rows within kSkipT of the best logit seen, and rows that could enter
-  // the top-K. The others (weight <= e^-kSkipT of the maximum each) are marked in `ref` as
-  // left out; their weight is bounded by the caller. A query that needs more than 1/8 of
-  // the rows refined gets all of them, by the tiled kernel.
-  void int_logits(const uint8_t* Xsb, const double* csq, int nb, ThreadState& st, int64_t* S0, int64_t* Sr,
-                  double* C, double* P, char* ref) const {
+  // limb 0 (C), then the rows that can matter are refined with the other limbs (exact to
+  // delta_base): rows within kSkipT of the best logit seen, and rows that could enter the
+  // top-K. Per query n: lst[n * kSB + t], t < cnt[n], the refined rows (ascending) and
+  // P[n * kSB + i] their logits; the nskip[n] others (weight <= e^-kSkipT of the maximum
+  // each) are left out, skmax[n] the largest upper bound of their logits. A query that
+  // needs more than 1/8 of the rows refined gets all of them, by the tiled kernel.
+  void int_logits(const uint8_t* Xsb, const double* csq, int nb, const ThreadState& st, int64_t* S0, int64_t* Sr,
+                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* ref) const {
     kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB);
-    std::vector<char> dense(N_, 0);
+    bool any_sparse = false, any_dense = false;
     for (int n = 0; n < N_; ++n) {
       double* Cn = C + (size_t)n * kSB;
-      char* rn = ref + (size_t)n * kSB;
-      double cmax = -std::numeric_limits<double>::infinity();
-      for (int i = 0; i < nb; ++i) {
-        const double dot0 = (double)(S0[(size_t)n * kSB + i] - Sc0_[n]) * pw0_[n];
-        Cn[i] = -coef_[n] * ((vsq_[n] - 2.0 * dot0) + csq[i]);
-        cmax = std::max(cmax, Cn[i]);
+      int* ln = lst + (size_t)n * kSB;
+      const double cmax = coarse_logits(S0 + (size_t)n * kSB, Sc0_[n], pw0_[n], coef_[n], vsq_[n], csq, nb, Cn);
+      nskip[n] = 0;
+      skmax[n] = -std::numeric_limits<double>::infinity();
+      int c = 0;
+      if (nlimbs_[n] > 1) {
+        const double d1 = delta1_[n];
+        const double thr = std::max(st.m[n], cmax - d1) - kSkipT;
+        const bool hfull = st.top[n].size() >= K_;
+        const double hmin = hfull ? st.top[n].front().first : -std::numeric_limits<double>::infinity();
+        double sk = -std::numeric_limits<double>::infinity();
+        for (int i = 0; i < nb; ++i) {
+          const double ub = Cn[i] + d1;
+          const bool f = ub >= thr || ub > hmin;
+          ln[c] = i;
+          c += f;
+          sk = f ? sk : std::max(sk, ub);
+        }
+        if (8 * c <= nb) {
+          nskip[n] = nb - c;
+          skmax[n] = sk;
+          any_sparse = any_sparse || c > 0;
+          cnt[n] = c;
+          continue;
+        }
+        any_dense = true;
       }
-      if (nlimbs_[n] == 1) {
-        std::fill(rn, rn + nb, 1);
-        continue;
-      }
-      const double d1 = delta1_[n];
-      const double thr = std::max(st.m[n], cmax - d1) - kSkipT;
-      const bool hfull = st.top[n].size() >= K_;
-      const double hmin = hfull ? st.top[n].front().first : -std::numeric_limits<double>::infinity();
-      int cnt = 0;
-      for (int i = 0; i < nb; ++i) {
-        const double ub = Cn[i] + d1;
-        rn[i] = (char)(ub >= thr || ub > hmin);
-        cnt += rn[i];
-      }
-      if (8 * cnt > nb) {
-        dense[n] = 1;
-        std::fill(rn, rn + nb, 1);
-      }
+      for (int i = 0; i < nb; ++i) ln[i] = i;  // every row (one limb, or a dense query)
+      cnt[n] = nb;
     }
     // the sparse refinements, one call per row with the limbs of every query that needs
     // it (the row's uint8 -> int16 conversion is shared by all of them)
-    std::vector<const int16_t*> lp;
-    std::vector<int64_t> tmp;
-    for (int i = 0; i < nb; ++i) {
-      lp.clear();
+    const auto sparse = [&](int n) { return nlimbs_[n] > 1 && cnt[n] < nb; };
+    if (any_sparse) {
+      std::fill(ref, ref + (size_t)N_ * kSB, 0);
       for (int n = 0; n < N_; ++n)
-        if (nlimbs_[n] > 1 && !dense[n] && ref[(size_t)n * kSB + i])
-          for (int l = 0; l < nlimbs_[n] - 1; ++l) lp.push_back(qrp_[rstart_[n] + l]);
-      if (lp.empty()) continue;
-      tmp.resize(lp.size());
-      kern_->dot_u8(lp.data(), (int)lp.size(), Xsb + (size_t)i * d_, 1, d_, tmp.data(), 1);
-      size_t t = 0;
-      for (int n = 0; n < N_; ++n)
-        if (nlimbs_[n] > 1 && !dense[n] && ref[(size_t)n * kSB + i])
-          for (int l = 0; l < nlimbs_[n] - 1; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
+        if (sparse(n))
+          for (int t = 0; t < cnt[n]; ++t) ref[(size_t)n * kSB + lst[(size_t)n * kSB + t]] = 1;
+      std::vector<const int16_t*> lp;
+      std::vector<int64_t> tmp;
+      for (int i = 0; i < nb; ++i) {
+        lp.clear();
+        for (int n = 0; n < N_; ++n)
+          if (ref[(size_t)n * kSB + i] && sparse(n))
+            for (int l = 0; l < nlimbs_[n] - 1; ++l) lp.push_back(qrp_[rstart_[n] + l]);
+        if (lp.empty()) continue;
+        tmp.resize(lp.size());
+        kern_->dot_u8(lp.data(), (int)lp.size(), Xsb + (size_t)i * d_, 1, d_, tmp.data(), 1);
+        size_t t = 0;
+        for (int n = 0; n < N_; ++n)
+          if (ref[(size_t)n * kSB + i] && sparse(n))
+            for (int l = 0; l < nlimbs_[n] - 1; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
+      }
     }
     // refine the dense queries, a run of consecutive ones (contiguous limb rows) per call
-    for (int n = 0; n < N_;) {
-      if (!dense[n]) {
+    const auto dense = [&](int n) { return nlimbs_[n] > 1 && cnt[n] == nb; };
+    for (int n = 0; any_dense && n < N_;) {
+      if (!dense(n)) {
         ++n;
         continue;
       }
       int e = n;
-      while (e < N_ && dense[e]) ++e;
+      while (e < N_ && dense(e)) ++e;
       const int ra = rstart_[n], rb = rstart_[e - 1] + nlimbs_[e - 1] - 1;
       kern_->dot_u8(&qrp_[ra], rb - ra, Xsb, nb, d_, Sr + (size_t)ra * kSB, kSB);
       n = e;
@@ -509,13 +539,14 @@ class DensePass {
     for (int n = 0; n < N_; ++n) {
       const double* Cn = C + (size_t)n * kSB;
       double* Pn = P + (size_t)n * kSB;
-      const char* rn = ref + (size_t)n * kSB;
+      const int* ln = lst + (size_t)n * kSB;
       const int L = nlimbs_[n];
-      for (int i = 0; i < nb; ++i) {
-        if (L == 1 || !rn[i]) {
-          Pn[i] = Cn[i];
-          continue;
-        }
+      if (L == 1) {
+        std::copy(Cn, Cn + nb, Pn);
+        continue;
+      }
+      for (int t = 0; t < cnt[n]; ++t) {
+        const int i = ln[t];
         double dot = 0.0;
         for (int l = L - 2; l >= 0; --l) {
           const int r = rstart_[n] + l;
@@ -543,6 +574,8 @@ class DensePass {
       std::vector<int64_t> S0(int_path_ ? (size_t)N_ * kSB : 0), Sr(int_path_ ? (size_t)Rr_ * kSB : 0);
       std::vector<double> D((size_t)N_ * kSB), P((size_t)N_ * kSB), XC((size_t)kSB * kJC);
       std::vector<char> ref((size_t)N_ * kSB, 1);
+      std::vector<int> lst((size_t)N_ * kSB), cnt(N_), nskip(N_);
+      std::vector<double> skmax(N_), Dl(kSB);
       if (int_path_) st.accr.assign((size_t)N_ * d_, 0.0);
       st.ps.assign(N_, 0.0);
       st.es.assign(N_, 0.0);
@@ -559,11 +592,11 @@ class DensePass {
       for (int sb = 0; sb < nsb; ++sb) {
         const int64_t r0 = (int64_t)sb * kSB;
         const int nb = (int)std::min<int64_t>(kSB, B - r0);
-        // 1. logits into P (ref: 1 where the row's logit is exact to delta, 0 where it is
-        //    left out with weight <= e^-kSkipT of the maximum)
+        // 1. logits: P[n * kSB + i] for the rows lst[n * kSB + t], t < cnt[n] (every row on
+        //    the float path; on the int path the others are left out, see int_logits)
         if (int_path_) {
           int_logits(static_cast<const uint8_t*>(X) + (size_t)r0 * d_, csq + r0, nb, st, S0.data(), Sr.data(),
-                     D.data(), P.data(), ref.data());
+                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), ref.data());
         } else {
           std::fill(D.begin(), D.end(), 0.0);
           for (int j0 = 0; j0 < d_; j0 += kJC) {
@@ -571,19 +604,24 @@ class DensePass {
             center_chunk(X, r0, nb, j0, w, XC.data());
             kern_->dot_f64(v_.data() + j0, N_, d_, XC.data(), nb, w, D.data(), kSB);
           }
-          for (int n = 0; n < N_; ++n)
-            for (int i = 0; i < nb; ++i)
+          for (int n = 0; n < N_; ++n) {
+            for (int i = 0; i < nb; ++i) {
               P[(size_t)n * kSB + i] = -coef_[n] * ((vsq_[n] - 2.0 * D[(size_t)n * kSB + i]) + csq[r0 + i]);
+              lst[(size_t)n * kSB + i] = i;
+            }
+            cnt[n] = nb;
+            nskip[n] = 0;
+          }
         }
-        // 2. online softmax, top-K, the bound on the rows left out
+        // 2. online softmax, top-K, the bound on the rows left out. P becomes the weights
+        //    exp(l - m) of the rows in the lists, 0 elsewhere.
         for (int n = 0; n < N_; ++n) {
           double* Pn = &P[(size_t)n * kSB];
-          const char* rn = &ref[(size_t)n * kSB];
+          const int* ln = &lst[(size_t)n * kSB];
+          const int c = cnt[n];
           double bm = -std::numeric_limits<double>::infinity();
-          int64_t nref = 0;
-          for (int i = 0; i < nb; ++i)
-            if (rn[i]) bm = std::max(bm, Pn[i]), ++nref;
-          st.refined += nref;
+          for (int t = 0; t < c; ++t) bm = std::max(bm, Pn[ln[t]]);
+          st.refined += c;
           if (bm > st.m[n]) {
             if (std::isfinite(st.m[n])) {
               const double a = std::exp(st.m[n] - bm);
@@ -601,21 +639,20 @@ class DensePass {
             st.m[n] = bm;
           }
           const double mn = st.m[n];
-          double sum = 0.0, dropped = 0.0, skmax = -std::numeric_limits<double>::infinity();
-          int nskip = 0;
-          for (int i = 0; i < nb; ++i) {
-            if (!rn[i]) {
-              skmax = std::max(skmax, Pn[i] + delta1_[n]);  // coarse logit + its error bound
-              ++nskip;
-              Pn[i] = 0.0;
-              continue;
-            }
-            heap_push(st.top[n], K_, Pn[i], offset + r0 + i);
-            const double p = std::exp(Pn[i] - mn);
+          double sum = 0.0, dropped = 0.0;
+          if (c < nb) {  // gather the listed logits so the rest of P can be zeroed
+            for (int t = 0; t < c; ++t) Dl[t] = Pn[ln[t]];
+            std::fill(Pn, Pn + nb, 0.0);
+          }
+          for (int t = 0; t < c; ++t) {
+            const int i = ln[t];
+            const double l = c < nb ? Dl[t] : Pn[i];
+            heap_push(st.top[n], K_, l, offset + r0 + i);
+            const double p = std::exp(l - mn);
             sum += p;
             // weights below 2^-80 of the running max are left out of the weighted sum
             // (float path: they stay in the normaliser, at most M 2^-80 relative; int path:
-            // counted in the weight error es, as the normaliser there sums what is added)
+            // counted in the weight error es)
             if (p >= 0x1p-80) {
               Pn[i] = p;
             } else {
@@ -625,7 +662,7 @@ class DensePass {
           }
           st.s[n] += sum;
           if (int_path_) st.es[n] += dropped;  // missing from the int path's weighted sum
-          if (nskip) st.xs[n] += nskip * std::exp(skmax - mn);
+          if (nskip[n]) st.xs[n] += nskip[n] * std::exp(skmax[n] - mn);
         }
         // 3a. int path: the weights quantized to two (or three) int16 limbs per query,
         //     p ~ (W1 + W2 2^-15 [+ W3 2^-30]) 2^-e with 2^13 <= max_i p 2^e < 2^14, and the weighted sum of the raw
@@ -635,19 +672,22 @@ class DensePass {
         //     weights of D*, added to delta at the end.
         if (int_path_) {
           int na = 0;
+          std::fill(used.begin(), used.end(), 0);
           for (int n = 0; n < N_; ++n) {
             const double* Pn = &P[(size_t)n * kSB];
+            const int* ln = &lst[(size_t)n * kSB];
             double pm = 0.0;
-            for (int i = 0; i < nb; ++i) pm = std::max(pm, Pn[i]);
+            for (int t = 0; t < cnt[n]; ++t) {
+              const double p = Pn[ln[t]];
+              pm = std::max(pm, p);
+              used[ln[t]] |= (char)(p != 0.0);
+            }
             if (pm > 0.0) aq[na] = n, pmax[na++] = pm;
           }
           if (na == 0) continue;
           int nu = 0;
-          for (int i = 0; i < nb; ++i) {
-            bool any = false;
-            for (int a2 = 0; a2 < na && !any; ++a2) any = P[(size_t)aq[a2] * kSB + i] != 0.0;
-            if (any) uni[nu++] = i;
-          }
+          for (int i = 0; i < nb; ++i)
+            if (used[i]) uni[nu++] = i;
           int R = 0;
           for (int a2 = 0; a2 < na; ++a2) {
             const int n = aq[a2];
