@@ -74,7 +74,8 @@ constexpr double kU = 1.1102230246251565e-16;  // unit roundoff of float64, 2^-5
 struct Kernels {
   const char* name;
   void (*dot_u8)(const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int);
-  void (*dot_q0)(const int8_t* const*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int);
+  void (*dot_q0)(const int8_t* const*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int,
+                 const uint8_t*, size_t);
   void (*dot_f64)(const double*, int, int, const double*, int, int, double*, int);
   void (*acc_f64)(const double*, int, int, const double*, int, double*, int, const int*, int, int);
   void (*wsum_u8)(const int16_t*, int, int, const double*, const int*, const uint8_t*, int, const int*, int, int,
@@ -463,9 +464,11 @@ class DensePass {
   // P[n * kSB + i] their logits; the nskip[n] others (weight <= e^-kSkipT of the maximum
   // each) are left out, skmax[n] the largest upper bound of their logits. A query that
   // needs more than 1/8 of the rows refined gets all of them, by the tiled kernel.
+  // pf, pf_bytes: the rows this thread reads next, prefetched during the coarse pass.
   void int_logits(const uint8_t* Xsb, const double* csq, int nb, const ThreadState& st, int64_t* S0, int64_t* Sr,
-                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* ref) const {
-    kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB);
+                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* ref, const uint8_t* pf,
+                  size_t pf_bytes) const {
+    kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB, pf, pf_bytes);
     bool any_sparse = false, any_dense = false;
     for (int n = 0; n < N_; ++n) {
       double* Cn = C + (size_t)n * kSB;
@@ -564,7 +567,7 @@ class DensePass {
     std::vector<ThreadState> ts(T);
 #pragma omp parallel num_threads(T)
     {
-      const int tid = omp_get_thread_num();
+      const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
       ThreadState& st = ts[tid];
       st.m.assign(N_, -std::numeric_limits<double>::infinity());
       st.s.assign(N_, 0.0);
@@ -595,8 +598,11 @@ class DensePass {
         // 1. logits: P[n * kSB + i] for the rows lst[n * kSB + t], t < cnt[n] (every row on
         //    the float path; on the int path the others are left out, see int_logits)
         if (int_path_) {
+          const int64_t rn = r0 + (int64_t)nthr * kSB;  // this thread's next sub-block (static, 1)
+          const uint8_t* pf = rn < B ? static_cast<const uint8_t*>(X) + (size_t)rn * d_ : nullptr;
+          const size_t pfb = rn < B ? (size_t)std::min<int64_t>(kSB, B - rn) * d_ : 0;
           int_logits(static_cast<const uint8_t*>(X) + (size_t)r0 * d_, csq + r0, nb, st, S0.data(), Sr.data(),
-                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), ref.data());
+                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), ref.data(), pf, pfb);
         } else {
           std::fill(D.begin(), D.end(), 0.0);
           for (int j0 = 0; j0 < d_; j0 += kJC) {

@@ -128,7 +128,11 @@ def test_ivf_equals_flat(faces_ds, rng):
         u = torch.from_numpy(y[rng.choice(textured, 6)] + sigma * rng.standard_normal((6, ds.d)))
         ea, eb = a.denoise_certified(u, sigma), b.denoise_certified(u, sigma)
         modes += eb.mode
-        assert rel_err(eb.denoised, ea.denoised) <= 1e-9
+        for j in range(6):  # the same rows give the same numbers; a dense fallback on one
+            # side only (the cpu pass quantizes its weights) agrees to the certified tolerance
+            same = ea.mode[j] == eb.mode[j] == "pruned"
+            assert rel_err(eb.denoised[j : j + 1], ea.denoised[j : j + 1]) <= (1e-12 if same else a.tol), (
+                ea.mode[j], eb.mode[j])
         pa, pb = a.posterior(u, sigma, k=3), b.posterior(u, sigma, k=3)
         assert torch.allclose(pa[0], pb[0], rtol=1e-6, atol=1e-9)
     # a query whose posterior spreads over more rows than the widening limit runs dense
