@@ -159,11 +159,11 @@ static void dot_u8(const int16_t* const* Qp, int R, const uint8_t* X, int B, int
 // every path gives the same integers.
 #if OPTDEN_ISA == 2
 constexpr int kFlush8 = 16384;
-// pf, pfe: while pf < pfe, one cache line of [pf, pfe) is prefetched (to L2) per 64
-// columns, so the next sub-block's rows arrive while this one computes (nullptr: none)
+// pf, pfe: per 64 columns, the next `nper` cache lines of [pf, pfe) are prefetched, so
+// rows this thread reads later arrive while this tile computes (nullptr: none)
 template <int RT, int BT>
 static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS,
-                             const uint8_t* pf, const uint8_t* pfe) {
+                             const uint8_t* pf, const uint8_t* pfe, int nper = 1) {
   const int nv = d / 64 * 64;
   int64_t tot[RT][BT] = {};
   for (int c0 = 0; c0 < nv; c0 += kFlush8) {
@@ -172,7 +172,11 @@ static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, i
     for (int r = 0; r < RT; ++r)
       for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_setzero_si512();
     for (int j = c0; j < c1; j += 64) {
-      if (pf && pf + j < pfe) _mm_prefetch(reinterpret_cast<const char*>(pf + j), _MM_HINT_T1);
+      if (pf)
+        for (int u = 0; u < nper; ++u) {
+          const uint8_t* p = pf + (size_t)nper * j + 64 * u;
+          if (p < pfe) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+        }
       __m512i x[BT];
       for (int b = 0; b < BT; ++b) x[b] = _mm512_loadu_si512(reinterpret_cast<const void*>(X + (size_t)b * d + j));
       for (int r = 0; r < RT; ++r) {
@@ -198,29 +202,37 @@ static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, i
 // pf: the prefetch cursor (advanced by the lines each tile asked for), pfe its end
 template <int RT>
 static void dot8_rows(const int8_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS,
-                      const uint8_t*& pf, const uint8_t* pfe) {
+                      const uint8_t*& pf, const uint8_t* pfe, bool lookahead) {
   const int span = d / 64 * 64;
   int b = 0;
   for (; b + 4 <= B; b += 4) {
-    dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, pf, pfe);
-    if (pf) pf = pf + span < pfe ? pf + span : nullptr;
+    if (lookahead) {  // the first pass over the rows (from memory): the rows two tiles
+      // ahead, as one stream (the hardware prefetcher loses the four short row streams)
+      dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, X + (size_t)(b + 8) * d, X + (size_t)B * d, 4);
+    } else if (pf) {  // later passes (rows in cache): a slice of the next sub-block per tile
+      dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, pf, pfe);
+      pf = pf + span < pfe ? pf + span : nullptr;
+    } else {
+      dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, nullptr, nullptr);
+    }
   }
   for (; b < B; ++b) dot8_tile<RT, 1>(Qp, X + (size_t)b * d, d, S + b, ldS, nullptr, nullptr);
 }
 
 // pf, pf_bytes: memory to prefetch along the way (the next rows this thread will read),
-// used when R >= 8 queries make the pass compute-bound; nullptr / 0 for none
+// during the passes after the first when R >= 8; nullptr / 0 for none. The first pass
+// over X prefetches X's own rows ahead.
 static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
                    int64_t* S, int ldS, const uint8_t* pf, size_t pf_bytes) {
   (void)Q16p;
   const uint8_t* pfe = pf ? pf + pf_bytes : nullptr;
   if (R < 8 || d < 64) pf = nullptr;
   int r = 0;
-  for (; r + 4 <= R; r += 4) dot8_rows<4>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
+  for (; r + 4 <= R; r += 4) dot8_rows<4>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
   const int rest = R - r;
-  if (rest == 3) dot8_rows<3>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
-  else if (rest == 2) dot8_rows<2>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
-  else if (rest == 1) dot8_rows<1>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
+  if (rest == 3) dot8_rows<3>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
+  else if (rest == 2) dot8_rows<2>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
+  else if (rest == 1) dot8_rows<1>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
 }
 #else
 static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
