@@ -17,7 +17,8 @@
 // Other rows ("float" path: fp16, bf16, fp32, or a non-integral center): float64 dot
 // products of v with rows centered in float64, error <= gamma_{d+1} ||v|| max||q||.
 //
-// Work is split over sub-blocks of rows (OpenMP, dynamic); each thread keeps its own
+// Work is split over sub-blocks of rows (OpenMP, static: each thread takes every T-th, so
+// results are the same on every run); each thread keeps its own
 // (max, sumexp, weighted sum, top-K) and the threads are merged by log-sum-exp.
 #include <immintrin.h>
 #include <omp.h>
@@ -777,6 +778,8 @@ class DensePass {
       }
     }
     pairs_ += (int64_t)N_ * B;
+    // a runtime may give the region fewer threads than asked: their states stay empty
+    ts.erase(std::remove_if(ts.begin(), ts.end(), [](const ThreadState& st) { return st.m.empty(); }), ts.end());
     for (auto& st : ts) refined_ += st.refined;
     // merge the threads into the pass state by log-sum-exp
     for (int n = 0; n < N_; ++n) {
@@ -929,7 +932,7 @@ void register_dense(py::module_& m) {
                     py::array_t<double, py::array::c_style | py::array::forcecast>, double, int64_t, const std::string&,
                     const std::string&, double, int>(),
            py::arg("v"), py::arg("coef"), py::arg("center"), py::arg("max_cnorm"), py::arg("k"), py::arg("dtype"),
-           py::arg("path") = "auto", py::arg("target_delta") = 1e-7, py::arg("limbs") = 0,
+           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0,
            "v (N, d) float64 centered queries; coef (N,) > 0; center (d,); max_cnorm >= max_i ||raw_i - center||; "
            "k top logits kept; dtype of the rows; path 'auto'|'avx512'|'avx2'|'portable'; target_delta the logit "
            "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path).")

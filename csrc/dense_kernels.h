@@ -208,7 +208,8 @@ static void dot8_rows(const int8_t* const* Qp, const uint8_t* X, int B, int d, i
   for (; b + 4 <= B; b += 4) {
     if (lookahead) {  // the first pass over the rows (from memory): the rows two tiles
       // ahead, as one stream (the hardware prefetcher loses the four short row streams)
-      dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, X + (size_t)(b + 8) * d, X + (size_t)B * d, 4);
+      const uint8_t* ahead = b + 8 < B ? X + (size_t)(b + 8) * d : nullptr;
+      dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, ahead, X + (size_t)B * d, 4);
     } else if (pf) {  // later passes (rows in cache): a slice of the next sub-block per tile
       dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, pf, pfe);
       pf = pf + span < pfe ? pf + span : nullptr;

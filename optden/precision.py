@@ -162,7 +162,7 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
     delta = p.delta.clone()  # per query: the bound of the pass that certified it
     mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
 
-    need = p.delta > 0.25 * tol
+    need = ~(p.delta <= 0.25 * tol)  # a NaN bound (overflowing input) is never DENSE
     if bool(need.any()):
         T = math.log(max(M - k, 1) / tol_mass)
         gap = p.top_val[:, 0] - p.top_val[:, -1]

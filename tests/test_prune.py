@@ -135,8 +135,10 @@ def test_ivf_equals_flat(faces_ds, rng):
                 ea.mode[j], eb.mode[j])
         pa, pb = a.posterior(u, sigma, k=3), b.posterior(u, sigma, k=3)
         assert torch.allclose(pa[0], pb[0], rtol=1e-6, atol=1e-9)
-    # a query whose posterior spreads over more rows than the widening limit runs dense
-    assert modes.count("pruned") >= 9, modes
+    # a query whose posterior spreads over more rows than the widening limit runs dense;
+    # most seeds prune 9-14 of the 18, one in ~13 fresh seeds 8: the pruned path must be
+    # exercised, not by a fixed share
+    assert modes.count("pruned") >= 6, modes
 
 
 def test_cache_along_sampling_trajectory(digits_u8):

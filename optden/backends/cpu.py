@@ -32,7 +32,8 @@ row, ||q_i||^2 the dataset's exact float64 norms). The bound ``delta`` (per quer
 
 ``delta = coef (2 dot_err + compensated/sum terms) + 4u |top|``, with qmax = max ||q_i||;
 u = 2^-53. With 2 limbs and d = 3072 the dot error is ~1e-9 ||v|| qmax, against 1.8e-4 for
-an fp32 GEMM and 3.4e-13 for a float64 one; 3 or 4 limbs reach the float64 rounding floor.
+an fp32 GEMM and 3.4e-13 for a float64 one; 4 limbs (52 bits) come within ~3x of the float64
+rounding floor.
 """
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ class CpuBackend(Backend):
 
     path: kernel set, "auto" (best this CPU has; env OPTDEN_CPU_PATH overrides),
     "avx512", "avx2" or "portable". target_delta: logit error the uint8 limb split aims
-    for (default 1e-7: with the weights' quantization error, <= 5e-8 per sub-block, and the
-    rows left out, <= M e^-40, the pass stays under the tol/4 = 2.5e-7 that DENSE needs at
-    the default tol 1e-6). limbs: 0 (automatic)
+    for (default 1e-8: the log density inherits the logit error, and 1e-6 relative of a log
+    density near 0 is a small absolute error; with the weights' quantization error, <= 5e-8
+    per sub-block, and the rows left out, <= M e^-40, the pass stays under the tol/4 =
+    2.5e-7 that DENSE needs at the default tol 1e-6). limbs: 0 (automatic)
     or a fixed 1..4 (tests and benchmarks).
     """
 
@@ -76,7 +78,7 @@ class CpuBackend(Backend):
     priority = 10
     description = "optden._C fused pass: exact int8/int16-limb dots for uint8 (AVX-512 VNNI / AVX2 / portable), float64 otherwise"
 
-    def __init__(self, path: str = "auto", target_delta: float = 1e-7, limbs: int = 0):
+    def __init__(self, path: str = "auto", target_delta: float = 1e-8, limbs: int = 0):
         self.path = path
         self.target_delta = float(target_delta)
         self.limbs = int(limbs)
