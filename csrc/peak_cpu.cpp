@@ -7,7 +7,9 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <chrono>
+#include <stdexcept>
 #include <string>
 
 namespace py = pybind11;
