@@ -51,8 +51,22 @@ constexpr int kFlush = 2048;
 
 #if OPTDEN_ISA == 2
 constexpr int kIntStep = 32;
+// acc += pairwise int16 products, in place. GCC 12 keeps the intrinsic's accumulators of a
+// tile in copies and spills them to the stack every step; the asm ties each to one register.
+static inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+  return acc;
+}
+// acc += u8 . s8 (four products per int32 lane), in place, for the same reason
+static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
+  return acc;
+}
+// pf, pfe: one cache line of [pf, pfe) is prefetched per 32 columns (2 d bytes per tile),
+// so the rows this thread reads next arrive while this tile computes (nullptr: none)
 template <int RT, int BT>
-static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS) {
+static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, int64_t* S, int ldS,
+                            const uint8_t* pf = nullptr, const uint8_t* pfe = nullptr) {
   const int nv = d / kIntStep * kIntStep;
   int64_t tot[RT][BT] = {};
   for (int c0 = 0; c0 < nv; c0 += kFlush) {
@@ -61,12 +75,13 @@ static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, i
     for (int r = 0; r < RT; ++r)
       for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_setzero_si512();
     for (int j = c0; j < c1; j += kIntStep) {
+      if (pf && pf + 2 * (size_t)j < pfe) _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * (size_t)j), _MM_HINT_T1);
       __m512i x[BT];
       for (int b = 0; b < BT; ++b)
         x[b] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + (size_t)b * d + j)));
       for (int r = 0; r < RT; ++r) {
         const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(Qp[r] + j));
-        for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], q, x[b]);
+        for (int b = 0; b < BT; ++b) acc[r][b] = dpwssd(acc[r][b], q, x[b]);
       }
     }
     for (int r = 0; r < RT; ++r)
@@ -135,21 +150,37 @@ static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, i
 constexpr int kRT = 2, kBT = 2;
 #endif
 
+// pf: the prefetch cursor (AVX-512: each full tile prefetches the next 2 d bytes), pfe its end
 template <int RT>
-static void dot_rows(const int16_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+static void dot_rows(const int16_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS,
+                     const uint8_t*& pf, const uint8_t* pfe) {
   int b = 0;
+#if OPTDEN_ISA == 2
+  const size_t span = 2 * (size_t)(d / kIntStep * kIntStep);
+  for (; b + kBT <= B; b += kBT) {
+    dot_tile<RT, kBT>(Qp, X + (size_t)b * d, d, S + b, ldS, pf, pfe);
+    if (pf) pf = pf + span < pfe ? pf + span : nullptr;
+  }
+#else
+  (void)pf, (void)pfe;
   for (; b + kBT <= B; b += kBT) dot_tile<RT, kBT>(Qp, X + (size_t)b * d, d, S + b, ldS);
+#endif
   for (; b < B; ++b) dot_tile<RT, 1>(Qp, X + (size_t)b * d, d, S + b, ldS);
 }
 
-static void dot_u8(const int16_t* const* Qp, int R, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+// pf, pf_bytes: memory to prefetch along the way (the rows this thread reads next, so that
+// memory keeps streaming while these rows, already in cache, are computed on); nullptr / 0
+// for none. Only the AVX-512 path prefetches.
+static void dot_u8(const int16_t* const* Qp, int R, const uint8_t* X, int B, int d, int64_t* S, int ldS,
+                   const uint8_t* pf, size_t pf_bytes) {
+  const uint8_t* pfe = pf ? pf + pf_bytes : nullptr;
   int r = 0;
-  for (; r + kRT <= R; r += kRT) dot_rows<kRT>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS);
+  for (; r + kRT <= R; r += kRT) dot_rows<kRT>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
   // the last 1..3 limb rows in one tile, so each row of X is read once more, not 3 times
   const int rest = R - r;
-  if (rest >= 3) dot_rows<3>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS), r += 3;
-  else if (rest == 2) dot_rows<2>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS), r += 2;
-  for (; r < R; ++r) dot_rows<1>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS);
+  if (rest >= 3) dot_rows<3>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe), r += 3;
+  else if (rest == 2) dot_rows<2>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe), r += 2;
+  for (; r < R; ++r) dot_rows<1>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
 }
 
 // The coarse limb: S[r, i] = sum_j Q_r[j] X[i, j] with |Q| <= 127. AVX-512: the int8
@@ -181,7 +212,7 @@ static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, i
       for (int b = 0; b < BT; ++b) x[b] = _mm512_loadu_si512(reinterpret_cast<const void*>(X + (size_t)b * d + j));
       for (int r = 0; r < RT; ++r) {
         const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(Qp[r] + j));
-        for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], x[b], q);
+        for (int b = 0; b < BT; ++b) acc[r][b] = dpbusd(acc[r][b], x[b], q);
       }
     }
     for (int r = 0; r < RT; ++r)
@@ -220,6 +251,18 @@ static void dot8_rows(const int8_t* const* Qp, const uint8_t* X, int B, int d, i
   for (; b < B; ++b) dot8_tile<RT, 1>(Qp, X + (size_t)b * d, d, S + b, ldS, nullptr, nullptr);
 }
 
+// The first pass over the rows with 8 queries: tiles of 8 queries x 3 rows (24
+// accumulators), so 8 queries cost one read of the rows from memory, not one from memory
+// and one from cache; the rows two tiles ahead are prefetched as one stream.
+static void dot8_first8(const int8_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS) {
+  int b = 0;
+  for (; b + 3 <= B; b += 3) {
+    const uint8_t* ahead = b + 6 < B ? X + (size_t)(b + 6) * d : nullptr;
+    dot8_tile<8, 3>(Qp, X + (size_t)b * d, d, S + b, ldS, ahead, X + (size_t)B * d, 3);
+  }
+  for (; b < B; ++b) dot8_tile<8, 1>(Qp, X + (size_t)b * d, d, S + b, ldS, nullptr, nullptr);
+}
+
 // pf, pf_bytes: memory to prefetch along the way (the next rows this thread will read),
 // during the passes after the first when R >= 8; nullptr / 0 for none. The first pass
 // over X prefetches X's own rows ahead.
@@ -229,6 +272,7 @@ static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, 
   const uint8_t* pfe = pf ? pf + pf_bytes : nullptr;
   if (R < 8 || d < 64) pf = nullptr;
   int r = 0;
+  if (R >= 8 && d >= 64) dot8_first8(Q8p, X, B, d, S, ldS), r = 8;
   for (; r + 4 <= R; r += 4) dot8_rows<4>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
   const int rest = R - r;
   if (rest == 3) dot8_rows<3>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
@@ -239,7 +283,7 @@ static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, 
 static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
                    int64_t* S, int ldS, const uint8_t* pf, size_t pf_bytes) {
   (void)Q8p, (void)pf, (void)pf_bytes;
-  dot_u8(Q16p, R, X, B, d, S, ldS);
+  dot_u8(Q16p, R, X, B, d, S, ldS, nullptr, 0);
 }
 #endif
 
