@@ -67,7 +67,11 @@ static inline ws_vi ws_zero() { return _mm512_setzero_si512(); }
 static inline ws_vi ws_load(const int32_t* p) { return _mm512_loadu_si512(reinterpret_cast<const void*>(p)); }
 static inline void ws_store(int32_t* p, ws_vi x) { _mm512_storeu_si512(reinterpret_cast<void*>(p), x); }
 static inline ws_vi ws_bcast(int32_t w) { return _mm512_set1_epi32(w); }
-static inline ws_vi ws_mac(ws_vi acc, ws_vi x, ws_vi w) { return _mm512_dpwssd_epi32(acc, x, w); }
+// in place through asm: GCC 12 otherwise copies a tile's accumulators around each step
+static inline ws_vi ws_mac(ws_vi acc, ws_vi x, ws_vi w) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "vm"(w));
+  return acc;
+}
 // kWsV uint8 of rows a and b -> lanes (a[j], b[j]) as int16 pairs (bytes interleaved
 // a0 b0 a1 b1 ..., then zero-extended); ws_single: lanes (a[j], 0); ws_pair_n: only the
 // first n < kWsV columns read, the other lanes 0 (b may be null: an odd last row)
@@ -104,6 +108,30 @@ static inline void ws_add_vec_n(double* a, ws_vi acc, __m512d s, int n) {
 }
 typedef __m512d ws_vd;
 static inline ws_vd ws_set1d(double x) { return _mm512_set1_pd(x); }
+// 64 columns of rows a and b (b null: zeros) as pairs in four vectors, by in-lane unpacks
+// (8 shuffles where four ws_pair take 16 and four cross-lane zero extensions): lane
+// (L, i) of x[v] holds column 16 L + 4 v + i, a 4 x 4 transpose of 128-bit blocks away
+// from the natural order, which ws_unpermute undoes on the sums
+static inline void ws_pair64(const uint8_t* a, const uint8_t* b, ws_vi (&x)[4]) {
+  const __m512i z = _mm512_setzero_si512();
+  const __m512i va = _mm512_loadu_si512(reinterpret_cast<const void*>(a));
+  const __m512i vb = b ? _mm512_loadu_si512(reinterpret_cast<const void*>(b)) : z;
+  const __m512i alo = _mm512_unpacklo_epi8(va, z), ahi = _mm512_unpackhi_epi8(va, z);
+  const __m512i blo = _mm512_unpacklo_epi8(vb, z), bhi = _mm512_unpackhi_epi8(vb, z);
+  x[0] = _mm512_unpacklo_epi16(alo, blo);
+  x[1] = _mm512_unpackhi_epi16(alo, blo);
+  x[2] = _mm512_unpacklo_epi16(ahi, bhi);
+  x[3] = _mm512_unpackhi_epi16(ahi, bhi);
+}
+// block c of x[v] <-> block v of x[c]: the sums of ws_pair64's layout in column order
+static inline void ws_unpermute(ws_vi (&x)[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(x[0], x[1], 0x44), t1 = _mm512_shuffle_i32x4(x[0], x[1], 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(x[2], x[3], 0x44), t3 = _mm512_shuffle_i32x4(x[2], x[3], 0xEE);
+  x[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  x[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  x[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  x[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
 #else
 constexpr int kWsV = 8;
 constexpr int kWsRT = 4, kWsJT = 2;  // 8 accumulators + 2 data + weight + product
@@ -270,6 +298,30 @@ static inline void ws_tile_d(const uint8_t* X, int ldx, const int* rows, int nro
   ws_vi a0[ws_split<RT>::A][JT], a1[ws_split<RT>::Bx][JT];
   ws_zero2<RT, JT>(a0, a1);
   const int npf = nrows / 2;
+#if OPTDEN_ISA == 2
+  if constexpr (JT == 4) {
+    if (nvalid == JT * kWsV) {  // 64 whole columns: pairs by ws_pair64
+      if (nrows & 1) {
+        ws_vi x[JT];
+        ws_pair64(X + (size_t)rows[nrows - 1] * ldx + j0, nullptr, x);
+        ws_step2<RT, JT, true>(a0, a1, x, W, ldw, nrows - 1);
+      }
+      for (int p = 0; p < npf; ++p) {
+        ws_vi x[JT];
+        ws_pair64(X + (size_t)rows[2 * p] * ldx + j0, X + (size_t)rows[2 * p + 1] * ldx + j0, x);
+        ws_step2<RT, JT, false>(a0, a1, x, W, ldw, 2 * p);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < ws_split<RT>::A; ++r) ws_unpermute(a0[r]);
+      if constexpr (ws_split<RT>::B > 0) {
+#pragma GCC unroll 16
+        for (int r = 0; r < ws_split<RT>::B; ++r) ws_unpermute(a1[r]);
+      }
+      ws_flush2<RT, JT>(a0, a1, scale, out, A, lda, j0, nvalid);
+      return;
+    }
+  }
+#endif
   if (nvalid == JT * kWsV) {
     if (nrows & 1) {
       const uint8_t* a = X + (size_t)rows[nrows - 1] * ldx + j0;
