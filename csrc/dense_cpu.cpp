@@ -334,7 +334,8 @@ class DensePass {
 
  private:
   // Query n's limbs: limb 0 into Q0_ / Q08_ (row n), limbs 1..3 into hi (3 rows of dp_),
-  // sc[l] = limb l . center, *kexp the scale exponent; sets nlimbs_, delta_base_, delta1_.
+  // sc[l] = limb l . center, *kexp the scale exponent; sets nlimbs_, delta_base_, delta1_,
+  // delta2_.
   // Scaling multiplies by exact powers of two (2^-1017 .. 2^1017, all normal), which rounds
   // exactly as ldexp would.
   void split_query(int n, int forced, const int* cint, int16_t* hi, int64_t* sc, int* kexp_out) {
@@ -393,6 +394,7 @@ class DensePass {
     nlimbs_[n] = L;
     delta_base_[n] = bound(L, true);
     delta1_[n] = L > 1 ? bound(1, true) : delta_base_[n];
+    delta2_[n] = L > 2 ? bound(2, true) : delta_base_[n];
     int8_t* q8 = &Q08_[(size_t)n * dp_];
     for (int j = 0; j < d_; ++j) q8[j] = (int8_t)limb[0][j];
     for (int l = 0; l < L; ++l) {
@@ -415,6 +417,7 @@ class DensePass {
     rstart_.resize(N_);
     delta_base_.resize(N_);
     delta1_.resize(N_);
+    delta2_.resize(N_);
     Q0_.assign((size_t)N_ * dp_, 0);
     Q08_.assign((size_t)N_ * dp_, 0);
     Sc0_.resize(N_);
@@ -446,6 +449,7 @@ class DensePass {
   void prepare_float() {
     delta_base_.resize(N_);
     delta1_.assign(N_, 0.0);
+    delta2_.assign(N_, 0.0);
     nlimbs_.assign(N_, 0);
     for (int n = 0; n < N_; ++n) {
       const double c = coef_[n], q = qmax_, vs = vsq_[n];
@@ -475,89 +479,155 @@ class DensePass {
 
   // Sub-block of nb rows starting at row r0 of X, int path: coarse logits of every row from
   // limb 0 (C), then the rows that can matter are refined with the other limbs (exact to
-  // delta_base): rows within kSkipT of the best logit seen, and rows that could enter the
-  // top-K. Per query n: lst[n * kSB + t], t < cnt[n], the refined rows (ascending) and
-  // P[n * kSB + i] their logits; the nskip[n] others (weight <= e^-kSkipT of the maximum
-  // each) are left out, skmax[n] the largest upper bound of their logits. A query that
-  // needs more than 1/8 of the rows refined gets all of them, by the tiled kernel.
-  // pf, pf_bytes: the rows this thread reads next, prefetched during the coarse pass.
+  // delta_base): rows within kSkipT of the best logit seen ("weight" rows), and rows that
+  // could enter the top K ("candidates"). Per query n: lst[n * kSB + t], t < cnt[n], the
+  // refined rows (ascending) and P[n * kSB + i] their logits; the nskip[n] others (weight
+  // <= e^-kSkipT of the maximum each) are left out, skmax[n] the largest upper bound of
+  // their logits. With 3 or more limbs a candidate goes in two stages: limb 1 first, then
+  // the other limbs only if the tighter bound (delta2) still lets it into the top K; the
+  // others are left out like the rest. Work per query (mode): kSparse, few rows, one call
+  // per row; kDenseA, many candidates but few weight rows, limb 1 of every row by the tiled
+  // kernel, then the rows that stay one by one; kDense, every limb of every row, tiled.
+  // kind: (N, kSB) scratch. pf, pf_bytes: the rows this thread reads next, prefetched
+  // along the way.
   void int_logits(const uint8_t* Xsb, const double* csq, int nb, const ThreadState& st, int64_t* S0, int64_t* Sr,
-                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* ref, const uint8_t* pf,
+                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* kind, const uint8_t* pf,
                   size_t pf_bytes) const {
+    enum : char { kOne, kSparse, kDenseA, kDense };
+    // kind: 0 not refined, 1 weight row, 2 candidate (limb 1 only so far), 3 candidate kept
     kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB, pf, pf_bytes);
-    bool any_sparse = false, any_dense = false;
+    std::vector<char> mode(N_, kOne);
+    std::vector<double> hmv(N_, -std::numeric_limits<double>::infinity());  // heap minimum per query
+    bool any_row = false, any_a = false, any_dense = false;
     for (int n = 0; n < N_; ++n) {
       double* Cn = C + (size_t)n * kSB;
       int* ln = lst + (size_t)n * kSB;
       const double cmax = coarse_logits(S0 + (size_t)n * kSB, Sc0_[n], pw0_[n], coef_[n], vsq_[n], csq, nb, Cn);
       nskip[n] = 0;
       skmax[n] = -std::numeric_limits<double>::infinity();
-      int c = 0;
-      if (nlimbs_[n] > 1) {
+      const int L = nlimbs_[n];
+      if (L > 1) {
         const double d1 = delta1_[n];
         const double thr = std::max(st.m[n], cmax - d1) - kSkipT;
         const bool hfull = st.top[n].size() >= K_;
         const double hmin = hfull ? st.top[n].front().first : -std::numeric_limits<double>::infinity();
+        hmv[n] = hmin;
+        char* kn = kind + (size_t)n * kSB;
         double sk = -std::numeric_limits<double>::infinity();
+        int c = 0, cw = 0;
         for (int i = 0; i < nb; ++i) {
           const double ub = Cn[i] + d1;
-          const bool f = ub >= thr || ub > hmin;
+          const bool fw = ub >= thr, f = fw || ub > hmin;
           ln[c] = i;
           c += f;
+          cw += fw;
+          // a candidate with only two limbs gets its one refining limb at once, like a weight row
+          kn[i] = (char)(fw || (f && L == 2) ? 1 : f ? 2 : 0);
           sk = f ? sk : std::max(sk, ub);
         }
-        if (8 * c <= nb) {
+        const bool few = 8 * c <= nb;
+        if (few || (L > 2 && 8 * cw <= nb)) {
+          mode[n] = few ? kSparse : kDenseA;
           nskip[n] = nb - c;
           skmax[n] = sk;
-          any_sparse = any_sparse || c > 0;
           cnt[n] = c;
+          any_row = any_row || (few && c > 0);
+          any_a = any_a || !few;
           continue;
         }
+        mode[n] = kDense;
         any_dense = true;
       }
       for (int i = 0; i < nb; ++i) ln[i] = i;  // every row (one limb, or a dense query)
       cnt[n] = nb;
     }
-    // the sparse refinements, one call per row with the limbs of every query that needs
-    // it (the row's uint8 -> int16 conversion is shared by all of them)
-    const auto sparse = [&](int n) { return nlimbs_[n] > 1 && cnt[n] < nb; };
-    if (any_sparse) {
-      std::fill(ref, ref + (size_t)N_ * kSB, 0);
+    std::vector<const int16_t*> lp;
+    std::vector<int64_t> tmp;
+    // kDense: every limb of every row, a run of consecutive queries (contiguous limb rows)
+    // per call; with <= 8 queries the coarse pass makes one pass over the rows, so the next
+    // rows stream in here (more queries: during the coarse pass's later passes)
+    for (int n = 0; any_dense && n < N_;) {
+      if (mode[n] != kDense) {
+        ++n;
+        continue;
+      }
+      int e = n;
+      while (e < N_ && mode[e] == kDense) ++e;
+      const int ra = rstart_[n], rb = rstart_[e - 1] + nlimbs_[e - 1] - 1;
+      kern_->dot_u8(&qrp_[ra], rb - ra, Xsb, nb, d_, Sr + (size_t)ra * kSB, kSB, N_ <= 8 ? pf : nullptr,
+                    N_ <= 8 ? pf_bytes : 0);
+      n = e;
+    }
+    // kDenseA: limb 1 of every row, tiled, into Sr
+    if (any_a) {
+      lp.clear();
       for (int n = 0; n < N_; ++n)
-        if (sparse(n))
-          for (int t = 0; t < cnt[n]; ++t) ref[(size_t)n * kSB + lst[(size_t)n * kSB + t]] = 1;
-      std::vector<const int16_t*> lp;
-      std::vector<int64_t> tmp;
+        if (mode[n] == kDenseA) lp.push_back(qrp_[rstart_[n]]);
+      tmp.resize(lp.size() * kSB);
+      kern_->dot_u8(lp.data(), (int)lp.size(), Xsb, nb, d_, tmp.data(), kSB, nullptr, 0);
+      for (int n = 0, a = 0; n < N_; ++n)
+        if (mode[n] == kDenseA) {
+          std::copy(&tmp[(size_t)a * kSB], &tmp[(size_t)a * kSB] + nb, &Sr[(size_t)rstart_[n] * kSB]);
+          ++a;
+        }
+    }
+    // one call per row with the limbs [l0, lim(n, i)) of every query that needs them (the
+    // row's uint8 -> int16 conversion is shared by all of them), into Sr
+    const auto per_row = [&](int l0, auto&& lim) {
       for (int i = 0; i < nb; ++i) {
         lp.clear();
         for (int n = 0; n < N_; ++n)
-          if (ref[(size_t)n * kSB + i] && sparse(n))
-            for (int l = 0; l < nlimbs_[n] - 1; ++l) lp.push_back(qrp_[rstart_[n] + l]);
+          for (int l = l0, e = lim(n, i); l < e; ++l) lp.push_back(qrp_[rstart_[n] + l]);
         if (lp.empty()) continue;
         tmp.resize(lp.size());
         kern_->dot_u8(lp.data(), (int)lp.size(), Xsb + (size_t)i * d_, 1, d_, tmp.data(), 1, nullptr, 0);
         size_t t = 0;
         for (int n = 0; n < N_; ++n)
-          if (ref[(size_t)n * kSB + i] && sparse(n))
-            for (int l = 0; l < nlimbs_[n] - 1; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
+          for (int l = l0, e = lim(n, i); l < e; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
       }
-    }
-    // refine the dense queries, a run of consecutive ones (contiguous limb rows) per call
-    const auto dense = [&](int n) { return nlimbs_[n] > 1 && cnt[n] == nb; };
-    for (int n = 0; any_dense && n < N_;) {
-      if (!dense(n)) {
-        ++n;
-        continue;
+    };
+    // kSparse: every limb for weight rows, limb 1 for candidates
+    if (any_row)
+      per_row(0, [&](int n, int i) -> int {
+        if (mode[n] != kSparse) return 0;
+        const char k = kind[(size_t)n * kSB + i];
+        return k == 1 ? nlimbs_[n] - 1 : k == 2 ? 1 : 0;
+      });
+    // the candidates' bounds from limbs 0 and 1: those that can still enter the top K are
+    // kept (kind 3, as are kDenseA's weight rows, which lack limbs 2..), the others left out
+    bool any_b = false;
+    for (int n = 0; n < N_; ++n) {
+      if (!(mode[n] == kDenseA || (mode[n] == kSparse && nlimbs_[n] > 2))) continue;
+      int* ln = lst + (size_t)n * kSB;
+      char* kn = kind + (size_t)n * kSB;
+      const int r1 = rstart_[n];
+      int c = 0;
+      for (int t = 0; t < cnt[n]; ++t) {
+        const int i = ln[t];
+        if (kn[i] == 2) {
+          const double dot = (double)(Sr[(size_t)r1 * kSB + i] - Scr_[r1]) * pwr_[r1] +
+                             (double)(S0[(size_t)n * kSB + i] - Sc0_[n]) * pw0_[n];
+          const double ub2 = -coef_[n] * ((vsq_[n] - 2.0 * dot) + csq[i]) + delta2_[n];
+          if (!(ub2 > hmv[n])) {
+            ++nskip[n];
+            skmax[n] = std::max(skmax[n], std::min(ub2, C[(size_t)n * kSB + i] + delta1_[n]));
+            kn[i] = 0;
+            continue;
+          }
+          kn[i] = 3;
+        } else if (mode[n] == kDenseA) {
+          kn[i] = 3;
+        }
+        any_b = any_b || kn[i] == 3;
+        ln[c++] = i;
       }
-      int e = n;
-      while (e < N_ && dense(e)) ++e;
-      const int ra = rstart_[n], rb = rstart_[e - 1] + nlimbs_[e - 1] - 1;
-      // with <= 8 queries the coarse pass makes one pass over the rows, so the next rows
-      // stream in here (more queries: during the coarse pass's later passes)
-      kern_->dot_u8(&qrp_[ra], rb - ra, Xsb, nb, d_, Sr + (size_t)ra * kSB, kSB, N_ <= 8 ? pf : nullptr,
-                    N_ <= 8 ? pf_bytes : 0);
-      n = e;
+      cnt[n] = c;
     }
+    // limbs 2.. of the rows of kind 3
+    if (any_b)
+      per_row(1, [&](int n, int i) -> int {
+        return (mode[n] == kSparse || mode[n] == kDenseA) && kind[(size_t)n * kSB + i] == 3 ? nlimbs_[n] - 1 : 1;
+      });
     for (int n = 0; n < N_; ++n) {
       const double* Cn = C + (size_t)n * kSB;
       double* Pn = P + (size_t)n * kSB;
@@ -595,7 +665,7 @@ class DensePass {
       st.top.assign(N_, TopHeap());
       std::vector<int64_t> S0(int_path_ ? (size_t)N_ * kSB : 0), Sr(int_path_ ? (size_t)Rr_ * kSB : 0);
       std::vector<double> D((size_t)N_ * kSB), P((size_t)N_ * kSB), XC((size_t)kSB * kJC);
-      std::vector<char> ref((size_t)N_ * kSB, 1);
+      std::vector<char> kind((size_t)N_ * kSB, 0);
       std::vector<int> lst((size_t)N_ * kSB), cnt(N_), nskip(N_);
       std::vector<double> skmax(N_), Dl(kSB);
       if (int_path_) st.accr.assign((size_t)N_ * d_, 0.0);
@@ -621,7 +691,7 @@ class DensePass {
           const uint8_t* pf = rn < B ? static_cast<const uint8_t*>(X) + (size_t)rn * d_ : nullptr;
           const size_t pfb = rn < B ? (size_t)std::min<int64_t>(kSB, B - rn) * d_ : 0;
           int_logits(static_cast<const uint8_t*>(X) + (size_t)r0 * d_, csq + r0, nb, st, S0.data(), Sr.data(),
-                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), ref.data(), pf, pfb);
+                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), kind.data(), pf, pfb);
         } else {
           std::fill(D.begin(), D.end(), 0.0);
           for (int j0 = 0; j0 < d_; j0 += kJC) {
@@ -837,7 +907,8 @@ class DensePass {
   size_t K_ = 1;
   bool int_path_ = false, finished_ = false;
   double qmax_ = 0.0;
-  std::vector<double> v_, coef_, center_, vsq_, delta_base_, delta1_;
+  // delta1_, delta2_: the logit bounds from limb 0 alone and from limbs 0 and 1
+  std::vector<double> v_, coef_, center_, vsq_, delta_base_, delta1_, delta2_;
   // int path: limb 0 of every query (Q0_, one row each) gives the coarse dot of every row;
   // limbs 1..L-1 (Qr_, rows rstart_[n] .. rstart_[n] + nlimbs_[n] - 2) refine the rows
   // that can matter. Sc = limb . center, pw = the limb's power of two.

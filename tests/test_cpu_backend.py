@@ -390,3 +390,36 @@ def test_same_inputs_bit_identical(rng):
         for o in outs[1:]:
             for a, b in zip(o, outs[0]):
                 np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("k", [1, 8, 64, 400])
+def test_top_k_candidates_in_two_stages(path, k, rng):
+    """Many sub-blocks at small sigma, so rows become top-K candidates one sub-block at a
+    time: whether refined in full, through limb 1 first (then kept or left out), or limb 1
+    of every row by the tiled kernel, the top K returned are the true top K, each logit
+    within delta of its float64 value, and leaving rows out keeps delta honest."""
+    M, d, N = 4000, 150, 7
+    x = rng.integers(0, 256, (M, d), dtype=np.uint8)
+    c = np.round(x.mean(0))
+    q = x - c
+    csq = (q * q).sum(1)
+    for sigma_raw in (2.0, 12.0):
+        v = q[rng.integers(0, M, N)] + sigma_raw * rng.standard_normal((N, d))
+        coef = np.full(N, 1.0 / (2 * sigma_raw**2))
+        dp = C.DensePass(v, coef, c, float(np.sqrt(csq.max())), k, "uint8", path, 1e-8, 0)
+        dp.update(x, csq, 0)
+        m, s, acc, top_val, top_idx, delta = dp.finish()
+        if k <= 64:  # (k = 400 is a tenth of the rows: most are candidates somewhere)
+            assert dp.refined < 0.5, (sigma_raw, dp.refined)
+        exact = -coef[:, None] * ((v[:, None, :] - q[None, :, :]) ** 2).sum(-1)  # (N, M) float64
+        for n in range(N):
+            got = exact[n, top_idx[n]]
+            assert np.all(np.abs(top_val[n] - got) <= delta[n] + 1e-9 * np.abs(got)), (n, k)
+            kth = np.sort(exact[n])[::-1][k - 1]
+            assert got.min() >= kth - 2 * delta[n] - 1e-9 * abs(kth), (n, k)
+            assert len(set(top_idx[n].tolist())) == k
+        # the weighted mean against the float64 one, within the certificate
+        w = np.exp(exact - exact.max(1, keepdims=True))
+        ref = (w @ q) / w.sum(1, keepdims=True)
+        assert_within_certificate(acc / s[:, None], ref, q, delta)
