@@ -17,8 +17,9 @@ row, ||q_i||^2 the dataset's exact float64 norms). The bound ``delta`` (per quer
   Limb 0 alone is the coarse pass (u8 x s8 vpdpbusd on AVX-512, 64 products per
   instruction): every row gets a coarse logit within delta_1 of the truth, and only rows
   whose coarse bound is within 40 of the best logit seen, or that could enter the top K,
-  get the other limbs. The rows left out weigh at most ``xs = sum exp(coarse + delta_1 -
-  max)``, and ``xs / s`` is added to delta: a relative perturbation eps of the weights
+  get the other limbs (a top-K candidate gets limb 1 first and the rest only if its bound
+  from limbs 0 and 1, delta_2, still lets it in). The rows left out weigh at most
+  ``xs = sum exp(ub - max)`` with ub their best upper bound, and ``xs / s`` is added to delta: a relative perturbation eps of the weights
   (here: the rows left out) is covered by ``delta + eps`` (every kept weight is off by a
   factor within ``exp(+-2 (delta + eps))`` after normalisation). ``DensePass.refined`` is
   the fraction of (query, row) pairs that got every limb (1 at large sigma, a few percent
