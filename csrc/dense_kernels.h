@@ -49,8 +49,26 @@ static inline double vsum(vd x) {
 // products is below 2^24 and int32 lanes are flushed to int64 every 2048 elements.
 constexpr int kFlush = 2048;
 
+// S[r, b] = tot[r][b] + the columns [nv, d) past the vector part, in scalar code
+template <int RT, int BT, typename QT>
+static inline void store_tile(const int64_t (&tot)[RT][BT], const QT* const* Qp, const uint8_t* X, int d, int nv,
+                              int64_t* S, int ldS) {
+  for (int r = 0; r < RT; ++r)
+    for (int b = 0; b < BT; ++b) {
+      int64_t t = tot[r][b];
+      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
+      S[(size_t)r * ldS + b] = t;
+    }
+}
+
 #if OPTDEN_ISA == 2
 constexpr int kIntStep = 32;
+// the sum of the 16 int32 lanes, each widened to int64 first (no overflow)
+static inline int64_t hsum_epi32(__m512i a) {
+  const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
+  const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+}
 // acc += pairwise int16 products, in place. GCC 12 keeps the intrinsic's accumulators of a
 // tile in copies and spills them to the stack every step; the asm ties each to one register.
 static inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
@@ -85,18 +103,9 @@ static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, i
       }
     }
     for (int r = 0; r < RT; ++r)
-      for (int b = 0; b < BT; ++b) {
-        const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r][b]));
-        const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r][b], 1));
-        tot[r][b] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
-      }
+      for (int b = 0; b < BT; ++b) tot[r][b] += hsum_epi32(acc[r][b]);
   }
-  for (int r = 0; r < RT; ++r)
-    for (int b = 0; b < BT; ++b) {
-      int64_t t = tot[r][b];
-      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
-      S[(size_t)r * ldS + b] = t;
-    }
+  store_tile<RT, BT>(tot, Qp, X, d, nv, S, ldS);
 }
 constexpr int kRT = 4, kBT = 4;
 #elif OPTDEN_ISA == 1
@@ -128,12 +137,7 @@ static inline void dot_tile(const int16_t* const* Qp, const uint8_t* X, int d, i
         tot[r][b] += t[0] + t[1] + t[2] + t[3];
       }
   }
-  for (int r = 0; r < RT; ++r)
-    for (int b = 0; b < BT; ++b) {
-      int64_t t = tot[r][b];
-      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
-      S[(size_t)r * ldS + b] = t;
-    }
+  store_tile<RT, BT>(tot, Qp, X, d, nv, S, ldS);
 }
 constexpr int kRT = 4, kBT = 2;
 #else
@@ -216,18 +220,9 @@ static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, i
       }
     }
     for (int r = 0; r < RT; ++r)
-      for (int b = 0; b < BT; ++b) {
-        const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r][b]));
-        const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r][b], 1));
-        tot[r][b] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
-      }
+      for (int b = 0; b < BT; ++b) tot[r][b] += hsum_epi32(acc[r][b]);
   }
-  for (int r = 0; r < RT; ++r)
-    for (int b = 0; b < BT; ++b) {
-      int64_t t = tot[r][b];
-      for (int j = nv; j < d; ++j) t += (int64_t)Qp[r][j] * X[(size_t)b * d + j];
-      S[(size_t)r * ldS + b] = t;
-    }
+  store_tile<RT, BT>(tot, Qp, X, d, nv, S, ldS);
 }
 
 // pf: the prefetch cursor (advanced by the lines each tile asked for), pfe its end
