@@ -74,19 +74,21 @@ constexpr double kU = 1.1102230246251565e-16;  // unit roundoff of float64, 2^-5
 
 struct Kernels {
   const char* name;
-  void (*dot_u8)(const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int, const uint8_t*, size_t);
+  void (*dot_u8)(const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int, const uint8_t**,
+                 const uint8_t*);
   void (*dot_q0)(const int8_t* const*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int,
-                 const uint8_t*, size_t);
+                 const uint8_t**, const uint8_t*);
   void (*dot_f64)(const double*, int, int, const double*, int, int, double*, int);
   void (*acc_f64)(const double*, int, int, const double*, int, double*, int, const int*, int, int);
   void (*wsum_u8)(const int16_t*, int, int, const double*, const int*, const uint8_t*, int, const int*, int, int,
-                  double*, int, int16_t*);
+                  double*, int, int16_t*, const uint8_t**, const uint8_t*);
   int (*ws_scratch)(int);
+  int (*classify)(const double*, int, double, double, double, char, int*, char*, int*, double*);
 };
 
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems};
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -488,14 +490,14 @@ class DensePass {
   // others are left out like the rest. Work per query (mode): kSparse, few rows, one call
   // per row; kDenseA, many candidates but few weight rows, limb 1 of every row by the tiled
   // kernel, then the rows that stay one by one; kDense, every limb of every row, tiled.
-  // kind: (N, kSB) scratch. pf, pf_bytes: the rows this thread reads next, prefetched
-  // along the way.
+  // kind: (N, kSB) scratch. pf, pfe: the prefetch cursor over the rows this thread reads
+  // next; the tiled kernels take lines off its front as they go.
   void int_logits(const uint8_t* Xsb, const double* csq, int nb, const ThreadState& st, int64_t* S0, int64_t* Sr,
-                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* kind, const uint8_t* pf,
-                  size_t pf_bytes) const {
+                  double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* kind, const uint8_t*& pf,
+                  const uint8_t* pfe) const {
     enum : char { kOne, kSparse, kDenseA, kDense };
     // kind: 0 not refined, 1 weight row, 2 candidate (limb 1 only so far), 3 candidate kept
-    kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB, pf, pf_bytes);
+    kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB, &pf, pfe);
     std::vector<char> mode(N_, kOne);
     std::vector<double> hmv(N_, -std::numeric_limits<double>::infinity());  // heap minimum per query
     bool any_row = false, any_a = false, any_dense = false;
@@ -513,18 +515,10 @@ class DensePass {
         const double hmin = hfull ? st.top[n].front().first : -std::numeric_limits<double>::infinity();
         hmv[n] = hmin;
         char* kn = kind + (size_t)n * kSB;
-        double sk = -std::numeric_limits<double>::infinity();
-        int c = 0, cw = 0;
-        for (int i = 0; i < nb; ++i) {
-          const double ub = Cn[i] + d1;
-          const bool fw = ub >= thr, f = fw || ub > hmin;
-          ln[c] = i;
-          c += f;
-          cw += fw;
-          // a candidate with only two limbs gets its one refining limb at once, like a weight row
-          kn[i] = (char)(fw || (f && L == 2) ? 1 : f ? 2 : 0);
-          sk = f ? sk : std::max(sk, ub);
-        }
+        double sk;
+        int cw;
+        // a candidate with only two limbs gets its one refining limb at once, like a weight row
+        const int c = kern_->classify(Cn, nb, d1, thr, hmin, (char)(L == 2 ? 1 : 2), ln, kn, &cw, &sk);
         const bool few = 8 * c <= nb;
         if (few || (L > 2 && 8 * cw <= nb)) {
           mode[n] = few ? kSparse : kDenseA;
@@ -554,8 +548,7 @@ class DensePass {
       int e = n;
       while (e < N_ && mode[e] == kDense) ++e;
       const int ra = rstart_[n], rb = rstart_[e - 1] + nlimbs_[e - 1] - 1;
-      kern_->dot_u8(&qrp_[ra], rb - ra, Xsb, nb, d_, Sr + (size_t)ra * kSB, kSB, N_ <= 8 ? pf : nullptr,
-                    N_ <= 8 ? pf_bytes : 0);
+      kern_->dot_u8(&qrp_[ra], rb - ra, Xsb, nb, d_, Sr + (size_t)ra * kSB, kSB, &pf, pfe);
       n = e;
     }
     // kDenseA: limb 1 of every row, tiled, into Sr
@@ -564,35 +557,55 @@ class DensePass {
       for (int n = 0; n < N_; ++n)
         if (mode[n] == kDenseA) lp.push_back(qrp_[rstart_[n]]);
       tmp.resize(lp.size() * kSB);
-      kern_->dot_u8(lp.data(), (int)lp.size(), Xsb, nb, d_, tmp.data(), kSB, nullptr, 0);
+      kern_->dot_u8(lp.data(), (int)lp.size(), Xsb, nb, d_, tmp.data(), kSB, &pf, pfe);
       for (int n = 0, a = 0; n < N_; ++n)
         if (mode[n] == kDenseA) {
           std::copy(&tmp[(size_t)a * kSB], &tmp[(size_t)a * kSB] + nb, &Sr[(size_t)rstart_[n] * kSB]);
           ++a;
         }
     }
-    // one call per row with the limbs [l0, lim(n, i)) of every query that needs them (the
-    // row's uint8 -> int16 conversion is shared by all of them), into Sr
-    const auto per_row = [&](int l0, auto&& lim) {
-      for (int i = 0; i < nb; ++i) {
+    // one call per row with the limbs [l0, lim(n, i)) of every query of mode in `modes`
+    // that lists the row and needs them (the row's uint8 -> int16 conversion is shared by
+    // all of them), into Sr. The listed rows are bucketed by row first (a counting sort),
+    // so the work follows the refined pairs, not nb x N.
+    std::vector<int> rc(nb + 1), rq;
+    const auto per_row = [&](int l0, auto&& use, auto&& lim) {
+      std::fill(rc.begin(), rc.end(), 0);
+      for (int n = 0; n < N_; ++n) {
+        if (!use(n)) continue;
+        const int* ln = lst + (size_t)n * kSB;
+        for (int t = 0; t < cnt[n]; ++t) rc[ln[t] + 1] += lim(n, ln[t]) > l0;
+      }
+      for (int i = 0; i < nb; ++i) rc[i + 1] += rc[i];
+      if (rc[nb] == 0) return;
+      rq.resize(rc[nb]);
+      for (int n = 0; n < N_; ++n) {  // ascending n within each row's bucket
+        if (!use(n)) continue;
+        const int* ln = lst + (size_t)n * kSB;
+        for (int t = 0; t < cnt[n]; ++t)
+          if (lim(n, ln[t]) > l0) rq[rc[ln[t]]++] = n;
+      }
+      // rc[i] is now the end of row i's bucket (the start of row i + 1's)
+      for (int i = 0, b = 0; i < nb; b = rc[i++]) {
+        if (b == rc[i]) continue;
         lp.clear();
-        for (int n = 0; n < N_; ++n)
-          for (int l = l0, e = lim(n, i); l < e; ++l) lp.push_back(qrp_[rstart_[n] + l]);
-        if (lp.empty()) continue;
+        for (int u = b; u < rc[i]; ++u)
+          for (int l = l0, n = rq[u], e = lim(n, i); l < e; ++l) lp.push_back(qrp_[rstart_[n] + l]);
         tmp.resize(lp.size());
-        kern_->dot_u8(lp.data(), (int)lp.size(), Xsb + (size_t)i * d_, 1, d_, tmp.data(), 1, nullptr, 0);
+        kern_->dot_u8(lp.data(), (int)lp.size(), Xsb + (size_t)i * d_, 1, d_, tmp.data(), 1, nullptr, nullptr);
         size_t t = 0;
-        for (int n = 0; n < N_; ++n)
-          for (int l = l0, e = lim(n, i); l < e; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
+        for (int u = b; u < rc[i]; ++u)
+          for (int l = l0, n = rq[u], e = lim(n, i); l < e; ++l) Sr[(size_t)(rstart_[n] + l) * kSB + i] = tmp[t++];
       }
     };
     // kSparse: every limb for weight rows, limb 1 for candidates
     if (any_row)
-      per_row(0, [&](int n, int i) -> int {
-        if (mode[n] != kSparse) return 0;
-        const char k = kind[(size_t)n * kSB + i];
-        return k == 1 ? nlimbs_[n] - 1 : k == 2 ? 1 : 0;
-      });
+      per_row(
+          0, [&](int n) { return mode[n] == kSparse; },
+          [&](int n, int i) -> int {
+            const char k = kind[(size_t)n * kSB + i];
+            return k == 1 ? nlimbs_[n] - 1 : k == 2 ? 1 : 0;
+          });
     // the candidates' bounds from limbs 0 and 1: those that can still enter the top K are
     // kept (kind 3, as are kDenseA's weight rows, which lack limbs 2..), the others left out
     bool any_b = false;
@@ -625,9 +638,9 @@ class DensePass {
     }
     // limbs 2.. of the rows of kind 3
     if (any_b)
-      per_row(1, [&](int n, int i) -> int {
-        return (mode[n] == kSparse || mode[n] == kDenseA) && kind[(size_t)n * kSB + i] == 3 ? nlimbs_[n] - 1 : 1;
-      });
+      per_row(
+          1, [&](int n) { return mode[n] == kSparse || mode[n] == kDenseA; },
+          [&](int n, int i) -> int { return kind[(size_t)n * kSB + i] == 3 ? nlimbs_[n] - 1 : 1; });
     for (int n = 0; n < N_; ++n) {
       const double* Cn = C + (size_t)n * kSB;
       double* Pn = P + (size_t)n * kSB;
@@ -677,6 +690,10 @@ class DensePass {
       const int ntiles = (N_ + 3) / 4;
       std::vector<int> rows((size_t)ntiles * kSB), nrows(ntiles), uni(kSB);
       std::vector<char> used(kSB);
+      // prefetch cursor over this thread's next sub-block: the kernels that compute on rows
+      // already in cache (refinement, weighted sum) take lines off its front, so memory
+      // keeps streaming between the coarse passes
+      const uint8_t *pf = nullptr, *pfe = nullptr;
       // static: which thread sees which sub-blocks, and so its running max, its skip
       // decisions and its weights' quantization, is the same on every run (bit-identical
       // results for the same inputs and thread count)
@@ -688,10 +705,10 @@ class DensePass {
         //    the float path; on the int path the others are left out, see int_logits)
         if (int_path_) {
           const int64_t rn = r0 + (int64_t)nthr * kSB;  // this thread's next sub-block (static, 1)
-          const uint8_t* pf = rn < B ? static_cast<const uint8_t*>(X) + (size_t)rn * d_ : nullptr;
-          const size_t pfb = rn < B ? (size_t)std::min<int64_t>(kSB, B - rn) * d_ : 0;
+          pf = rn < B ? static_cast<const uint8_t*>(X) + (size_t)rn * d_ : nullptr;
+          pfe = rn < B ? pf + (size_t)std::min<int64_t>(kSB, B - rn) * d_ : nullptr;
           int_logits(static_cast<const uint8_t*>(X) + (size_t)r0 * d_, csq + r0, nb, st, S0.data(), Sr.data(),
-                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), kind.data(), pf, pfb);
+                     D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), kind.data(), pf, pfe);
         } else {
           std::fill(D.begin(), D.end(), 0.0);
           for (int j0 = 0; j0 < d_; j0 += kJC) {
@@ -832,7 +849,7 @@ class DensePass {
           }
           kern_->wsum_u8(W.data(), R, kSB, wscale.data(), wout.data(),
                          static_cast<const uint8_t*>(X) + (size_t)r0 * d_, d_, uni.data(), nu, d_, st.accr.data(), d_,
-                         scratch.data());
+                         scratch.data(), &pf, pfe);
           continue;
         }
         // 3b. float path: weighted sum of the rows that carry weight, queries in tiles of 4; each column

@@ -10,6 +10,7 @@
 //   dot_q0   the same for |Q| <= 127 (int8 x uint8 with vpdpbusd on AVX-512)
 //   dot_f64  D[n, i] += sum_j V[n, j] * XC[i, j]        float64 (any order; gamma_d bound)
 //   acc_f64  A[n, j] += sum_{i in rows} P[n, i] XC[i, j] float64 weighted sum of a chunk
+//   classify the rows of a sub-block that one query refines, from their coarse logits
 
 #if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
 #error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
@@ -172,12 +173,13 @@ static void dot_rows(const int16_t* const* Qp, const uint8_t* X, int B, int d, i
   for (; b < B; ++b) dot_tile<RT, 1>(Qp, X + (size_t)b * d, d, S + b, ldS);
 }
 
-// pf, pf_bytes: memory to prefetch along the way (the rows this thread reads next, so that
-// memory keeps streaming while these rows, already in cache, are computed on); nullptr / 0
-// for none. Only the AVX-512 path prefetches.
+// pfc, pfe: a prefetch cursor into [*pfc, pfe), the rows this thread reads next, so that
+// memory keeps streaming while these rows, already in cache, are computed on; the lines
+// asked for are taken off the front (*pfc advances). nullptr: none. Only the AVX-512 path
+// prefetches.
 static void dot_u8(const int16_t* const* Qp, int R, const uint8_t* X, int B, int d, int64_t* S, int ldS,
-                   const uint8_t* pf, size_t pf_bytes) {
-  const uint8_t* pfe = pf ? pf + pf_bytes : nullptr;
+                   const uint8_t** pfc, const uint8_t* pfe) {
+  const uint8_t* pf = pfc && *pfc < pfe ? *pfc : nullptr;
   int r = 0;
   for (; r + kRT <= R; r += kRT) dot_rows<kRT>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
   // the last 1..3 limb rows in one tile, so each row of X is read once more, not 3 times
@@ -185,6 +187,7 @@ static void dot_u8(const int16_t* const* Qp, int R, const uint8_t* X, int B, int
   if (rest >= 3) dot_rows<3>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe), r += 3;
   else if (rest == 2) dot_rows<2>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe), r += 2;
   for (; r < R; ++r) dot_rows<1>(Qp + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe);
+  if (pfc) *pfc = pf ? pf : pfe;
 }
 
 // The coarse limb: S[r, i] = sum_j Q_r[j] X[i, j] with |Q| <= 127. AVX-512: the int8
@@ -258,14 +261,13 @@ static void dot8_first8(const int8_t* const* Qp, const uint8_t* X, int B, int d,
   for (; b < B; ++b) dot8_tile<8, 1>(Qp, X + (size_t)b * d, d, S + b, ldS, nullptr, nullptr);
 }
 
-// pf, pf_bytes: memory to prefetch along the way (the next rows this thread will read),
-// during the passes after the first when R >= 8; nullptr / 0 for none. The first pass
-// over X prefetches X's own rows ahead.
+// pfc, pfe: the prefetch cursor (as dot_u8's), used during the passes after the first
+// when R >= 8. The first pass over X prefetches X's own rows ahead.
 static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
-                   int64_t* S, int ldS, const uint8_t* pf, size_t pf_bytes) {
+                   int64_t* S, int ldS, const uint8_t** pfc, const uint8_t* pfe) {
   (void)Q16p;
-  const uint8_t* pfe = pf ? pf + pf_bytes : nullptr;
-  if (R < 8 || d < 64) pf = nullptr;
+  if (R < 8 || d < 64) pfc = nullptr;
+  const uint8_t* pf = pfc && *pfc < pfe ? *pfc : nullptr;
   int r = 0;
   if (R >= 8 && d >= 64) dot8_first8(Q8p, X, B, d, S, ldS), r = 8;
   for (; r + 4 <= R; r += 4) dot8_rows<4>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
@@ -273,12 +275,13 @@ static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, 
   if (rest == 3) dot8_rows<3>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
   else if (rest == 2) dot8_rows<2>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
   else if (rest == 1) dot8_rows<1>(Q8p + r, X, B, d, S + (size_t)r * ldS, ldS, pf, pfe, r == 0);
+  if (pfc) *pfc = pf ? pf : pfe;
 }
 #else
 static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, const uint8_t* X, int B, int d,
-                   int64_t* S, int ldS, const uint8_t* pf, size_t pf_bytes) {
-  (void)Q8p, (void)pf, (void)pf_bytes;
-  dot_u8(Q16p, R, X, B, d, S, ldS, nullptr, 0);
+                   int64_t* S, int ldS, const uint8_t** pfc, const uint8_t* pfe) {
+  (void)Q8p, (void)pfc, (void)pfe;
+  dot_u8(Q16p, R, X, B, d, S, ldS, nullptr, nullptr);
 }
 #endif
 
@@ -365,6 +368,51 @@ static void acc_f64(const double* P, int N, int ldp, const double* XC, int w, do
   else if (N == 3) acc_tile<3>(P, ldp, XC, w, A, lda, rows, nrows);
   else if (N == 2) acc_tile<2>(P, ldp, XC, w, A, lda, rows, nrows);
   else if (N == 1) acc_tile<1>(P, ldp, XC, w, A, lda, rows, nrows);
+}
+
+// ---------------------------------------------------------------- row classification
+// One query's rows of a sub-block, from their coarse logits C (nb) and the coarse bound
+// d1: with ub = C[i] + d1, row i is a weight row if ub >= thr, a candidate for the top K
+// if ub > hmin (and not a weight row), left out otherwise. lst gets the rows that are
+// either, ascending; kind[i] = 1 for weight rows, cand_kind for candidates, 0 for the
+// rest. Returns how many lst got; *cw: the weight rows among them; *skmax: the largest
+// ub of the rows left out (-inf if none; a NaN ub is passed over, as std::max does).
+// Comparisons and a max only, so every version gives the same result.
+static int classify(const double* C, int nb, double d1, double thr, double hmin, char cand_kind, int* lst,
+                    char* kind, int* cw, double* skmax) {
+  int c = 0, w = 0, i = 0;
+  double sk = -std::numeric_limits<double>::infinity();
+#if OPTDEN_ISA == 2
+  const __m512d vd1 = _mm512_set1_pd(d1), vthr = _mm512_set1_pd(thr), vhmin = _mm512_set1_pd(hmin);
+  const __m128i k1 = _mm_set1_epi8(1), kc = _mm_set1_epi8(cand_kind);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512d vsk = _mm512_set1_pd(sk);
+  for (; i < nb; i += 8, idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8))) {
+    const __mmask8 m = nb - i >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (nb - i)) - 1);
+    const __m512d ub = _mm512_add_pd(_mm512_maskz_loadu_pd(m, C + i), vd1);
+    const __mmask8 fw = _mm512_mask_cmp_pd_mask(m, ub, vthr, _CMP_GE_OQ);
+    const __mmask8 f = fw | _mm512_mask_cmp_pd_mask(m, ub, vhmin, _CMP_GT_OQ);
+    _mm256_mask_compressstoreu_epi32(lst + c, f, idx);
+    c += __builtin_popcount(f);
+    w += __builtin_popcount(fw);
+    const __m128i k = _mm_mask_mov_epi8(_mm_maskz_mov_epi8(f, kc), fw, k1);
+    _mm_mask_storeu_epi8(kind + i, m, k);
+    vsk = _mm512_mask_max_pd(vsk, m & (__mmask8)~f, ub, vsk);  // vsk where ub is NaN
+  }
+  sk = _mm512_reduce_max_pd(vsk);
+#endif
+  for (; i < nb; ++i) {
+    const double ub = C[i] + d1;
+    const bool fw = ub >= thr, f = fw || ub > hmin;
+    lst[c] = i;
+    c += f;
+    w += fw;
+    kind[i] = (char)(fw ? 1 : f ? cand_kind : 0);
+    sk = f ? sk : std::max(sk, ub);
+  }
+  *cw = w;
+  *skmax = sk;
+  return c;
 }
 
 }  // namespace OPTDEN_KNS

@@ -39,6 +39,11 @@
 // int16 (the same value in every version; any alignment, 64 bytes is best; the portable
 // version ignores it); A must not overlap W, X or scratch. No alignment is required of
 // any array. R, nrows or d <= 0: nothing is done.
+//
+// Prefetch. pfc, pfe: a cursor into [*pfc, pfe), the rows the caller reads next; the
+// vector versions ask for two of its cache lines (to L2) per row pair they build, so that
+// memory keeps streaming while these rows, already in cache, are summed, and advance *pfc
+// past them. pfc nullptr: none.
 
 #if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
 #error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
@@ -181,11 +186,22 @@ static inline int32_t ws_wpair(const int16_t* w) {
   return x;
 }
 
-// interleaved copy of columns [c0, c0 + w) of the rows: S[(v * np + p) * kWsV + lane]
-static inline void ws_build(const uint8_t* X, int ldx, const int* rows, int nrows, int c0, int w, int32_t* S) {
+// the next two cache lines of the prefetch cursor [pf, pfe) (nullptr: none, or done)
+static inline void ws_prefetch2(const uint8_t*& pf, const uint8_t* pfe) {
+  if (!pf) return;
+  _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
+  if (pf + 64 < pfe) _mm_prefetch(reinterpret_cast<const char*>(pf + 64), _MM_HINT_T1);
+  pf = pf + 128 < pfe ? pf + 128 : nullptr;
+}
+
+// interleaved copy of columns [c0, c0 + w) of the rows: S[(v * np + p) * kWsV + lane],
+// two lines of the prefetch cursor per row pair
+static inline void ws_build(const uint8_t* X, int ldx, const int* rows, int nrows, int c0, int w, int32_t* S,
+                            const uint8_t*& pf, const uint8_t* pfe) {
   const int np = (nrows + 1) / 2, nvf = w / kWsV, nt = w - nvf * kWsV;
   const size_t vs = (size_t)np * kWsV;
   for (int p = 0; p < np; ++p) {
+    ws_prefetch2(pf, pfe);
     const uint8_t* a = X + (size_t)rows[2 * p] * ldx + c0;
     const uint8_t* b = 2 * p + 1 < nrows ? X + (size_t)rows[2 * p + 1] * ldx + c0 : nullptr;
     int32_t* s = S + (size_t)p * kWsV;
@@ -294,7 +310,9 @@ static inline void ws_tile_s(const int32_t* S, size_t vs, const int16_t* W, int 
 // one tile with the pairs built in registers (for a single weight tile: no copy)
 template <int RT, int JT>
 static inline void ws_tile_d(const uint8_t* X, int ldx, const int* rows, int nrows, const int16_t* W, int ldw,
-                             const double* scale, const int* out, double* A, int lda, int j0, int nvalid) {
+                             const double* scale, const int* out, double* A, int lda, int j0, int nvalid,
+                             const uint8_t*& pf, const uint8_t* pfe) {
+  (void)pf, (void)pfe;  // only the AVX-512 full tile prefetches
   ws_vi a0[ws_split<RT>::A][JT], a1[ws_split<RT>::Bx][JT];
   ws_zero2<RT, JT>(a0, a1);
   const int npf = nrows / 2;
@@ -307,6 +325,7 @@ static inline void ws_tile_d(const uint8_t* X, int ldx, const int* rows, int nro
         ws_step2<RT, JT, true>(a0, a1, x, W, ldw, nrows - 1);
       }
       for (int p = 0; p < npf; ++p) {
+        ws_prefetch2(pf, pfe);
         ws_vi x[JT];
         ws_pair64(X + (size_t)rows[2 * p] * ldx + j0, X + (size_t)rows[2 * p + 1] * ldx + j0, x);
         ws_step2<RT, JT, false>(a0, a1, x, W, ldw, 2 * p);
@@ -372,39 +391,43 @@ struct ws_args {
   int nrows;
   double* A;
   int lda;
+  const uint8_t* pfe;  // end of the prefetch cursor's range
 };
 
 template <int RT, int JT>
-static inline void ws_tile(const ws_args& g, int r0, const int32_t* S, size_t vs, int j0, int nvalid) {
+static inline void ws_tile(const ws_args& g, int r0, const int32_t* S, size_t vs, int j0, int nvalid,
+                           const uint8_t*& pf) {
   if (S)
     ws_tile_s<RT, JT>(S, vs, g.W + (size_t)r0 * g.ldw, g.ldw, g.nrows, g.scale + r0, g.out + r0, g.A, g.lda, j0,
                       nvalid);
   else
     ws_tile_d<RT, JT>(g.X, g.ldx, g.rows, g.nrows, g.W + (size_t)r0 * g.ldw, g.ldw, g.scale + r0, g.out + r0,
-                      g.A, g.lda, j0, nvalid);
+                      g.A, g.lda, j0, nvalid, pf, g.pfe);
 }
 
 // all weight rows over one column tile of JT vectors (tiles of kWsRT rows, then the rest)
 template <int JT>
-static void ws_rows(const ws_args& g, int R, const int32_t* S, size_t vs, int j0, int nvalid) {
+static void ws_rows(const ws_args& g, int R, const int32_t* S, size_t vs, int j0, int nvalid, const uint8_t*& pf) {
   int r0 = 0;
-  for (; r0 + kWsRT <= R; r0 += kWsRT) ws_tile<kWsRT, JT>(g, r0, S, vs, j0, nvalid);
+  for (; r0 + kWsRT <= R; r0 += kWsRT) ws_tile<kWsRT, JT>(g, r0, S, vs, j0, nvalid, pf);
   switch (R - r0) {
 #if OPTDEN_ISA == 2
-    case 5: ws_tile<5, JT>(g, r0, S, vs, j0, nvalid); break;
-    case 4: ws_tile<4, JT>(g, r0, S, vs, j0, nvalid); break;
+    case 5: ws_tile<5, JT>(g, r0, S, vs, j0, nvalid, pf); break;
+    case 4: ws_tile<4, JT>(g, r0, S, vs, j0, nvalid, pf); break;
 #endif
-    case 3: ws_tile<3, JT>(g, r0, S, vs, j0, nvalid); break;
-    case 2: ws_tile<2, JT>(g, r0, S, vs, j0, nvalid); break;
-    case 1: ws_tile<1, JT>(g, r0, S, vs, j0, nvalid); break;
+    case 3: ws_tile<3, JT>(g, r0, S, vs, j0, nvalid, pf); break;
+    case 2: ws_tile<2, JT>(g, r0, S, vs, j0, nvalid, pf); break;
+    case 1: ws_tile<1, JT>(g, r0, S, vs, j0, nvalid, pf); break;
     default: break;
   }
 }
 
 static void wsum_u8(const int16_t* W, int R, int ldw, const double* scale, const int* out, const uint8_t* X,
-                    int ldx, const int* rows, int nrows, int d, double* A, int lda, int16_t* scratch) {
+                    int ldx, const int* rows, int nrows, int d, double* A, int lda, int16_t* scratch,
+                    const uint8_t** pfc, const uint8_t* pfe) {
   if (R <= 0 || nrows <= 0 || d <= 0) return;
-  const ws_args g{W, ldw, scale, out, X, ldx, rows, nrows, A, lda};
+  const ws_args g{W, ldw, scale, out, X, ldx, rows, nrows, A, lda, pfe};
+  const uint8_t* pf = pfc && *pfc < pfe ? *pfc : nullptr;
   // a single weight tile (AVX-512): build the pairs in registers, no copy
   static_assert(kWsChunk % (kWsV * kWsJT) == 0, "a chunk is whole column tiles");
   const bool direct = OPTDEN_ISA == 2 && R <= kWsRT;
@@ -413,7 +436,7 @@ static void wsum_u8(const int16_t* W, int R, int ldw, const double* scale, const
   for (int c0 = 0; c0 < d; c0 += kWsChunk) {
     const int w = std::min(kWsChunk, d - c0);
     const int nv = (w + kWsV - 1) / kWsV;
-    if (!direct) ws_build(X, ldx, rows, nrows, c0, w, S);
+    if (!direct) ws_build(X, ldx, rows, nrows, c0, w, S, pf, pfe);
     for (int v0 = 0; v0 < nv; v0 += kWsJT) {
       const int jt = std::min(kWsJT, nv - v0);
       const int j0 = c0 + v0 * kWsV;
@@ -421,14 +444,15 @@ static void wsum_u8(const int16_t* W, int R, int ldw, const double* scale, const
       const int32_t* St = direct ? nullptr : S + v0 * vs;
       switch (jt) {
 #if OPTDEN_ISA == 2
-        case 4: ws_rows<4>(g, R, St, vs, j0, nvalid); break;
-        case 3: ws_rows<3>(g, R, St, vs, j0, nvalid); break;
+        case 4: ws_rows<4>(g, R, St, vs, j0, nvalid, pf); break;
+        case 3: ws_rows<3>(g, R, St, vs, j0, nvalid, pf); break;
 #endif
-        case 2: ws_rows<2>(g, R, St, vs, j0, nvalid); break;
-        default: ws_rows<1>(g, R, St, vs, j0, nvalid); break;
+        case 2: ws_rows<2>(g, R, St, vs, j0, nvalid, pf); break;
+        default: ws_rows<1>(g, R, St, vs, j0, nvalid, pf); break;
       }
     }
   }
+  if (pfc) *pfc = pf ? pf : pfe;
 }
 
 #else  // portable: int32 sums (exact, see above), one weight row at a time
@@ -439,8 +463,9 @@ static inline void ws_add_tail(double* a, const int32_t* s, int n, double sc) {
 }
 
 static void wsum_u8(const int16_t* W, int R, int ldw, const double* scale, const int* out, const uint8_t* X,
-                    int ldx, const int* rows, int nrows, int d, double* A, int lda, int16_t* scratch) {
-  (void)scratch;
+                    int ldx, const int* rows, int nrows, int d, double* A, int lda, int16_t* scratch,
+                    const uint8_t** pfc, const uint8_t* pfe) {
+  (void)scratch, (void)pfc, (void)pfe;
   if (R <= 0 || nrows <= 0 || d <= 0) return;
   int32_t s[kWsChunk];
   for (int c0 = 0; c0 < d; c0 += kWsChunk) {
