@@ -15,7 +15,7 @@ import torch
 from . import dispatch
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .errors import DatasetError, DtypeError, InputError
-from .precision import DEFAULT_TOL, MODE_NAMES, certify
+from .precision import DEFAULT_TOL, MODE_NAMES, Certified, certify
 from .rows import RowSource
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
@@ -48,7 +48,9 @@ class OptimalDenoiser:
         device: torch device the computation runs on ("cpu", "cuda", "cuda:1", ...).
         backend: "auto" (fastest usable), or a name from ``optden.info()["backends"]``.
         tol: target relative error of D* (default 1e-6; the contract is 1e-5).
-        topk: how many top rows each pass keeps for the certificate (default 64).
+        topk: how many top rows each pass keeps for the certificate and the top weights
+            (default 64; D*, the score and the log density keep one on backends whose
+            bound certifies without them, see ``Backend.delta_target``).
         block_rows: rows per block (default: about 16 MB of float64 per block).
         resident: keep the raw rows on the device ("auto": when they fit half its
             free memory, for accelerators; CPU datasets are always used in place).
@@ -177,6 +179,29 @@ class OptimalDenoiser:
         precise = dispatch.get("torch")
         return lambda v, coef: precise.partial(v, coef, src, k)
 
+    def _certified_pass(self, v: torch.Tensor, coef: torch.Tensor, src: RowSource, kk: int, need_top: bool) -> Certified:
+        """The backend's pass over src, certified. v: (n, d) centered raw queries, coef: (n,).
+
+        With need_top False (the caller keeps no top weights) and a backend whose bound
+        makes the pass DENSE without its top K (``Backend.delta_target``), the pass keeps
+        one top row, and only the queries whose bound came out loose run again with kk:
+        a top-K heap per query costs up to ~20% of a pass at small N. The result then has
+        K = 1 (top_w, top_idx (n, 1)); otherwise K = kk.
+        """
+        target = self.backend.delta_target()
+        if need_top or kk == 1 or target is None or not target <= 0.25 * self.tol:
+            return certify(self.backend.partial(v, coef, src, kk), v, coef, src, self.tol,
+                           fallback=self._fallback(src, kk))
+        part = self.backend.partial(v, coef, src, 1)
+        redo = (~(part.delta <= 0.25 * self.tol)).nonzero().flatten()
+        cert = certify(part, v, coef, src, self.tol)  # DENSE for all but the redo queries
+        if redo.numel():
+            sub = self._certified_pass(v[redo], coef[redo], src, kk, True)
+            for name in ("dc", "lse", "excluded", "mode", "delta"):
+                getattr(cert, name)[redo] = getattr(sub, name)
+            cert.top_w[redo], cert.top_idx[redo] = sub.top_w[:, :1], sub.top_idx[:, :1]
+        return cert
+
     # ------------------------------------------------------------------ core
     def _queries(self, x, s, name="x"):
         """Validate x (B, ...) and the scale s; return u = x / s as (B, d) float64 on device."""
@@ -206,16 +231,21 @@ class OptimalDenoiser:
             raise InputError(f"labels: expected labels in 0..{nc - 1}, got values in {int(lab.min())}..{int(lab.max())}")
         return lab.cpu()
 
-    def evaluate(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, k: int | None = None) -> Evaluation:
+    def evaluate(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, k: int | None = None,
+                 need_top: bool = True) -> Evaluation:
         """Certified evaluation of validated inputs.
 
         u: (N, d) float64 queries in model space (already divided by s), on ``self.device``.
         sigma: (N,) float64 positive. labels: None or (N,) int64 CPU.
         k: top weights to return (default ``self.topk``, capped by the rows available).
+        need_top: False when the caller keeps no top weights (D*, the score, the log
+        density): the evaluation may then return only the top one (top_w (N, 1)).
         """
         n = u.shape[0]
         ds = self.dataset
         k_req = self.topk if k is None else max(k, 1)
+        if not need_top:
+            k_req, k = 1, None
         # poisoned: any entry no group writes shows up as NaN
         denoised = torch.full((n, self.d), torch.nan, dtype=torch.float64, device=self.device)
         lse = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
@@ -257,8 +287,7 @@ class OptimalDenoiser:
             qd = qi.to(self.device)
             v = (u[qd] - ds.offset) / ds.scale - src.center
             coef = coef_all[qd]
-            part = self.backend.partial(v, coef, src, kk)
-            cert = certify(part, v, coef, src, self.tol, fallback=self._fallback(src, kk))
+            cert = self._certified_pass(v, coef, src, kk, need_top)
             denoised[qd] = (cert.dc + src.center) * ds.scale + ds.offset
             # logits of the model-space distances are the same numbers: coef folds in scale^2
             lse[qd] = cert.lse
@@ -278,7 +307,7 @@ class OptimalDenoiser:
         """
         t, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0])
-        ev = self.evaluate(u, sig, self._labels(labels, u.shape[0]))
+        ev = self.evaluate(u, sig, self._labels(labels, u.shape[0]), need_top=False)
         return ev.denoised.reshape(t.shape).to(t.dtype if t.is_floating_point() else torch.float64)
 
     def denoise_certified(self, x, sigma, s=1.0, labels=None) -> Evaluation:
@@ -291,7 +320,7 @@ class OptimalDenoiser:
         """grad log p_sigma(u) = (D*(u) - u) / sigma^2 at u = x / s: same shape as x, float64."""
         t, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
-        ev = self.evaluate(u, sig, self._labels(labels, u.shape[0]))
+        ev = self.evaluate(u, sig, self._labels(labels, u.shape[0]), need_top=False)
         return ((ev.denoised - u) / sig[:, None] ** 2).reshape(t.shape)
 
     def log_density(self, x, sigma, s=1.0, labels=None):
@@ -299,7 +328,7 @@ class OptimalDenoiser:
         _, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
         lab = self._labels(labels, u.shape[0])
-        ev = self.evaluate(u, sig, lab)
+        ev = self.evaluate(u, sig, lab, need_top=False)
         if lab is None:
             m = torch.full_like(sig, float(self.M))
         else:

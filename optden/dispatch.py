@@ -55,6 +55,16 @@ class Backend(abc.ABC):
         """Reasons it cannot run data of storage ``dtype`` and width ``d`` on ``device``."""
         return []
 
+    def delta_target(self) -> float | None:
+        """The logit error bound this backend's pass reaches on a query when it can, or None.
+
+        When it is below the denoiser's DENSE threshold (tol / 4), a caller that wants no
+        top weights runs the pass with k = 1 and repeats, with the full k, only the queries
+        whose bound came out above the threshold (the top k serve the certificate only
+        when the bound is loose).
+        """
+        return None
+
     @abc.abstractmethod
     def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
         """One coarse pass over every block of ``source`` (an ``optden.rows.RowSource``).

@@ -423,3 +423,36 @@ def test_top_k_candidates_in_two_stages(path, k, rng):
         w = np.exp(exact - exact.max(1, keepdims=True))
         ref = (w @ q) / w.sum(1, keepdims=True)
         assert_within_certificate(acc / s[:, None], ref, q, delta)
+
+
+def test_denoise_without_top_weights(faces_u8, rng, monkeypatch):
+    """D* (no top weights wanted) keeps one top row per pass where the bound is tight and
+    repeats the pass with the full top K only for the queries whose bound is loose."""
+    ds = optden.Dataset.from_array(faces_u8)
+    den = optden.OptimalDenoiser(ds, backend="cpu")
+    y = model_rows(ds)
+    calls = []
+    orig = den.backend.partial
+
+    def spy(v, coef, src, k):
+        p = orig(v, coef, src, k)
+        calls.append((v.shape[0], k, p.delta.clone()))
+        return p
+
+    monkeypatch.setattr(den.backend, "partial", spy)
+    redone = 0
+    for sigma in SIGMAS:
+        x = np.concatenate([y[rng.integers(0, ds.M, 3)] + sigma * rng.standard_normal((3, ds.d)),
+                            max(sigma, 1.0) * rng.standard_normal((2, ds.d))])
+        calls.clear()
+        out = den(torch.from_numpy(x), sigma)
+        assert rel_err(out, R.denoise(x, y, sigma)) <= DENOISE_RTOL, sigma
+        (n1, k1, d1), *rest = calls
+        assert (n1, k1) == (5, 1)
+        loose = int((~(d1 <= 0.25 * den.tol)).sum())
+        assert [(n, k) for n, k, _ in rest] == ([(loose, den.topk)] if loose else [])
+        redone += loose
+        ev = den.denoise_certified(torch.from_numpy(x), sigma)  # top weights wanted: one pass, K = topk
+        assert calls[-1][:2] == (5, den.topk) and ev.top_w.shape == (5, den.topk)
+        assert rel_err(ev.denoised, R.denoise(x, y, sigma)) <= DENOISE_RTOL, sigma
+    assert redone > 0  # the smallest sigmas leave some bound above tol / 4: the repeat ran

@@ -85,6 +85,9 @@ class CpuBackend(Backend):
         self.limbs = int(limbs)
         self.last_info: dict = {}
 
+    def delta_target(self) -> float | None:
+        return self.target_delta
+
     def availability(self) -> list[str]:
         if _ext.C is None:
             return [_ext.error or "optden._C is not built"]
