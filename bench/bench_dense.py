@@ -11,7 +11,11 @@ the vector units (vpdpbusd, optden._C.cpu_peaks; "/ int8" counts 2 N M d multipl
 interleaved rounds (one call of each per round) so that load from other jobs on a shared
 machine falls on all of them alike, except the torch backend, timed in rounds of its own
 right after (the run that followed it in a shared round was slowed by the kernel's work on
-the huge pages it had freed); the table gives the median and the best time. The error of each method is its max relative error of D* against
+the huge pages it had freed); the table gives the median and the best time. A read
+probe (torch sum over M d bytes of float32) runs in every shared round too, and
+"/ bandwidth, same rounds" is the median over rounds of probe time / run time: this VM
+shares its memory bandwidth, which moved between 30 and 53 GB/s from one run to the next,
+so the limit measured once at the start can be from another phase than the runs. The error of each method is its max relative error of D* against
 the float64 oracle (optden.reference) on the first rows of the data at a few sigmas.
 
     python bench/bench_dense.py            # the full table (minutes)
@@ -194,6 +198,11 @@ def main(argv=None) -> int:
     dens = {b: optden.OptimalDenoiser(ds, backend=b) for b in ("cpu", "torch") if b not in args.skip}
 
     err = errors(raw, args.err_sigmas, 3, min(args.err_rows, M), chunk, rng)
+    # the read probe timed in every round: one read of M d bytes (float32 ones, numpy-
+    # allocated like the dataset's rows), so that "/ bandwidth, same rounds" compares each
+    # pass with the memory speed of its own round (this VM's measured bandwidth moved from
+    # 30 to 53 GB/s between runs)
+    probe = torch.from_numpy(np.ones(M * d // 4, dtype=np.float32))
     rows = []
     for n in args.N:
         idx = rng.integers(0, M, n)
@@ -219,11 +228,17 @@ def main(argv=None) -> int:
         apart = [j for j, r in enumerate(runs) if r[0] == "torch"]
         together = [j for j in range(len(runs)) if j not in apart]
         all_t = [None] * len(runs)
-        for group in (together, apart):
-            for j, ts in zip(group, interleaved_times([runs[j][2] for j in group], reps) if group else []):
-                all_t[j] = ts
-        for (name, s, fn, modes), ts in zip(runs, all_t):
+        t_read, *shared = interleaved_times([probe.sum] + [runs[j][2] for j in together], reps)
+        for j, ts in zip(together, shared):
+            all_t[j] = ts
+        for j, ts in zip(apart, interleaved_times([runs[j][2] for j in apart], reps) if apart else []):
+            all_t[j] = ts
+        read_gbs = M * d / statistics.median(t_read) / 1e9
+        print(f"{'read':>10} N={n:<4} probe {statistics.median(t_read) * 1e3:9.1f} ms {read_gbs:6.2f} GB/s (same rounds)")
+        for j, ((name, s, fn, modes), ts) in enumerate(zip(runs, all_t)):
             t, tmin = statistics.median(ts), min(ts)
+            # median over rounds of (read probe time / this run's time), in the same round
+            same = statistics.median([a / b for a, b in zip(t_read, ts)]) if j in together else float("nan")
             gflops = 4.0 * n * M * d / t / 1e9
             gbs = M * d / t / 1e9
             rows.append({
@@ -231,24 +246,29 @@ def main(argv=None) -> int:
                 "vs_fp32_peak": gflops / fp32, "vs_bf16_peak": gflops / bf16, "vs_int8_peak": gflops / 2 / int8,
                 "GB/s": gbs, "vs_bandwidth": gbs / bw,
                 "best_vs_fp32_peak": 4.0 * n * M * d / tmin / 1e9 / fp32, "best_vs_bandwidth": M * d / tmin / 1e9 / bw,
+                "vs_bandwidth_same_rounds": same, "read_GBs_same_rounds": read_gbs,
                 "max_rel_err": err.get(name, float("nan")), "modes": modes,
             })
             r = rows[-1]
             print(f"{name:>10} N={n:<4} sigma={s:<6g} {t * 1e3:9.1f} ms (best {tmin * 1e3:.1f}) {gflops:8.1f} GFLOP/s "
-                  f"({r['vs_fp32_peak']:.2f} fp32, {r['vs_bf16_peak']:.2f} bf16) {gbs:6.2f} GB/s ({r['vs_bandwidth']:.2f} bw) "
+                  f"({r['vs_fp32_peak']:.2f} fp32, {r['vs_bf16_peak']:.2f} bf16) {gbs:6.2f} GB/s ({r['vs_bandwidth']:.2f} bw, "
+                  f"{same:.2f} same rounds) "
                   f"err {r['max_rel_err']:.1e} {modes}", flush=True)
 
     print()
     print("| method | N | sigma | median ms | best ms | GFLOP/s | / fp32 | / bf16 | / int8 | GB/s | / bandwidth | "
-          "best / bandwidth | max rel err D* | speed-up vs naive (median, best) | vs torch (median, best) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "best / bandwidth | / bandwidth, same rounds | max rel err D* | speed-up vs naive (median, best) | "
+          "vs torch (median, best) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = {m: next((q for q in rows if q["method"] == m and q["N"] == r["N"]), None) for m in ("naive_fp32", "torch")}
         sp = {m: (f"{q['time_s'] / r['time_s']:.2f}, {q['best_s'] / r['best_s']:.2f}" if q else "-") for m, q in ref.items()}
         print(f"| {r['method']} | {r['N']} | {r['sigma']:g} | {r['time_s'] * 1e3:.1f} | {r['best_s'] * 1e3:.1f} | "
               f"{r['GFLOP/s']:.1f} | {r['vs_fp32_peak']:.2f} | {r['vs_bf16_peak']:.2f} | {r['vs_int8_peak']:.2f} | "
               f"{r['GB/s']:.2f} | "
-              f"{r['vs_bandwidth']:.2f} | {r['best_vs_bandwidth']:.2f} | {r['max_rel_err']:.1e} | {sp['naive_fp32']} | "
+              f"{r['vs_bandwidth']:.2f} | {r['best_vs_bandwidth']:.2f} | "
+              f"{'-' if r['vs_bandwidth_same_rounds'] != r['vs_bandwidth_same_rounds'] else format(r['vs_bandwidth_same_rounds'], '.2f')} | "
+              f"{r['max_rel_err']:.1e} | {sp['naive_fp32']} | "
               f"{sp['torch']} |")
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
