@@ -84,11 +84,13 @@ struct Kernels {
                   double*, int, int16_t*, const uint8_t**, const uint8_t*);
   int (*ws_scratch)(int);
   int (*classify)(const double*, int, double, double, double, char, int*, char*, int*, double*);
+  void (*dot_fused1)(const int8_t*, const int16_t*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*,
+                     int64_t*, int, const uint8_t**, const uint8_t*);
 };
 
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify};
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -236,6 +238,7 @@ struct ThreadState {
   // sum and ps the sum of its weights (int path); all but m relative to exp(m)
   std::vector<double> m, s, xs, es, ps, acc, accr;
   int64_t refined = 0;
+  int dense_run = 0;  // one query: how many sub-blocks in a row needed every limb of every row
   std::vector<TopHeap> top;
 };
 
@@ -492,12 +495,21 @@ class DensePass {
   // kernel, then the rows that stay one by one; kDense, every limb of every row, tiled.
   // kind: (N, kSB) scratch. pf, pfe: the prefetch cursor over the rows this thread reads
   // next; the tiled kernels take lines off its front as they go.
-  void int_logits(const uint8_t* Xsb, const double* csq, int nb, const ThreadState& st, int64_t* S0, int64_t* Sr,
+  void int_logits(const uint8_t* Xsb, const double* csq, int nb, ThreadState& st, int64_t* S0, int64_t* Sr,
                   double* C, double* P, int* lst, int* cnt, int* nskip, double* skmax, char* kind, const uint8_t*& pf,
                   const uint8_t* pfe) const {
     enum : char { kOne, kSparse, kDenseA, kDense };
     // kind: 0 not refined, 1 weight row, 2 candidate (limb 1 only so far), 3 candidate kept
-    kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB, &pf, pfe);
+    // one query whose last two sub-blocks were dense (large sigma: every row carries
+    // weight; the first sub-block alone often is, before the running max settles) gets
+    // every limb of every row in one pass; the decisions below are the same as without
+    // (the same integers), only the limbs need not be computed again
+    const bool all_limbs = N_ == 1 && nlimbs_[0] > 1 && st.dense_run >= 2;
+    if (all_limbs)
+      kern_->dot_fused1(q08p_[0], q0p_[0], &qrp_[rstart_[0]], nlimbs_[0] - 1, Xsb, nb, d_, S0, Sr + (size_t)rstart_[0] * kSB,
+                        kSB, &pf, pfe);
+    else
+      kern_->dot_q0(q08p_.data(), q0p_.data(), N_, Xsb, nb, d_, S0, kSB, &pf, pfe);
     std::vector<char> mode(N_, kOne);
     std::vector<double> hmv(N_, -std::numeric_limits<double>::infinity());  // heap minimum per query
     bool any_row = false, any_a = false, any_dense = false;
@@ -535,6 +547,8 @@ class DensePass {
       for (int i = 0; i < nb; ++i) ln[i] = i;  // every row (one limb, or a dense query)
       cnt[n] = nb;
     }
+    if (N_ == 1) st.dense_run = mode[0] == kDense ? st.dense_run + 1 : 0;
+    if (all_limbs) any_dense = any_a = any_row = false;  // every limb is in S0 and Sr already
     std::vector<const int16_t*> lp;
     std::vector<int64_t> tmp;
     // kDense: every limb of every row, a run of consecutive queries (contiguous limb rows)
@@ -637,7 +651,7 @@ class DensePass {
       cnt[n] = c;
     }
     // limbs 2.. of the rows of kind 3
-    if (any_b)
+    if (any_b && !all_limbs)
       per_row(
           1, [&](int n) { return mode[n] == kSparse || mode[n] == kDenseA; },
           [&](int n, int i) -> int { return kind[(size_t)n * kSB + i] == 3 ? nlimbs_[n] - 1 : 1; });

@@ -11,6 +11,7 @@
 //   dot_f64  D[n, i] += sum_j V[n, j] * XC[i, j]        float64 (any order; gamma_d bound)
 //   acc_f64  A[n, j] += sum_{i in rows} P[n, i] XC[i, j] float64 weighted sum of a chunk
 //   classify the rows of a sub-block that one query refines, from their coarse logits
+//   dot_fused1  every limb of one query in one pass (dot_q0 and dot_u8 together)
 
 #if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
 #error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
@@ -284,6 +285,81 @@ static void dot_q0(const int8_t* const* Q8p, const int16_t* const* Q16p, int R, 
   dot_u8(Q16p, R, X, B, d, S, ldS, nullptr, nullptr);
 }
 #endif
+
+// Every limb of one query in one pass over the rows: S0[i] = sum_j q8[j] X[i, j] (the
+// coarse limb, as dot_q0) and Sr[l * ldS + i] = sum_j Qr[l][j] X[i, j] for l < NL (as
+// dot_u8), the same integers, each row read once instead of twice. For a query whose
+// rows all carry weight (large sigma) every limb of every row is needed anyway.
+// pfc, pfe: the prefetch cursor (AVX-512: two lines per 64 columns of each 4-row tile).
+#if OPTDEN_ISA == 2
+template <int NL, int BT>
+static inline void fused1_tile(const int8_t* q8, const int16_t* const* Qr, const uint8_t* X, int d, int64_t* S0,
+                               int64_t* Sr, int ldS, const uint8_t* pf, const uint8_t* pfe) {
+  const int nv = d / 64 * 64;
+  int64_t t0[1][BT] = {}, tr[NL][BT] = {};
+  for (int c0 = 0; c0 < nv; c0 += kFlush) {  // kFlush (int16 products) < kFlush8
+    const int c1 = c0 + kFlush < nv ? c0 + kFlush : nv;
+    __m512i a0[BT], ar[NL][BT];
+    for (int b = 0; b < BT; ++b) {
+      a0[b] = _mm512_setzero_si512();
+      for (int l = 0; l < NL; ++l) ar[l][b] = _mm512_setzero_si512();
+    }
+    for (int j = c0; j < c1; j += 64) {
+      if (pf && pf + 2 * (size_t)j < pfe) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * (size_t)j), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * (size_t)j + 64), _MM_HINT_T1);
+      }
+      const __m512i q = _mm512_loadu_si512(reinterpret_cast<const void*>(q8 + j));
+      __m512i ql[NL], qh[NL];
+      for (int l = 0; l < NL; ++l) {
+        ql[l] = _mm512_loadu_si512(reinterpret_cast<const void*>(Qr[l] + j));
+        qh[l] = _mm512_loadu_si512(reinterpret_cast<const void*>(Qr[l] + j + 32));
+      }
+      for (int b = 0; b < BT; ++b) {
+        const __m512i x = _mm512_loadu_si512(reinterpret_cast<const void*>(X + (size_t)b * d + j));
+        a0[b] = dpbusd(a0[b], x, q);
+        const __m512i xl = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(x));
+        const __m512i xh = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(x, 1));
+        for (int l = 0; l < NL; ++l) ar[l][b] = dpwssd(dpwssd(ar[l][b], ql[l], xl), qh[l], xh);
+      }
+    }
+    for (int b = 0; b < BT; ++b) {
+      t0[0][b] += hsum_epi32(a0[b]);
+      for (int l = 0; l < NL; ++l) tr[l][b] += hsum_epi32(ar[l][b]);
+    }
+  }
+  store_tile<1, BT>(t0, &q8, X, d, nv, S0, ldS);
+  store_tile<NL, BT>(tr, Qr, X, d, nv, Sr, ldS);
+}
+
+template <int NL>
+static void fused1_rows(const int8_t* q8, const int16_t* const* Qr, const uint8_t* X, int B, int d, int64_t* S0,
+                        int64_t* Sr, int ldS, const uint8_t*& pf, const uint8_t* pfe) {
+  const size_t span = 2 * (size_t)(d / 64 * 64);
+  int b = 0;
+  for (; b + 4 <= B; b += 4) {
+    fused1_tile<NL, 4>(q8, Qr, X + (size_t)b * d, d, S0 + b, Sr + b, ldS, pf, pfe);
+    if (pf) pf = pf + span < pfe ? pf + span : nullptr;
+  }
+  for (; b < B; ++b) fused1_tile<NL, 1>(q8, Qr, X + (size_t)b * d, d, S0 + b, Sr + b, ldS, nullptr, nullptr);
+}
+#endif
+
+static void dot_fused1(const int8_t* q8, const int16_t* q16, const int16_t* const* Qr, int NL, const uint8_t* X,
+                       int B, int d, int64_t* S0, int64_t* Sr, int ldS, const uint8_t** pfc, const uint8_t* pfe) {
+#if OPTDEN_ISA == 2
+  if (d >= 64 && NL >= 1 && NL <= 3) {
+    const uint8_t* pf = pfc && *pfc < pfe ? *pfc : nullptr;
+    if (NL == 1) fused1_rows<1>(q8, Qr, X, B, d, S0, Sr, ldS, pf, pfe);
+    else if (NL == 2) fused1_rows<2>(q8, Qr, X, B, d, S0, Sr, ldS, pf, pfe);
+    else fused1_rows<3>(q8, Qr, X, B, d, S0, Sr, ldS, pf, pfe);
+    if (pfc) *pfc = pf ? pf : pfe;
+    return;
+  }
+#endif
+  dot_q0(&q8, &q16, 1, X, B, d, S0, ldS, pfc, pfe);
+  dot_u8(Qr, NL, X, B, d, Sr, ldS, pfc, pfe);
+}
 
 // ---------------------------------------------------------------- float64 dot
 // V: (N, ldv) queries (the chunk's columns start at V); XC: (B, w) centered rows of a

@@ -456,3 +456,36 @@ def test_denoise_without_top_weights(faces_u8, rng, monkeypatch):
         assert calls[-1][:2] == (5, den.topk) and ev.top_w.shape == (5, den.topk)
         assert rel_err(ev.denoised, R.denoise(x, y, sigma)) <= DENOISE_RTOL, sigma
     assert redone > 0  # the smallest sigmas leave some bound above tol / 4: the repeat ran
+
+
+@pytest.mark.parametrize("d", [77, 200, 1000])
+def test_one_query_all_limbs_in_one_pass(d, rng):
+    """Large sigma, one query: after two dense sub-blocks a thread takes every limb of a row in
+    one pass (dot_fused1). The same integers and decisions: bitwise the pass the query gets
+    inside a batch of two (which never fuses), on every kernel path, within the certificate."""
+    M = max(1600, 128 * 4 * (os.cpu_count() or 1))  # several sub-blocks per thread
+    X = rng.integers(0, 256, (M, d), dtype=np.uint8)
+    center = np.round(X.mean(0))
+    csq = ((X - center) ** 2).sum(1)
+    scale = 2 / 255
+    for sigma in (20.0, 200.0):
+        v = X[rng.integers(0, M, 2)] - center + sigma / scale * rng.standard_normal((2, d))
+        coef = np.full(2, scale**2 / (2 * sigma**2))
+        ref = None
+        for path in PATHS:
+            one = C.DensePass(v[:1], coef[:1], center, float(np.sqrt(csq.max())), 4, "uint8", path, 1e-8, 0)
+            one.update(X, csq, 0)
+            two = C.DensePass(v, coef, center, float(np.sqrt(csq.max())), 4, "uint8", path, 1e-8, 0)
+            two.update(X, csq, 0)
+            a, b = one.finish(), two.finish()
+            for x, y in zip(a, b):
+                assert np.array_equal(x, y[:1]), (path, sigma)
+            ref = a if ref is None else ref
+            for x, y in zip(ref, a):
+                assert np.array_equal(x, y), (path, sigma)
+        m, s, acc, tv, ti, delta = ref
+        q = (X - center).astype(np.float64)
+        lg = -coef[0] * ((v[0] - q) ** 2).sum(1)
+        w = np.exp(lg - lg.max())
+        exact = (w[:, None] * q).sum(0) / w.sum()
+        assert_within_certificate(acc / s[:, None], exact[None], q, delta)
