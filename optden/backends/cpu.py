@@ -23,7 +23,8 @@ row, ||q_i||^2 the dataset's exact float64 norms). The bound ``delta`` (per quer
   (here: the rows left out) is covered by ``delta + eps`` (every kept weight is off by a
   factor within ``exp(+-2 (delta + eps))`` after normalisation). ``DensePass.refined`` is
   the fraction of (query, row) pairs that got every limb (1 at large sigma, a few percent
-  at small sigma).
+  at small sigma). A lone query whose sub-blocks keep needing every limb (large sigma)
+  gets them all from one read of each row; the integers, and so the result, are the same.
 * other rows: float64 dot products of v with rows centered in float64, error
   ``<= gamma_{d+1} ||v|| qmax``, plus ``gamma_{d+2} qmax^2`` for the rounding of the
   float64 norms ||q_i||^2 of float rows (those of uint8 rows are exact integers).
