@@ -688,10 +688,11 @@ class DensePass {
       st.m.assign(N_, -std::numeric_limits<double>::infinity());
       st.s.assign(N_, 0.0);
       st.xs.assign(N_, 0.0);
-      st.acc.assign((size_t)N_ * d_, 0.0);
+      // the float path sums into acc (centered rows), the int path into accr (raw rows)
+      if (!int_path_) st.acc.assign((size_t)N_ * d_, 0.0);
       st.top.assign(N_, TopHeap());
       std::vector<int64_t> S0(int_path_ ? (size_t)N_ * kSB : 0), Sr(int_path_ ? (size_t)Rr_ * kSB : 0);
-      std::vector<double> D((size_t)N_ * kSB), P((size_t)N_ * kSB), XC((size_t)kSB * kJC);
+      std::vector<double> D((size_t)N_ * kSB), P((size_t)N_ * kSB), XC(int_path_ ? 0 : (size_t)kSB * kJC);
       std::vector<char> kind((size_t)N_ * kSB, 0);
       std::vector<int> lst((size_t)N_ * kSB), cnt(N_), nskip(N_);
       std::vector<double> skmax(N_), Dl(kSB);
@@ -755,12 +756,8 @@ class DensePass {
               st.xs[n] *= a;
               st.es[n] *= a;
               st.ps[n] *= a;
-              double* An = &st.acc[(size_t)n * d_];
+              double* An = int_path_ ? &st.accr[(size_t)n * d_] : &st.acc[(size_t)n * d_];
               for (int j = 0; j < d_; ++j) An[j] *= a;
-              if (int_path_) {
-                double* Ar = &st.accr[(size_t)n * d_];
-                for (int j = 0; j < d_; ++j) Ar[j] *= a;
-              }
             }
             st.m[n] = bm;
           }
@@ -922,9 +919,10 @@ class DensePass {
           const double* Rn = &st.accr[(size_t)n * d_];
           const double ps = st.ps[n];
           for (int j = 0; j < d_; ++j) An[j] += a * (Rn[j] - ps * center_[j]);
+        } else {
+          const double* Bn = &st.acc[(size_t)n * d_];
+          for (int j = 0; j < d_; ++j) An[j] += a * Bn[j];
         }
-        const double* Bn = &st.acc[(size_t)n * d_];
-        for (int j = 0; j < d_; ++j) An[j] += a * Bn[j];
         for (auto& e : st.top[n]) heap_push(top_[n], K_, e.first, e.second);
       }
       m_[n] = mm;
