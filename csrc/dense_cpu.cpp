@@ -552,8 +552,8 @@ class DensePass {
     std::vector<const int16_t*> lp;
     std::vector<int64_t> tmp;
     // kDense: every limb of every row, a run of consecutive queries (contiguous limb rows)
-    // per call; with <= 8 queries the coarse pass makes one pass over the rows, so the next
-    // rows stream in here (more queries: during the coarse pass's later passes)
+    // per call; the next sub-block streams in along the way from the prefetch cursor (with
+    // more than 8 queries the coarse pass's later passes have mostly taken it already)
     for (int n = 0; any_dense && n < N_;) {
       if (mode[n] != kDense) {
         ++n;
@@ -578,8 +578,8 @@ class DensePass {
           ++a;
         }
     }
-    // one call per row with the limbs [l0, lim(n, i)) of every query of mode in `modes`
-    // that lists the row and needs them (the row's uint8 -> int16 conversion is shared by
+    // one call per row with the limbs [l0, lim(n, i)) of every query that `use` selects
+    // and that lists the row and needs them (the row's uint8 -> int16 conversion is shared by
     // all of them), into Sr. The listed rows are bucketed by row first (a counting sort),
     // so the work follows the refined pairs, not nb x N.
     std::vector<int> rc(nb + 1), rq;

@@ -188,7 +188,8 @@ static inline int32_t ws_wpair(const int16_t* w) {
   return x;
 }
 
-// the next two cache lines of the prefetch cursor [pf, pfe) (nullptr: none, or done)
+// the next one (two) cache lines of the prefetch cursor [pf, pfe), which then moves past
+// them (nullptr: none, or done)
 static inline void ws_prefetch1(const uint8_t*& pf, const uint8_t* pfe) {
   if (!pf) return;
   _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
