@@ -167,8 +167,24 @@ inline double raw_value(const void* base, DType t, size_t idx) {
   return 0.0;
 }
 
+// Whether x[0..n) are all finite. A double is NaN or inf when its exponent bits are all
+// ones, and exactly then does (bits & exponent mask) + 2^52 reach bit 63; an OR of those
+// sums vectorizes, unlike a loop of std::isfinite that stops at the first bad value.
+bool all_finite(const double* x, size_t n) {
+  constexpr uint64_t kExp = 0x7ff0000000000000ull, kOne = 0x0010000000000000ull;
+  uint64_t acc = 0;
+  for (size_t j = 0; j < n; ++j) {
+    uint64_t b;
+    std::memcpy(&b, x + j, sizeof b);
+    acc |= (b & kExp) + kOne;
+  }
+  return (acc >> 63) == 0;
+}
+
 // Compensated sum of squares (Ogita, Rump, Oishi Dot2): error <= u|s| + gamma_n^2 s.
-double sumsq2(const double* x, int n) {
+// A clone with the FMA instruction is picked at load time where the CPU has it (the
+// baseline calls libm's fma); both round the same, fma being exact.
+__attribute__((target_clones("fma", "default"))) double sumsq2(const double* x, int n) {
   double s = 0.0, c = 0.0;
   for (int j = 0; j < n; ++j) {
     const double p = x[j] * x[j];
@@ -263,16 +279,14 @@ class DensePass {
     coef_.assign(coef.data(), coef.data() + N_);
     for (double c : coef_)
       if (!(c > 0.0) || !std::isfinite(c)) throw std::invalid_argument("coef: expected finite positive values");
-    for (double x : v_)
-      if (!std::isfinite(x)) throw std::invalid_argument("v: contains NaN or inf");
+    if (!all_finite(v_.data(), v_.size())) throw std::invalid_argument("v: contains NaN or inf");
     center_.assign(center.data(), center.data() + d_);
     qmax_ = max_cnorm * (1.0 + 1e-9);
     bool integral = dtype_ == DType::U8;
-    for (double c : center_) integral = integral && std::isfinite(c) && c == std::nearbyint(c) && std::fabs(c) <= 255.0;
+    for (double c : center_) integral = integral && std::fabs(c) <= 255.0 && c == round_even(c);  // NaN fails the first test
     int_path_ = integral;
     vsq_.resize(N_);
-    for (int n = 0; n < N_; ++n) vsq_[n] = sumsq2(&v_[(size_t)n * d_], d_);
-    if (int_path_) prepare_limbs(limbs);
+    if (int_path_) prepare_limbs(limbs);  // computes vsq_ with the limbs
     else prepare_float();
     m_.assign(N_, -std::numeric_limits<double>::infinity());
     s_.assign(N_, 0.0);
@@ -343,8 +357,9 @@ class DensePass {
   // delta2_.
   // Scaling multiplies by exact powers of two (2^-1017 .. 2^1017, all normal), which rounds
   // exactly as ldexp would.
-  void split_query(int n, int forced, const int* cint, int16_t* hi, int64_t* sc, int* kexp_out) {
+  void split_query(int n, int forced, const int16_t* cint, int16_t* hi, int64_t* sc, int* kexp_out) {
     const double* vn = &v_[(size_t)n * d_];
+    vsq_[n] = sumsq2(vn, d_);
     double amax = 0.0;
     for (int j = 0; j < d_; ++j) amax = std::max(amax, std::fabs(vn[j]));
     // limb 0 is int8 (|Q_0| <= 127: the coarse pass runs u8 x s8 on AVX-512), the others
@@ -361,20 +376,30 @@ class DensePass {
     for (int j = 0; j < d_; ++j) r[j] = vn[j] * up;
     double enorm[4], anorm[4];
     for (int l = 0; l < 4; ++l) {
-      double e2 = 0.0, a2 = 0.0;
+      // the squares are summed in kLanes interleaved partial sums (independent chains, which
+      // the compiler vectorizes); gamma_{d+2} covers the rounding in any order of summation
+      constexpr int kLanes = 8;
+      double e2[kLanes] = {}, a2[kLanes] = {};
       const double pw = std::ldexp(1.0, -kexp - 15 * l);
-      for (int j = 0; j < d_; ++j) {
+      int16_t* lq = limb[l];
+      const int dv = d_ / kLanes * kLanes;
+      auto step = [&](int j, double& e2t, double& a2t) {
         const double q = round_even(r[j]);  // |r| <= 127 (l = 0) or 2^14, and so is |q|
-        limb[l][j] = (int16_t)q;
+        lq[j] = (int16_t)q;
         r[j] -= q;  // exact, |r| <= 1/2
         a[j] += std::fabs(q) * pw;
         const double e = r[j] * pw;
-        e2 += e * e;
-        a2 += a[j] * a[j];
+        e2t += e * e;
+        a2t += a[j] * a[j];
         r[j] *= 32768.0;
-      }
-      enorm[l] = std::sqrt(e2) * (1.0 + 2.0 * gamma(d_ + 2));
-      anorm[l] = std::sqrt(a2) * (1.0 + 2.0 * gamma(d_ + 2));
+      };
+      for (int j0 = 0; j0 < dv; j0 += kLanes)
+        for (int t = 0; t < kLanes; ++t) step(j0 + t, e2[t], a2[t]);
+      for (int j = dv; j < d_; ++j) step(j, e2[j - dv], a2[j - dv]);
+      const double e2s = ((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7]));
+      const double a2s = ((a2[0] + a2[1]) + (a2[2] + a2[3])) + ((a2[4] + a2[5]) + (a2[6] + a2[7]));
+      enorm[l] = std::sqrt(e2s) * (1.0 + 2.0 * gamma(d_ + 2));
+      anorm[l] = std::sqrt(a2s) * (1.0 + 2.0 * gamma(d_ + 2));
     }
     auto bound = [&](int L, bool with_quant) {
       const double c = coef_[n], q = qmax_, vs = vsq_[n];
@@ -401,10 +426,19 @@ class DensePass {
     delta1_[n] = L > 1 ? bound(1, true) : delta_base_[n];
     delta2_[n] = L > 2 ? bound(2, true) : delta_base_[n];
     int8_t* q8 = &Q08_[(size_t)n * dp_];
-    for (int j = 0; j < d_; ++j) q8[j] = (int8_t)limb[0][j];
+    const int16_t* q0 = limb[0];
+    const int d = d_;  // a local bound: stores through int8_t* may alias *this
+    for (int j = 0; j < d; ++j) q8[j] = (int8_t)q0[j];
+    // limb . center, exact: |limb| <= 2^14 and 0 <= cint <= 255, so a chunk of 2^8 products
+    // sums to < 2^30 in int32 (which vectorizes; int64 products do not on the baseline)
     for (int l = 0; l < L; ++l) {
       int64_t s = 0;
-      for (int j = 0; j < d_; ++j) s += (int64_t)limb[l][j] * cint[j];
+      for (int j0 = 0; j0 < d_; j0 += 256) {
+        const int j1 = std::min(d_, j0 + 256);
+        int32_t c = 0;
+        for (int j = j0; j < j1; ++j) c += (int32_t)limb[l][j] * (int32_t)cint[j];
+        s += c;
+      }
       sc[l] = s;
     }
   }
@@ -416,8 +450,8 @@ class DensePass {
   // parallel (at N = 64, d = 3072 the serial split took 10% of a pass).
   void prepare_limbs(int forced) {
     dp_ = (d_ + 63) / 64 * 64;
-    std::vector<int> cint(d_);
-    for (int j = 0; j < d_; ++j) cint[j] = (int)center_[j];
+    std::vector<int16_t> cint(d_);
+    for (int j = 0; j < d_; ++j) cint[j] = (int16_t)center_[j];
     nlimbs_.resize(N_);
     rstart_.resize(N_);
     delta_base_.resize(N_);
@@ -432,6 +466,9 @@ class DensePass {
     std::vector<int> kx(N_);
 #pragma omp parallel for schedule(dynamic, 1) if (N_ > 1)
     for (int n = 0; n < N_; ++n) split_query(n, forced, cint.data(), &hi[(size_t)n * 3 * dp_], &sc[(size_t)n * 4], &kx[n]);
+    size_t rows_hi = 0;
+    for (int n = 0; n < N_; ++n) rows_hi += (size_t)std::max(0, nlimbs_[n] - 1);
+    Qr_.reserve(rows_hi * dp_);
     for (int n = 0; n < N_; ++n) {
       rstart_[n] = (int)pwr_.size();
       Sc0_[n] = sc[(size_t)n * 4];
@@ -452,6 +489,8 @@ class DensePass {
   }
 
   void prepare_float() {
+#pragma omp parallel for schedule(static) if (N_ > 4)
+    for (int n = 0; n < N_; ++n) vsq_[n] = sumsq2(&v_[(size_t)n * d_], d_);
     delta_base_.resize(N_);
     delta1_.assign(N_, 0.0);
     delta2_.assign(N_, 0.0);

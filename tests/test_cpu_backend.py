@@ -258,6 +258,16 @@ def test_dense_pass_errors(rng):
         C.DensePass(v, -coef, c, 1.0, 3, "uint8", "auto", 1e-8, 0)
     with pytest.raises(ValueError, match="limbs"):
         C.DensePass(v, coef, c, 1.0, 3, "uint8", "auto", 1e-8, 7)
+    for bad in (np.nan, np.inf, -np.inf):  # anywhere, including the last entry
+        for pos in ((0, 0), (1, 2), (1, 4)):
+            vb = v.copy()
+            vb[pos] = bad
+            with pytest.raises(ValueError, match="v: contains NaN or inf"):
+                C.DensePass(vb, coef, c, 1.0, 3, "uint8", "auto", 1e-8, 0)
+    # the int path needs an integral center in [-255, 255]; anything else runs in float64
+    for center, arith in ((c, "int-limbs"), (c - 255.0, "int-limbs"), (c + 0.5, "float64"),
+                          (c - 256.0, "float64"), (np.full(5, np.nan), "float64")):
+        assert C.DensePass(v, coef, center, 1.0, 3, "uint8", "auto", 1e-8, 0).arith == arith
     dp = C.DensePass(v, coef, c, 1.0, 3, "uint8", "auto", 1e-8, 0)
     with pytest.raises(ValueError, match="raw"):
         dp.update(np.zeros((4, 6), np.uint8), np.zeros(4), 0)
