@@ -74,9 +74,10 @@ static inline ws_vi ws_zero() { return _mm512_setzero_si512(); }
 static inline ws_vi ws_load(const int32_t* p) { return _mm512_loadu_si512(reinterpret_cast<const void*>(p)); }
 static inline void ws_store(int32_t* p, ws_vi x) { _mm512_storeu_si512(reinterpret_cast<void*>(p), x); }
 static inline ws_vi ws_bcast(int32_t w) { return _mm512_set1_epi32(w); }
-// in place through asm: GCC 12 otherwise copies a tile's accumulators around each step
+// in place through asm: GCC 12 otherwise copies a tile's accumulators around each step;
+// register operands only, as dense_kernels.h's dpwssd (memory forms run at half rate)
 static inline ws_vi ws_mac(ws_vi acc, ws_vi x, ws_vi w) {
-  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "vm"(w));
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
   return acc;
 }
 // kWsV uint8 of rows a and b -> lanes (a[j], b[j]) as int16 pairs (bytes interleaved
