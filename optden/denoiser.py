@@ -262,7 +262,8 @@ class OptimalDenoiser:
         modes = [""] * n
         sig = sigma.to(self.device, torch.float64)
         coef_all = (ds.scale**2) / (2.0 * sig**2)  # the logits' 1 / (2 sigma^2) in raw units
-        if not bool(torch.isfinite(coef_all).all()) or bool((coef_all <= 0).any()):
+        c_lo, c_hi = coef_all.aminmax()
+        if not (0.0 < float(c_lo) and float(c_hi) < math.inf):  # False for NaN too
             bad = float(sig[~torch.isfinite(coef_all) | (coef_all <= 0)][0])
             raise InputError(
                 f"sigma: {bad:g} is outside the range float64 logits can represent "

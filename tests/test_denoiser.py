@@ -221,8 +221,19 @@ class TestErrors:
         for bad in (0.0, -1.0):
             with pytest.raises(optden.InputError, match="sigma: must be > 0"):
                 den(x, bad)
-        with pytest.raises(optden.InputError, match="sigma: contains NaN"):
-            den(x, float("nan"))
+        # scalars (checked in Python) and tensors (checked by torch) alike
+        for bad in (float("nan"), float("inf"), -float("inf"), torch.tensor([1.0, float("nan")]),
+                    np.array([float("inf"), 1.0])):
+            with pytest.raises(optden.InputError, match="sigma: contains NaN or inf"):
+                den(x, bad)
+        with pytest.raises(optden.InputError, match="sigma: must be > 0"):
+            den(x, torch.tensor([1.0, -2.0]))
+        # queries: numpy checks CPU float32 / float64, torch the rest (bf16, autograd)
+        bf16_inf = torch.zeros(2, 12, dtype=torch.bfloat16).index_fill(1, torch.tensor([11]), float("inf"))
+        grad_inf = torch.zeros(2, 12, dtype=torch.float64, requires_grad=True) + torch.tensor(float("-inf"))
+        for xb in (torch.full((2, 12), float("nan")), bf16_inf, grad_inf):
+            with pytest.raises(optden.InputError, match="x: contains NaN or inf"):
+                den(xb, 1.0)
         with pytest.raises(optden.DtypeError, match="sigma"):
             den(x, "1.0")
         with pytest.raises(optden.DtypeError, match="sigma"):
