@@ -43,6 +43,8 @@ def cpu_extension():
         "optden._C",
         sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        # the kernels live in headers: without this, editing one rebuilds nothing
+        depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
         cxx_std=17,
