@@ -233,7 +233,9 @@ static inline void dot8_tile(const int8_t* const* Qp, const uint8_t* X, int d, i
   store_tile<RT, BT>(tot, Qp, X, d, nv, S, ldS);
 }
 
-// pf: the prefetch cursor (advanced by the lines each tile asked for), pfe its end
+// lookahead: the first pass over these rows (they come from memory); otherwise they are
+// in cache, and pf is the prefetch cursor (advanced by the lines each tile asked for), pfe
+// its end
 template <int RT>
 static void dot8_rows(const int8_t* const* Qp, const uint8_t* X, int B, int d, int64_t* S, int ldS,
                       const uint8_t*& pf, const uint8_t* pfe, bool lookahead) {
@@ -255,11 +257,7 @@ static void dot8_rows(const int8_t* const* Qp, const uint8_t* X, int B, int d, i
     return;
   }
   for (; b + 4 <= B; b += 4) {
-    if (lookahead) {  // the first pass over the rows (from memory): the rows two tiles
-      // ahead, as one stream (the hardware prefetcher loses the four short row streams)
-      const uint8_t* ahead = b + 8 < B ? X + (size_t)(b + 8) * d : nullptr;
-      dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, ahead, X + (size_t)B * d, 4);
-    } else if (pf) {  // later passes (rows in cache): a slice of the next sub-block per tile
+    if (pf) {  // later passes (rows in cache): a slice of the next sub-block per tile
       dot8_tile<RT, 4>(Qp, X + (size_t)b * d, d, S + b, ldS, pf, pfe);
       pf = pf + span < pfe ? pf + span : nullptr;
     } else {
