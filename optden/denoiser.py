@@ -193,9 +193,10 @@ class OptimalDenoiser:
             return certify(self.backend.partial(v, coef, src, kk), v, coef, src, self.tol,
                            fallback=self._fallback(src, kk))
         part = self.backend.partial(v, coef, src, 1)
-        redo = (~(part.delta <= 0.25 * self.tol)).nonzero().flatten()
+        dense = part.delta <= 0.25 * self.tol  # False for a NaN bound
+        redo = None if bool(dense.all()) else (~dense).nonzero().flatten()
         cert = certify(part, v, coef, src, self.tol)  # DENSE for all but the redo queries
-        if redo.numel():
+        if redo is not None:
             sub = self._certified_pass(v[redo], coef[redo], src, kk, True)
             for name in ("dc", "lse", "excluded", "mode", "delta"):
                 getattr(cert, name)[redo] = getattr(sub, name)

@@ -129,7 +129,7 @@ class CpuBackend(Backend):
             dp.update(raw, np.ascontiguousarray(csq, dtype=np.float64), int(off))
         m, s, acc, tv, ti, delta = dp.finish()
         self.last_info = {"path": dp.path, "arith": dp.arith, "limbs": list(dp.limbs), "refined": dp.refined}
-        t = lambda a: torch.from_numpy(a).to(v.device)  # noqa: E731
+        t = torch.from_numpy  # CPU tensors, as v (this backend runs on nothing else)
         return Partial(m=t(m), s=t(s), acc=t(acc), top_val=t(tv), top_idx=t(ti), delta=t(delta))
 
     def rescore(self, v: torch.Tensor, coef: torch.Tensor, source, top_idx: torch.Tensor) -> torch.Tensor:
