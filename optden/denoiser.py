@@ -252,7 +252,7 @@ class OptimalDenoiser:
         lse = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
         bound = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
         # (label, query positions); None: all n queries in order, taken by slicing (an index
-        # tensor would copy the inputs and scatter the results, ~15% of the Python time of
+        # tensor would copy the inputs and scatter the results, ~7% of the Python time of
         # a call with one query)
         groups = [(None, None)] if labels is None else [
             (int(c), (labels == c).nonzero().flatten()) for c in labels.unique().tolist()
