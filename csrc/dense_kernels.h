@@ -485,8 +485,11 @@ static int classify(const double* C, int nb, double d1, double thr, double hmin,
     const __m512d ub = _mm512_add_pd(_mm512_maskz_loadu_pd(m, C + i), vd1);
     const __mmask8 fw = _mm512_mask_cmp_pd_mask(m, ub, vthr, _CMP_GE_OQ);
     const __mmask8 f = fw | _mm512_mask_cmp_pd_mask(m, ub, vhmin, _CMP_GT_OQ);
-    _mm256_mask_compressstoreu_epi32(lst + c, f, idx);
-    c += __builtin_popcount(f);
+    // compress in a register, then a masked store: Zen 4 runs vpcompressd with a memory
+    // destination as microcode, ~10x slower than the two instructions
+    const int nf = __builtin_popcount(f);
+    _mm256_mask_storeu_epi32(lst + c, (__mmask8)((1u << nf) - 1), _mm256_maskz_compress_epi32(f, idx));
+    c += nf;
     w += __builtin_popcount(fw);
     const __m128i k = _mm_mask_mov_epi8(_mm_maskz_mov_epi8(f, kc), fw, k1);
     _mm_mask_storeu_epi8(kind + i, m, k);
