@@ -149,6 +149,32 @@ def test_per_sample_sigma_scaling_and_shapes(rng):
     assert rel_err(sc, R.score(xf, y, 0.7)) <= DENOISE_RTOL
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_call_is_evaluate_denoised(backend, faces_u8, rng):
+    """``den(x, sigma)`` and ``score`` skip evaluate's top weights, log densities and modes
+    where the one-top-row pass certifies every query; their numbers are evaluate's, bit for
+    bit, at every sigma of the contract, including the small sigmas where some queries
+    repeat the pass with the full top K, and on the class-conditional path."""
+    if not optden.info()["backends"][backend]["available"]:
+        pytest.skip(f"backend {backend} not available")
+    ds = optden.Dataset.from_array(faces_u8, labels=np.arange(len(faces_u8)) % 3)
+    den = optden.OptimalDenoiser(ds, backend=backend)
+    y = model_rows(ds)
+    for sigma in SIGMAS:
+        x = np.concatenate([y[rng.integers(0, ds.M, 3)] + sigma * rng.standard_normal((3, ds.d)),
+                            max(sigma, 1.0) * rng.standard_normal((2, ds.d))])
+        xt = torch.from_numpy(x)
+        sig = torch.full((5,), sigma, dtype=torch.float64)
+        ref = den.evaluate(xt, sig, need_top=False).denoised
+        assert torch.equal(den(xt, sigma), ref), sigma
+        assert torch.equal(den.score(xt, sigma), (ref - xt) / sig[:, None] ** 2), sigma
+        assert rel_err(ref, R.denoise(x, y, sigma)) <= DENOISE_RTOL, sigma
+        lab = torch.tensor([0, 1, 2, 1, 0])
+        assert torch.equal(den(xt, sigma, labels=lab), den.evaluate(xt, sig, lab, need_top=False).denoised)
+    with pytest.raises(optden.InputError, match="sigma"):
+        den(torch.from_numpy(y[:2]), 1e-160)
+
+
 def test_class_conditional(digits_u8, rng):
     from sklearn.datasets import load_digits
 
