@@ -86,11 +86,12 @@ struct Kernels {
   int (*classify)(const double*, int, double, double, double, char, int*, char*, int*, double*);
   void (*dot_fused1)(const int8_t*, const int16_t*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*,
                      int64_t*, int, const uint8_t**, const uint8_t*);
+  void (*center_row)(int, const void*, int, const double*, double*);
 };
 
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1};
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1, k_avx512::center_row};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1, k_avx2::center_row};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1, k_portable::center_row};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -100,7 +101,7 @@ bool cpu_has_avx512() {
 }
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 // The kernel set for `path`: "auto" (best the CPU has; env OPTDEN_CPU_PATH overrides),
@@ -135,37 +136,8 @@ DType parse_dtype(const std::string& s) {
 
 size_t itemsize(DType t) { return t == DType::U8 ? 1 : t == DType::F32 ? 4 : 2; }
 
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  float f;
-  if (exp == 0) {
-    f = std::ldexp((float)man, -24);  // zero or subnormal, exact
-    uint32_t b;
-    std::memcpy(&b, &f, 4);
-    b |= sign;
-    std::memcpy(&f, &b, 4);
-    return f;
-  }
-  uint32_t b = sign | ((exp == 31 ? 255u : exp + 112u) << 23) | (man << 13);
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-inline double raw_value(const void* base, DType t, size_t idx) {
-  switch (t) {
-    case DType::U8: return (double)static_cast<const uint8_t*>(base)[idx];
-    case DType::F16: return (double)half_to_float(static_cast<const uint16_t*>(base)[idx]);
-    case DType::BF16: {
-      const uint32_t b = (uint32_t)static_cast<const uint16_t*>(base)[idx] << 16;
-      float f;
-      std::memcpy(&f, &b, 4);
-      return (double)f;
-    }
-    case DType::F32: return (double)static_cast<const float*>(base)[idx];
-  }
-  return 0.0;
-}
+// one stored value as a double (exact); the scalar reference of center_row's conversions
+inline double raw_value(const void* base, DType t, size_t idx) { return k_portable::raw_value(base, (int)t, idx); }
 
 // Whether x[0..n) are all finite. A double is NaN or inf when its exponent bits are all
 // ones, and exactly then does (bits & exponent mask) + 2^52 reach bit 63; an OR of those
@@ -216,6 +188,7 @@ constexpr double kSkipT = 40.0;
 // third int16 limb is used (the default tolerance needs delta <= 2.5e-7 in all).
 constexpr double kWeightTarget = 5e-8;
 constexpr int kJC = 240;  // columns per chunk of the float64 buffers (a multiple of 3 * 8 * 2)
+constexpr int kRowGroup = 16;  // float path, N <= 16: rows read together (see run_block)
 
 using TopHeap = std::vector<std::pair<double, int64_t>>;  // min-heap of the K best
 
@@ -506,19 +479,26 @@ class DensePass {
   }
 
   // centered float64 copy of rows [0, nb) of X, columns [j0, j0 + w) -> XC (nb, w)
-  void center_chunk(const void* X, int64_t row0, int nb, int j0, int w, double* XC) const {
-    if (dtype_ == DType::U8) {
-      const uint8_t* x = static_cast<const uint8_t*>(X);
-      for (int i = 0; i < nb; ++i) {
-        const uint8_t* xr = x + (size_t)(row0 + i) * d_ + j0;
-        double* o = XC + (size_t)i * w;
-        for (int j = 0; j < w; ++j) o[j] = (double)xr[j] - center_[j0 + j];
+  // Rows row0 + rows[t] (t < nr; rows null: t itself), columns [j0, j0 + w), centered into
+  // XC + rows[t] * w. The rows are read a chunk of columns at a time, nr short streams at
+  // once, which the hardware prefetcher does not follow: the chunk of the row kCenterAhead
+  // on in the list (past the last, the first rows' next chunk) is asked for in software.
+  void center_chunk(const void* X, int64_t row0, const int* rows, int nr, int j0, int w, double* XC) const {
+    constexpr int kCenterAhead = 8;
+    const size_t isz = itemsize(dtype_), rb = (size_t)d_ * isz;
+    const char* x0 = static_cast<const char*>(X) + (size_t)row0 * rb;
+    const int j1 = std::min(d_, j0 + 2 * w);  // end of the next chunk
+    for (int t = 0; t < nr; ++t) {
+      const int tp = t + kCenterAhead < nr ? t + kCenterAhead : t + kCenterAhead - nr;
+      if (tp < nr) {
+        const bool next = t + kCenterAhead >= nr;
+        const char* xp = x0 + (size_t)(rows ? rows[tp] : tp) * rb;
+        for (size_t o = (size_t)(next ? j0 + w : j0) * isz, e = (size_t)(next ? j1 : j0 + w) * isz; o < e; o += 64)
+          __builtin_prefetch(xp + o);
       }
-      return;
+      const int i = rows ? rows[t] : t;
+      kern_->center_row((int)dtype_, x0 + (size_t)i * rb + (size_t)j0 * isz, w, &center_[j0], XC + (size_t)i * w);
     }
-    for (int i = 0; i < nb; ++i)
-      for (int j = 0; j < w; ++j)
-        XC[(size_t)i * w + j] = raw_value(X, dtype_, (size_t)(row0 + i) * d_ + j0 + j) - center_[j0 + j];
   }
 
   // Sub-block of nb rows starting at row r0 of X, int path: coarse logits of every row from
@@ -742,7 +722,11 @@ class DensePass {
       std::vector<double> wscale(3 * N_), pmax(N_);
       std::vector<int> wout(3 * N_), aq(N_);
       const int ntiles = (N_ + 3) / 4;
-      std::vector<int> rows((size_t)ntiles * kSB), nrows(ntiles), uni(kSB);
+      std::vector<int> rows((size_t)ntiles * kSB), nrows(ntiles), uni(kSB), tb(ntiles), te(ntiles);
+      // float path: rows per group (the logits, the weighted sum). Short groups keep the
+      // rows few long streams (fp32, N = 1: 1.6x); with many queries the arithmetic bounds
+      // the pass, and one group of the whole sub-block is slightly faster.
+      const int group = N_ <= 16 ? kRowGroup : kSB;
       std::vector<char> used(kSB);
       // prefetch cursor over this thread's next sub-block: the kernels that compute on rows
       // already in cache (refinement, weighted sum) take lines off its front, so memory
@@ -764,11 +748,16 @@ class DensePass {
           int_logits(static_cast<const uint8_t*>(X) + (size_t)r0 * d_, csq + r0, nb, st, S0.data(), Sr.data(),
                      D.data(), P.data(), lst.data(), cnt.data(), nskip.data(), skmax.data(), kind.data(), pf, pfe);
         } else {
+          // `group` rows at a time, each read along its length chunk by chunk (a few long
+          // streams, not nb short ones); D[n, i] adds its chunks in the same order either way
           std::fill(D.begin(), D.end(), 0.0);
-          for (int j0 = 0; j0 < d_; j0 += kJC) {
-            const int w = std::min(kJC, d_ - j0);
-            center_chunk(X, r0, nb, j0, w, XC.data());
-            kern_->dot_f64(v_.data() + j0, N_, d_, XC.data(), nb, w, D.data(), kSB);
+          for (int g0 = 0; g0 < nb; g0 += group) {
+            const int gn = std::min(group, nb - g0);
+            for (int j0 = 0; j0 < d_; j0 += kJC) {
+              const int w = std::min(kJC, d_ - j0);
+              center_chunk(X, r0 + g0, nullptr, gn, j0, w, XC.data());
+              kern_->dot_f64(v_.data() + j0, N_, d_, XC.data(), gn, w, D.data() + g0, kSB);
+            }
           }
           for (int n = 0; n < N_; ++n) {
             for (int i = 0; i < nb; ++i) {
@@ -922,14 +911,26 @@ class DensePass {
         for (int i = 0; i < nb; ++i)
           if (used[i]) uni[nu++] = i;
         if (nu == 0) continue;
-        for (int j0 = 0; j0 < d_; j0 += kJC) {
-          const int w = std::min(kJC, d_ - j0);
-          for (int t = 0; t < nu; ++t) center_chunk(X, r0 + uni[t], 1, j0, w, XC.data() + (size_t)uni[t] * w);
-          for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
-            if (nrows[tile] == 0) continue;
-            kern_->acc_f64(P.data() + (size_t)n0 * kSB, std::min(4, N_ - n0), kSB, XC.data(), w,
-                           st.acc.data() + (size_t)n0 * d_ + j0, d_, &rows[(size_t)tile * kSB], nrows[tile], 4);
+        // in groups of rows, as the logits; each tile adds its rows of a group [tb, te) in list
+        // order, so every A[n, j] sums its rows in the same order whatever the grouping
+        std::fill(tb.begin(), tb.end(), 0);
+        for (int g0 = 0; g0 < nu; g0 += group) {
+          const int gn = std::min(group, nu - g0), last = uni[g0 + gn - 1];
+          for (int tile = 0; tile < ntiles; ++tile) {
+            te[tile] = tb[tile];
+            while (te[tile] < nrows[tile] && rows[(size_t)tile * kSB + te[tile]] <= last) ++te[tile];
           }
+          for (int j0 = 0; j0 < d_; j0 += kJC) {
+            const int w = std::min(kJC, d_ - j0);
+            center_chunk(X, r0, uni.data() + g0, gn, j0, w, XC.data());
+            for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
+              if (te[tile] == tb[tile]) continue;
+              kern_->acc_f64(P.data() + (size_t)n0 * kSB, std::min(4, N_ - n0), kSB, XC.data(), w,
+                             st.acc.data() + (size_t)n0 * d_ + j0, d_, &rows[(size_t)tile * kSB + tb[tile]],
+                             te[tile] - tb[tile], 4);
+            }
+          }
+          std::swap(tb, te);
         }
       }
     }
@@ -1034,6 +1035,24 @@ py::array_t<double> rescore(py::array_t<double, py::array::c_style | py::array::
   return out;
 }
 
+// rows (B, w) in dtype, centered in float64 by the float path's center_row kernel of `path`:
+// the kernel's own entry point, for the tests of its conversions
+py::array_t<double> center_rows(py::array rows, py::array_t<double, py::array::c_style | py::array::forcecast> center,
+                                const std::string& dtype, const std::string& path) {
+  const DType dt = parse_dtype(dtype);
+  const Kernels& kern = pick_kernels(path);
+  if (rows.ndim() != 2) throw std::invalid_argument("rows: expected a 2-D (B, w) array");
+  if (!(rows.flags() & py::array::c_style)) throw std::invalid_argument("rows: expected a C-contiguous array");
+  if ((size_t)rows.itemsize() != itemsize(dt)) throw std::invalid_argument("rows: item size does not match dtype");
+  const int64_t B = rows.shape(0), w = rows.shape(1);
+  if (center.ndim() != 1 || center.shape(0) != w) throw std::invalid_argument("center: expected shape (w,)");
+  py::array_t<double> out({(py::ssize_t)B, (py::ssize_t)w});
+  const char* base = static_cast<const char*>(rows.data());
+  for (int64_t i = 0; i < B; ++i)
+    kern.center_row((int)dt, base + (size_t)i * w * itemsize(dt), (int)w, center.data(), out.mutable_data() + i * w);
+  return out;
+}
+
 // The k largest entries of each row of vals (n, M), descending (ties: smaller index first).
 py::tuple topk(py::array_t<double, py::array::c_style | py::array::forcecast> vals, int64_t k) {
   if (vals.ndim() != 2) throw std::invalid_argument("vals: expected a 2-D (n, M) array");
@@ -1109,6 +1128,9 @@ void register_dense(py::module_& m) {
         "v (n, d) float64, rows (R, d) in dtype (bfloat16 as uint16 bits), idx (n, K) int64.");
   m.def("topk", &topk, py::arg("vals"), py::arg("k"),
         "The k largest of each row of vals (n, M) float64 -> (values (n, k) descending, indices (n, k) int64).");
+  m.def("center_rows", &center_rows, py::arg("rows"), py::arg("center"), py::arg("dtype"), py::arg("path") = "auto",
+        "rows (B, w) in dtype (bfloat16 as uint16 bits) minus center (w,), in float64 by the float path's kernel "
+        "of `path` (every conversion exact: one rounding, the subtraction).");
   m.def("cpu_features", &cpu_features, "CPU features seen at run time and the dense pass's kernel paths.");
 }
 }  // namespace optden

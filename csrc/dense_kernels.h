@@ -12,6 +12,8 @@
 //   acc_f64  A[n, j] += sum_{i in rows} P[n, i] XC[i, j] float64 weighted sum of a chunk
 //   classify the rows of a sub-block that one query refines, from their coarse logits
 //   dot_fused1  every limb of one query in one pass (dot_q0 and dot_u8 together)
+//   center_row  out[j] = (double)x[j] - c[j]: one row's chunk of fp16 / bf16 / fp32 / uint8
+//               data, centered in float64 (the float path's rows)
 
 #if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
 #error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
@@ -461,6 +463,61 @@ static void acc_f64(const double* P, int N, int ldp, const double* XC, int w, do
   else if (N == 3) acc_tile<3>(P, ldp, XC, w, A, lda, rows, nrows);
   else if (N == 2) acc_tile<2>(P, ldp, XC, w, A, lda, rows, nrows);
   else if (N == 1) acc_tile<1>(P, ldp, XC, w, A, lda, rows, nrows);
+}
+
+// ---------------------------------------------------------------- centering (float path)
+// Storage types as dense_cpu.cpp's DType: 0 uint8, 1 float16, 2 bfloat16, 3 float32.
+// Every conversion to double is exact (so is fp16 -> fp32 -> fp64), so the vector versions
+// and this scalar reference give the same doubles: the one rounding is the subtraction.
+static inline double raw_value(const void* base, int dt, size_t idx) {
+  if (dt == 0) return (double)static_cast<const uint8_t*>(base)[idx];
+  if (dt == 3) return (double)static_cast<const float*>(base)[idx];
+  const uint16_t h = static_cast<const uint16_t*>(base)[idx];
+  uint32_t b;
+  if (dt == 2) {
+    b = (uint32_t)h << 16;
+  } else {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0) return sign ? -std::ldexp((double)man, -24) : std::ldexp((double)man, -24);  // zero, subnormal
+    b = sign | ((exp == 31 ? 255u : exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return (double)f;
+}
+
+static void center_row(int dt, const void* x, int w, const double* c, double* out) {
+  int j = 0;
+#if OPTDEN_ISA == 2
+  for (; j + 8 <= w; j += 8) {
+    __m256 f;
+    if (dt == 0) {
+      f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(x) + j))));
+    } else if (dt == 3) {
+      f = _mm256_loadu_ps(static_cast<const float*>(x) + j);
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + j));
+      f = dt == 1 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    _mm512_storeu_pd(out + j, _mm512_sub_pd(_mm512_cvtps_pd(f), _mm512_loadu_pd(c + j)));
+  }
+#elif OPTDEN_ISA == 1
+  for (; j + 4 <= w; j += 4) {
+    __m128 f;
+    if (dt == 0) {
+      int32_t q;
+      __builtin_memcpy(&q, static_cast<const uint8_t*>(x) + j, 4);
+      f = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(q)));
+    } else if (dt == 3) {
+      f = _mm_loadu_ps(static_cast<const float*>(x) + j);
+    } else {
+      const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + j));
+      f = dt == 1 ? _mm_cvtph_ps(h) : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+    }
+    _mm256_storeu_pd(out + j, _mm256_sub_pd(_mm256_cvtps_pd(f), _mm256_loadu_pd(c + j)));
+  }
+#endif
+  for (; j < w; ++j) out[j] = raw_value(x, dt, j) - c[j];
 }
 
 // ---------------------------------------------------------------- row classification

@@ -499,3 +499,31 @@ def test_one_query_all_limbs_in_one_pass(d, rng):
         w = np.exp(lg - lg.max())
         exact = (w[:, None] * q).sum(0) / w.sum()
         assert_within_certificate(acc / s[:, None], exact[None], q, delta)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_center_rows_convert_exactly(path, rng):
+    """The float path's rows in float64: every finite fp16 and bf16 value (subnormals, -0,
+    the largest), fp32 extremes and every uint8 convert exactly on every kernel path, the
+    one rounding being the subtraction of the center; widths that leave vector tails."""
+    h = np.arange(1 << 16, dtype=np.uint16)
+    finite16 = h[(h & 0x7C00) != 0x7C00]  # fp16 exponent not all ones
+    finite_bf = h[(h & 0x7F80) != 0x7F80]
+    f32 = np.concatenate([rng.standard_normal(500).astype(np.float32) * np.float32(1e30),
+                          np.array([0.0, -0.0, 1e-45, -1e-45, 1.2e-38, 3.4e38, -3.4e38], dtype=np.float32)])
+    cases = [
+        ("float16", finite16, finite16.view(np.float16).astype(np.float64)),
+        ("bfloat16", finite_bf, (finite_bf.astype(np.uint32) << 16).view(np.float32).astype(np.float64)),
+        ("float32", f32, f32.astype(np.float64)),
+        ("uint8", np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.float64)),
+    ]
+    for dtype, bits, exact in cases:
+        for w in (37, 8, 3):
+            n = len(bits) // w * w
+            rows = np.ascontiguousarray(bits[:n].reshape(-1, w))
+            center = np.round(rng.standard_normal(w) * 4.0, 2)
+            out = C.center_rows(rows, center, dtype, path)
+            ref = exact[:n].reshape(-1, w) - center
+            assert np.array_equal(out.view(np.uint64), ref.view(np.uint64)), (dtype, w)  # -0.0 too
+    with pytest.raises(ValueError, match="item size"):
+        C.center_rows(np.zeros((2, 3), np.float32), np.zeros(3), "float16", path)
