@@ -4,7 +4,8 @@ the naive PyTorch fp32 code users write, with the machine's limits measured in t
 Shapes: N queries in {1, 8, 64, 512}, M = 50,000 rows of d = 3072 uint8 (CIFAR-10 size),
 random data. Queries are ``y_i + sigma * n``. Reported per row: median time of repeats,
 GFLOP/s with FLOPs = 4 N M d (the dense pass: distances and weighted sum), GB/s for one
-read of the uint8 data (M d bytes), and their ratios to the measured limits: the fp32 and
+read of the data (M d bytes of uint8; --dtype float16 / bfloat16 / float32 stores the same
+images as floats, read by the cpu backend's float64 path), and their ratios to the measured limits: the fp32 and
 bf16 matmul rates (torch.matmul at 4096^2), the memory read bandwidth (torch sum over
 a 1 GiB float32 array), each the best of its repeats, and the int8 multiply-add peak of
 the vector units (vpdpbusd, optden._C.cpu_peaks; "/ int8" counts 2 N M d multiply-adds). The methods are timed in
@@ -12,7 +13,7 @@ interleaved rounds (one call of each per round) so that load from other jobs on 
 machine falls on all of them alike, except the torch backend, timed in rounds of its own
 right after (the run that followed it in a shared round was slowed by the kernel's work on
 the huge pages it had freed); the table gives the median and the best time. A read
-probe (torch sum over M d bytes of float32) runs in every shared round too, and
+probe (torch sum over the data's size in float32) runs in every shared round too, and
 "/ bandwidth, same rounds" is the median over rounds of probe time / run time: this VM
 shares its memory bandwidth, which moved between 30 and 53 GB/s from one run to the next,
 so the limit measured once at the start can be from another phase than the runs. The error of each method is its max relative error of D* against
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=os.path.join(HERE, "bench_dense.csv"))
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="uint8", choices=["uint8", "float16", "bfloat16", "float32"],
+                    help="storage of the rows: uint8, or the same images in model space [-1, 1] as floats "
+                         "(the cpu backend's float64 path); bytes and bandwidth count the stored size")
     args = ap.parse_args(argv)
     if args.quick:
         args.M, args.d, args.N, args.repeats = 600, 75, [1, 5], 2
@@ -176,7 +180,8 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    print(f"# bench_dense: {machine()}; commit {commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# bench_dense: {machine()}; commit {commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"rows M = {args.M} x d = {args.d} {args.dtype}")
     fp32 = matmul_rate(torch.float32, args.matmul_n, 3)
     bf16 = matmul_rate(torch.bfloat16, args.matmul_n, 3)
     bw = read_bandwidth(args.bw_bytes, 5)
@@ -188,7 +193,10 @@ def main(argv=None) -> int:
               f"int16 vpdpwssd {peaks['int16_gmacs']:.0f} GMAC/s, fp64 FMA {peaks['fp64_gflops']:.0f} GFLOP/s")
 
     raw = rng.integers(0, 256, (args.M, args.d), dtype=np.uint8)
+    if args.dtype != "uint8":  # the same images, model space, stored as floats
+        raw = torch.from_numpy(raw.astype(np.float32) / 127.5 - 1.0).to(getattr(torch, args.dtype))
     ds = optden.Dataset.from_array(raw)
+    nbytes = args.M * args.d * raw.element_size() if torch.is_tensor(raw) else raw.nbytes
     M, d = ds.M, ds.d
     chunk = max(1, (1 << 26) // (4 * d))  # 64 MB of fp32 rows per chunk
     Y = None
@@ -198,11 +206,11 @@ def main(argv=None) -> int:
     dens = {b: optden.OptimalDenoiser(ds, backend=b) for b in ("cpu", "torch") if b not in args.skip}
 
     err = errors(raw, args.err_sigmas, 3, min(args.err_rows, M), chunk, rng)
-    # the read probe timed in every round: one read of M d bytes (float32 ones, numpy-
+    # the read probe timed in every round: one read of the data's bytes (float32 ones, numpy-
     # allocated like the dataset's rows), so that "/ bandwidth, same rounds" compares each
     # pass with the memory speed of its own round (this VM's measured bandwidth moved from
     # 30 to 53 GB/s between runs)
-    probe = torch.from_numpy(np.ones(M * d // 4, dtype=np.float32))
+    probe = torch.from_numpy(np.ones(nbytes // 4, dtype=np.float32))
     rows = []
     for n in args.N:
         idx = rng.integers(0, M, n)
@@ -233,19 +241,19 @@ def main(argv=None) -> int:
             all_t[j] = ts
         for j, ts in zip(apart, interleaved_times([runs[j][2] for j in apart], reps) if apart else []):
             all_t[j] = ts
-        read_gbs = M * d / statistics.median(t_read) / 1e9
+        read_gbs = nbytes / statistics.median(t_read) / 1e9
         print(f"{'read':>10} N={n:<4} probe {statistics.median(t_read) * 1e3:9.1f} ms {read_gbs:6.2f} GB/s (same rounds)")
         for j, ((name, s, fn, modes), ts) in enumerate(zip(runs, all_t)):
             t, tmin = statistics.median(ts), min(ts)
             # median over rounds of (read probe time / this run's time), in the same round
             same = statistics.median([a / b for a, b in zip(t_read, ts)]) if j in together else float("nan")
             gflops = 4.0 * n * M * d / t / 1e9
-            gbs = M * d / t / 1e9
+            gbs = nbytes / t / 1e9
             rows.append({
-                "method": name, "N": n, "M": M, "d": d, "sigma": s, "time_s": t, "best_s": tmin, "GFLOP/s": gflops,
+                "method": name, "N": n, "M": M, "d": d, "dtype": args.dtype, "sigma": s, "time_s": t, "best_s": tmin, "GFLOP/s": gflops,
                 "vs_fp32_peak": gflops / fp32, "vs_bf16_peak": gflops / bf16, "vs_int8_peak": gflops / 2 / int8,
                 "GB/s": gbs, "vs_bandwidth": gbs / bw,
-                "best_vs_fp32_peak": 4.0 * n * M * d / tmin / 1e9 / fp32, "best_vs_bandwidth": M * d / tmin / 1e9 / bw,
+                "best_vs_fp32_peak": 4.0 * n * M * d / tmin / 1e9 / fp32, "best_vs_bandwidth": nbytes / tmin / 1e9 / bw,
                 "vs_bandwidth_same_rounds": same, "read_GBs_same_rounds": read_gbs,
                 "max_rel_err": err.get(name, float("nan")), "modes": modes,
             })
