@@ -87,11 +87,12 @@ struct Kernels {
   void (*dot_fused1)(const int8_t*, const int16_t*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*,
                      int64_t*, int, const uint8_t**, const uint8_t*);
   void (*center_row)(int, const void*, int, const double*, double*);
+  void (*dot_raw)(int, const double*, int, int, const void*, size_t, int, int, const double*, double*, int);
 };
 
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1, k_avx512::center_row};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1, k_avx2::center_row};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1, k_portable::center_row};
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1, k_avx512::center_row, k_avx512::dot_raw};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1, k_avx2::center_row, k_avx2::dot_raw};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1, k_portable::center_row, k_portable::dot_raw};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -479,25 +480,44 @@ class DensePass {
   }
 
   // centered float64 copy of rows [0, nb) of X, columns [j0, j0 + w) -> XC (nb, w)
-  // Rows row0 + rows[t] (t < nr; rows null: t itself), columns [j0, j0 + w), centered into
-  // XC + rows[t] * w. The rows are read a chunk of columns at a time, nr short streams at
-  // once, which the hardware prefetcher does not follow: the chunk of the row kCenterAhead
-  // on in the list (past the last, the first rows' next chunk) is asked for in software.
-  void center_chunk(const void* X, int64_t row0, const int* rows, int nr, int j0, int w, double* XC) const {
+  // The float path reads rows a chunk of columns at a time, a group of short streams at
+  // once, which the hardware prefetcher does not follow: for the row at position t of the
+  // list, the chunk of the row kCenterAhead on (past the last, the first rows' next chunk)
+  // is asked for in software.
+  __attribute__((always_inline)) void prefetch_ahead(const char* x0, size_t rb, size_t isz, const int* rows, int nr,
+                                                      int t, int j0, int w) const {
     constexpr int kCenterAhead = 8;
+    const int tp = t + kCenterAhead < nr ? t + kCenterAhead : t + kCenterAhead - nr;
+    if (tp >= nr) return;
+    const bool next = t + kCenterAhead >= nr;
+    const char* xp = x0 + (size_t)(rows ? rows[tp] : tp) * rb;
+    for (size_t o = (size_t)(next ? j0 + w : j0) * isz, e = (size_t)(next ? std::min(d_, j0 + 2 * w) : j0 + w) * isz;
+         o < e; o += 64)
+      __builtin_prefetch(xp + o);
+  }
+
+  // Rows row0 + rows[t] (t < nr; rows null: t itself), columns [j0, j0 + w), centered into
+  // XC + rows[t] * w.
+  void center_chunk(const void* X, int64_t row0, const int* rows, int nr, int j0, int w, double* XC) const {
     const size_t isz = itemsize(dtype_), rb = (size_t)d_ * isz;
     const char* x0 = static_cast<const char*>(X) + (size_t)row0 * rb;
-    const int j1 = std::min(d_, j0 + 2 * w);  // end of the next chunk
     for (int t = 0; t < nr; ++t) {
-      const int tp = t + kCenterAhead < nr ? t + kCenterAhead : t + kCenterAhead - nr;
-      if (tp < nr) {
-        const bool next = t + kCenterAhead >= nr;
-        const char* xp = x0 + (size_t)(rows ? rows[tp] : tp) * rb;
-        for (size_t o = (size_t)(next ? j0 + w : j0) * isz, e = (size_t)(next ? j1 : j0 + w) * isz; o < e; o += 64)
-          __builtin_prefetch(xp + o);
-      }
+      prefetch_ahead(x0, rb, isz, rows, nr, t, j0, w);
       const int i = rows ? rows[t] : t;
       kern_->center_row((int)dtype_, x0 + (size_t)i * rb + (size_t)j0 * isz, w, &center_[j0], XC + (size_t)i * w);
+    }
+  }
+
+  // D[n, t] += v_n[j0, j0 + w) . (rows row0 + t - center)[j0, j0 + w) for t < nr, n < N,
+  // the rows centered in registers (dot_raw), two at a time
+  void dot_chunk_raw(const void* X, int64_t row0, int nr, int j0, int w, double* D) const {
+    const size_t isz = itemsize(dtype_), rb = (size_t)d_ * isz;
+    const char* x0 = static_cast<const char*>(X) + (size_t)row0 * rb;
+    for (int t = 0; t < nr; t += 2) {
+      prefetch_ahead(x0, rb, isz, nullptr, nr, t, j0, w);
+      if (t + 1 < nr) prefetch_ahead(x0, rb, isz, nullptr, nr, t + 1, j0, w);
+      kern_->dot_raw((int)dtype_, v_.data() + j0, N_, d_, x0 + (size_t)t * rb + (size_t)j0 * isz, rb,
+                     std::min(2, nr - t), w, &center_[j0], D + t, kSB);
     }
   }
 
@@ -755,6 +775,10 @@ class DensePass {
             const int gn = std::min(group, nb - g0);
             for (int j0 = 0; j0 < d_; j0 += kJC) {
               const int w = std::min(kJC, d_ - j0);
+              if (N_ <= 4) {  // few queries: no copy
+                dot_chunk_raw(X, r0 + g0, gn, j0, w, D.data() + g0);
+                continue;
+              }
               center_chunk(X, r0 + g0, nullptr, gn, j0, w, XC.data());
               kern_->dot_f64(v_.data() + j0, N_, d_, XC.data(), gn, w, D.data() + g0, kSB);
             }

@@ -14,6 +14,7 @@
 //   dot_fused1  every limb of one query in one pass (dot_q0 and dot_u8 together)
 //   center_row  out[j] = (double)x[j] - c[j]: one row's chunk of fp16 / bf16 / fp32 / uint8
 //               data, centered in float64 (the float path's rows)
+//   dot_raw  D[n, i] += sum_j V[n, j] ((double)X[i, j] - c[j]): center_row and dot_f64 in one
 
 #if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
 #error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
@@ -518,6 +519,109 @@ static void center_row(int dt, const void* x, int w, const double* c, double* ou
   }
 #endif
   for (; j < w; ++j) out[j] = raw_value(x, dt, j) - c[j];
+}
+
+// ---------------------------------------------------------------- fused centering + dot
+// D[n, i] += sum_{j < w} V[n, j] ((double)x_i[j] - c[j]) for n < N, i < B, row x_i at
+// x + i * ldx bytes, storage type dt (as center_row): the float path's logit dots for a few
+// queries, the rows centered in registers instead of through a copy (which cost about as
+// much as the dots at N = 1). Each difference is rounded once, as by center_row, and the
+// products summed in float64 in some order: the same gamma_d bound as dot_f64.
+template <int DT>
+static inline vd raw_vec(const char* x, int j) {  // kW elements from column j, exact
+#if OPTDEN_ISA == 2
+  __m256 f;
+  if (DT == 0) f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + j))));
+  else if (DT == 3) f = _mm256_loadu_ps(reinterpret_cast<const float*>(x) + j);
+  else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(x) + j));
+    f = DT == 1 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return (vd)_mm512_cvtps_pd(f);
+#elif OPTDEN_ISA == 1
+  __m128 f;
+  if (DT == 0) {
+    int32_t q;
+    __builtin_memcpy(&q, x + j, 4);
+    f = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(q)));
+  } else if (DT == 3) f = _mm_loadu_ps(reinterpret_cast<const float*>(x) + j);
+  else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(x) + j));
+    f = DT == 1 ? _mm_cvtph_ps(h) : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  }
+  return (vd)_mm256_cvtps_pd(f);
+#else
+  vd r;
+  for (int t = 0; t < kW; ++t) r[t] = raw_value(x, DT, j + t);
+  return r;
+#endif
+}
+
+// NT queries x BT rows, each sum in two interleaved accumulators (four independent FMA
+// chains at NT = 1)
+template <int DT, int NT, int BT>
+static inline void dotr_tile(const double* V, int ldv, const char* x, size_t ldx, int w, const double* c, double* D,
+                             int ldD) {
+  const int nv2 = w / (2 * kW) * (2 * kW), nv = w / kW * kW;
+  vd acc[NT][BT][2];
+  for (int n = 0; n < NT; ++n)
+    for (int b = 0; b < BT; ++b) acc[n][b][0] = acc[n][b][1] = vd{};
+  int j = 0;
+  for (; j < nv2; j += 2 * kW)
+    for (int u = 0; u < 2; ++u) {
+      const vd cu = vload(c + j + u * kW);
+      vd xb[BT];
+      for (int b = 0; b < BT; ++b) xb[b] = raw_vec<DT>(x + (size_t)b * ldx, j + u * kW) - cu;
+      for (int n = 0; n < NT; ++n) {
+        const vd q = vload(V + (size_t)n * ldv + j + u * kW);
+        for (int b = 0; b < BT; ++b) acc[n][b][u] += q * xb[b];
+      }
+    }
+  for (; j < nv; j += kW) {
+    const vd cu = vload(c + j);
+    for (int b = 0; b < BT; ++b) {
+      const vd xv = raw_vec<DT>(x + (size_t)b * ldx, j) - cu;
+      for (int n = 0; n < NT; ++n) acc[n][b][0] += vload(V + (size_t)n * ldv + j) * xv;
+    }
+  }
+  for (int n = 0; n < NT; ++n)
+    for (int b = 0; b < BT; ++b) {
+      double t = vsum(acc[n][b][0] + acc[n][b][1]);
+      for (int jj = nv; jj < w; ++jj)
+        t += V[(size_t)n * ldv + jj] * (raw_value(x + (size_t)b * ldx, DT, jj) - c[jj]);
+      D[(size_t)n * ldD + b] += t;
+    }
+}
+
+template <int DT>
+static void dot_raw_t(const double* V, int N, int ldv, const char* x, size_t ldx, int B, int w, const double* c,
+                      double* D, int ldD) {
+  for (int n = 0; n < N;) {
+    const int nt = N - n >= 4 ? 4 : N - n >= 2 ? 2 : 1;
+    for (int b = 0; b < B;) {
+      const int bt = B - b >= 2 ? 2 : 1;
+      const double* Vn = V + (size_t)n * ldv;
+      const char* xb = x + (size_t)b * ldx;
+      double* Dn = D + (size_t)n * ldD + b;
+      if (nt == 4 && bt == 2) dotr_tile<DT, 4, 2>(Vn, ldv, xb, ldx, w, c, Dn, ldD);
+      else if (nt == 4) dotr_tile<DT, 4, 1>(Vn, ldv, xb, ldx, w, c, Dn, ldD);
+      else if (nt == 2 && bt == 2) dotr_tile<DT, 2, 2>(Vn, ldv, xb, ldx, w, c, Dn, ldD);
+      else if (nt == 2) dotr_tile<DT, 2, 1>(Vn, ldv, xb, ldx, w, c, Dn, ldD);
+      else if (bt == 2) dotr_tile<DT, 1, 2>(Vn, ldv, xb, ldx, w, c, Dn, ldD);
+      else dotr_tile<DT, 1, 1>(Vn, ldv, xb, ldx, w, c, Dn, ldD);
+      b += bt;
+    }
+    n += nt;
+  }
+}
+
+static void dot_raw(int dt, const double* V, int N, int ldv, const void* x, size_t ldx, int B, int w, const double* c,
+                    double* D, int ldD) {
+  const char* xc = static_cast<const char*>(x);
+  if (dt == 0) dot_raw_t<0>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
+  else if (dt == 1) dot_raw_t<1>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
+  else if (dt == 2) dot_raw_t<2>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
+  else dot_raw_t<3>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
 }
 
 // ---------------------------------------------------------------- row classification

@@ -195,13 +195,15 @@ def test_delta_tight_enough_for_dense(faces_u8, rng):
         assert (cert.mode == 0).all()
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "float32"])
-def test_paths_agree(dtype, rng):
-    """Every kernel path gives the same pass: integer dots are bitwise equal across paths."""
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("n", [3, 5])
+def test_paths_agree(dtype, n, rng):
+    """Every kernel path gives the same pass: integer dots are bitwise equal across paths;
+    float rows (centered in registers at n <= 4, through a copy above) agree to rounding."""
     ds = make_ds(dtype, 200, 105, rng)
     den = optden.OptimalDenoiser(ds, backend="torch")
     src = den.source()
-    x = model_rows(ds)[:5] + 0.5 * rng.standard_normal((5, 105))
+    x = model_rows(ds)[:n] + 0.5 * rng.standard_normal((n, 105))
     v, coef = centered(ds, src, x, 2.0)
     parts = [CpuBackend(path=p).partial(v, coef, src, 10) for p in PATHS]
     for p in parts[1:]:
@@ -295,12 +297,14 @@ def test_bench_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_dense", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path / "q.csv"
-    assert mod.main(["--quick", "--csv", str(out)]) == 0
-    text = out.read_text().splitlines()
-    assert text[0].startswith("method,N,M,d,sigma,time_s")
-    methods = {line.split(",")[0] for line in text[1:]}
-    assert methods == {"cpu", "torch", "naive_fp32"}
+    for dtype in ("uint8", "float16"):
+        out = tmp_path / f"q_{dtype}.csv"
+        assert mod.main(["--quick", "--csv", str(out), "--dtype", dtype]) == 0
+        text = out.read_text().splitlines()
+        assert text[0].startswith("method,N,M,d,dtype,sigma,time_s")
+        methods = {line.split(",")[0] for line in text[1:]}
+        assert methods == {"cpu", "torch", "naive_fp32"}
+        assert {line.split(",")[4] for line in text[1:]} == {dtype}
 
 
 @pytest.mark.parametrize("integral", [True, False])
