@@ -88,11 +88,12 @@ struct Kernels {
                      int64_t*, int, const uint8_t**, const uint8_t*);
   void (*center_row)(int, const void*, int, const double*, double*);
   void (*dot_raw)(int, const double*, int, int, const void*, size_t, int, int, const double*, double*, int);
+  void (*acc_raw)(int, const double*, int, int, const void*, size_t, const int*, int, int, const double*, double*, int);
 };
 
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1, k_avx512::center_row, k_avx512::dot_raw};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1, k_avx2::center_row, k_avx2::dot_raw};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1, k_portable::center_row, k_portable::dot_raw};
+const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1, k_avx512::center_row, k_avx512::dot_raw, k_avx512::acc_raw};
+const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1, k_avx2::center_row, k_avx2::dot_raw, k_avx2::acc_raw};
+const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1, k_portable::center_row, k_portable::dot_raw, k_portable::acc_raw};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -946,6 +947,15 @@ class DensePass {
           }
           for (int j0 = 0; j0 < d_; j0 += kJC) {
             const int w = std::min(kJC, d_ - j0);
+            if (N_ <= 4) {  // one tile: the rows centered in registers, no copy
+              const size_t isz = itemsize(dtype_), rb = (size_t)d_ * isz;
+              const char* x0 = static_cast<const char*>(X) + (size_t)r0 * rb;
+              for (int t = 0; t < gn; ++t) prefetch_ahead(x0, rb, isz, uni.data() + g0, gn, t, j0, w);
+              if (te[0] > tb[0])
+                kern_->acc_raw((int)dtype_, P.data(), N_, kSB, x0 + (size_t)j0 * isz, rb, &rows[tb[0]], te[0] - tb[0], w,
+                               &center_[j0], st.acc.data() + j0, d_);
+              continue;
+            }
             center_chunk(X, r0, uni.data() + g0, gn, j0, w, XC.data());
             for (int n0 = 0, tile = 0; n0 < N_; n0 += 4, ++tile) {
               if (te[tile] == tb[tile]) continue;

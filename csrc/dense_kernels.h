@@ -15,6 +15,7 @@
 //   center_row  out[j] = (double)x[j] - c[j]: one row's chunk of fp16 / bf16 / fp32 / uint8
 //               data, centered in float64 (the float path's rows)
 //   dot_raw  D[n, i] += sum_j V[n, j] ((double)X[i, j] - c[j]): center_row and dot_f64 in one
+//   acc_raw  center_row and acc_f64 in one (N <= 4)
 
 #if !defined(OPTDEN_KNS) || !defined(OPTDEN_ISA)
 #error "define OPTDEN_KNS and OPTDEN_ISA (2: AVX-512 VNNI, 1: AVX2 + FMA, 0: portable) first"
@@ -622,6 +623,58 @@ static void dot_raw(int dt, const double* V, int N, int ldv, const void* x, size
   else if (dt == 1) dot_raw_t<1>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
   else if (dt == 2) dot_raw_t<2>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
   else dot_raw_t<3>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
+}
+
+// A[n, j] += sum_{t < nrows} P[n, rows[t]] ((double)x_{rows[t]}[j] - c[j]), n < N <= 4, j < w:
+// acc_f64 with the rows centered in registers (row i at x + i * ldx bytes, storage type dt).
+// The same differences and the same sequential sum over the rows per (n, j) as center_row
+// then acc_f64: bit-for-bit the same A.
+template <int DT, int NT>
+static void accr_tile(const double* P, int ldp, const char* x, size_t ldx, const int* rows, int nrows, int w,
+                      const double* c, double* A, int lda) {
+  const int nv = w / (kW * kJV) * (kW * kJV);
+  for (int j = 0; j < nv; j += kW * kJV) {
+    vd a[NT][kJV], cv[kJV];
+    for (int u = 0; u < kJV; ++u) cv[u] = vload(c + j + u * kW);
+    for (int n = 0; n < NT; ++n)
+      for (int u = 0; u < kJV; ++u) a[n][u] = vload(A + (size_t)n * lda + j + u * kW);
+    for (int t = 0; t < nrows; ++t) {
+      const int i = rows[t];
+      vd xv[kJV];
+      for (int u = 0; u < kJV; ++u) xv[u] = raw_vec<DT>(x + (size_t)i * ldx, j + u * kW) - cv[u];
+      for (int n = 0; n < NT; ++n) {
+        const double p = P[(size_t)n * ldp + i];
+        for (int u = 0; u < kJV; ++u) a[n][u] += p * xv[u];
+      }
+    }
+    for (int n = 0; n < NT; ++n)
+      for (int u = 0; u < kJV; ++u) vstore(A + (size_t)n * lda + j + u * kW, a[n][u]);
+  }
+  for (int j = nv; j < w; ++j)
+    for (int n = 0; n < NT; ++n) {
+      double a = A[(size_t)n * lda + j];
+      for (int t = 0; t < nrows; ++t)
+        a += P[(size_t)n * ldp + rows[t]] * (raw_value(x + (size_t)rows[t] * ldx, DT, j) - c[j]);
+      A[(size_t)n * lda + j] = a;
+    }
+}
+
+template <int DT>
+static void acc_raw_t(const double* P, int N, int ldp, const char* x, size_t ldx, const int* rows, int nrows, int w,
+                      const double* c, double* A, int lda) {
+  if (N == 4) accr_tile<DT, 4>(P, ldp, x, ldx, rows, nrows, w, c, A, lda);
+  else if (N == 3) accr_tile<DT, 3>(P, ldp, x, ldx, rows, nrows, w, c, A, lda);
+  else if (N == 2) accr_tile<DT, 2>(P, ldp, x, ldx, rows, nrows, w, c, A, lda);
+  else if (N == 1) accr_tile<DT, 1>(P, ldp, x, ldx, rows, nrows, w, c, A, lda);
+}
+
+static void acc_raw(int dt, const double* P, int N, int ldp, const void* x, size_t ldx, const int* rows, int nrows,
+                    int w, const double* c, double* A, int lda) {
+  const char* xc = static_cast<const char*>(x);
+  if (dt == 0) acc_raw_t<0>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
+  else if (dt == 1) acc_raw_t<1>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
+  else if (dt == 2) acc_raw_t<2>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
+  else acc_raw_t<3>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
 }
 
 // ---------------------------------------------------------------- row classification
