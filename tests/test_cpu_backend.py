@@ -308,7 +308,8 @@ def test_bench_quick(tmp_path):
 
 
 @pytest.mark.parametrize("integral", [True, False])
-@pytest.mark.parametrize("N", [5, 11])  # the weighted sum reads uint8 in place for N <= 8
+@pytest.mark.parametrize("N", [3, 5, 11])  # float path: rows centered in registers at N <= 4; the int
+# path's weighted sum reads uint8 in place for N <= 8
 def test_dense_pass_direct_uint8(integral, N, rng):
     """DensePass on its own: exact int path for an integral center, float64 path otherwise."""
     M, d = 333, 70
