@@ -439,9 +439,12 @@ constexpr int kJV = 3;  // vectors of columns per register tile (4 x 3 accumulat
 constexpr int kJV = 1;
 #endif
 
-template <int NT>
-static inline void acc_tile(const double* P, int ldp, const double* XC, int w, double* A, int lda, const int* rows,
-                            int nrows) {
+// A[n, j] += sum_t P[n, rows[t]] X[rows[t], j] for n < NT, j < w, in list order per (n, j);
+// row_vec(i, j): kW columns of row i from column j, row_at(i, j): one (acc_tile's centered
+// copy, or accr_tile's raw rows centered in registers: the same doubles either way)
+template <int NT, class RowVec, class RowAt>
+static inline void acc_rows(const double* P, int ldp, const int* rows, int nrows, int w, double* A, int lda,
+                            RowVec row_vec, RowAt row_at) {
   const int nv = w / (kW * kJV) * (kW * kJV);
   for (int j = 0; j < nv; j += kW * kJV) {
     vd a[NT][kJV];
@@ -451,7 +454,7 @@ static inline void acc_tile(const double* P, int ldp, const double* XC, int w, d
       const int i = rows[t];
       vd x[kJV];
       for (int c = 0; c < kJV; ++c) {
-        x[c] = vload(XC + (size_t)i * w + j + c * kW);
+        x[c] = row_vec(i, j + c * kW);
         in_register(x[c]);
       }
       for (int n = 0; n < NT; ++n) {
@@ -465,9 +468,16 @@ static inline void acc_tile(const double* P, int ldp, const double* XC, int w, d
   for (int j = nv; j < w; ++j)
     for (int n = 0; n < NT; ++n) {
       double a = A[(size_t)n * lda + j];
-      for (int t = 0; t < nrows; ++t) a += P[(size_t)n * ldp + rows[t]] * XC[(size_t)rows[t] * w + j];
+      for (int t = 0; t < nrows; ++t) a += P[(size_t)n * ldp + rows[t]] * row_at(rows[t], j);
       A[(size_t)n * lda + j] = a;
     }
+}
+
+template <int NT>
+static inline void acc_tile(const double* P, int ldp, const double* XC, int w, double* A, int lda, const int* rows,
+                            int nrows) {
+  acc_rows<NT>(P, ldp, rows, nrows, w, A, lda, [&](int i, int j) { return vload(XC + (size_t)i * w + j); },
+               [&](int i, int j) { return XC[(size_t)i * w + j]; });
 }
 
 static void acc_f64(const double* P, int N, int ldp, const double* XC, int w, double* A, int lda,
@@ -645,31 +655,9 @@ static void dot_raw(int dt, const double* V, int N, int ldv, const void* x, size
 template <int DT, int NT>
 static void accr_tile(const double* P, int ldp, const char* x, size_t ldx, const int* rows, int nrows, int w,
                       const double* c, double* A, int lda) {
-  const int nv = w / (kW * kJV) * (kW * kJV);
-  for (int j = 0; j < nv; j += kW * kJV) {
-    vd a[NT][kJV], cv[kJV];
-    for (int u = 0; u < kJV; ++u) cv[u] = vload(c + j + u * kW);
-    for (int n = 0; n < NT; ++n)
-      for (int u = 0; u < kJV; ++u) a[n][u] = vload(A + (size_t)n * lda + j + u * kW);
-    for (int t = 0; t < nrows; ++t) {
-      const int i = rows[t];
-      vd xv[kJV];
-      for (int u = 0; u < kJV; ++u) xv[u] = raw_vec<DT>(x + (size_t)i * ldx, j + u * kW) - cv[u];
-      for (int n = 0; n < NT; ++n) {
-        const double p = P[(size_t)n * ldp + i];
-        for (int u = 0; u < kJV; ++u) a[n][u] += p * xv[u];
-      }
-    }
-    for (int n = 0; n < NT; ++n)
-      for (int u = 0; u < kJV; ++u) vstore(A + (size_t)n * lda + j + u * kW, a[n][u]);
-  }
-  for (int j = nv; j < w; ++j)
-    for (int n = 0; n < NT; ++n) {
-      double a = A[(size_t)n * lda + j];
-      for (int t = 0; t < nrows; ++t)
-        a += P[(size_t)n * ldp + rows[t]] * (raw_value(x + (size_t)rows[t] * ldx, DT, j) - c[j]);
-      A[(size_t)n * lda + j] = a;
-    }
+  acc_rows<NT>(P, ldp, rows, nrows, w, A, lda,
+               [&](int i, int j) { return raw_vec<DT>(x + (size_t)i * ldx, j) - vload(c + j); },
+               [&](int i, int j) { return raw_value(x + (size_t)i * ldx, DT, j) - c[j]; });
 }
 
 template <int DT>
