@@ -511,46 +511,6 @@ static inline double raw_value(const void* base, int dt, size_t idx) {
   return (double)f;
 }
 
-static void center_row(int dt, const void* x, int w, const double* c, double* out) {
-  int j = 0;
-#if OPTDEN_ISA == 2
-  for (; j + 8 <= w; j += 8) {
-    __m256 f;
-    if (dt == 0) {
-      f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(x) + j))));
-    } else if (dt == 3) {
-      f = _mm256_loadu_ps(static_cast<const float*>(x) + j);
-    } else {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + j));
-      f = dt == 1 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    _mm512_storeu_pd(out + j, _mm512_sub_pd(_mm512_cvtps_pd(f), _mm512_loadu_pd(c + j)));
-  }
-#elif OPTDEN_ISA == 1
-  for (; j + 4 <= w; j += 4) {
-    __m128 f;
-    if (dt == 0) {
-      int32_t q;
-      __builtin_memcpy(&q, static_cast<const uint8_t*>(x) + j, 4);
-      f = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(q)));
-    } else if (dt == 3) {
-      f = _mm_loadu_ps(static_cast<const float*>(x) + j);
-    } else {
-      const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + j));
-      f = dt == 1 ? _mm_cvtph_ps(h) : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
-    }
-    _mm256_storeu_pd(out + j, _mm256_sub_pd(_mm256_cvtps_pd(f), _mm256_loadu_pd(c + j)));
-  }
-#endif
-  for (; j < w; ++j) out[j] = raw_value(x, dt, j) - c[j];
-}
-
-// ---------------------------------------------------------------- fused centering + dot
-// D[n, i] += sum_{j < w} V[n, j] ((double)x_i[j] - c[j]) for n < N, i < B, row x_i at
-// x + i * ldx bytes, storage type dt (as center_row): the float path's logit dots for a few
-// queries, the rows centered in registers instead of through a copy (which cost about as
-// much as the dots at N = 1). Each difference is rounded once, as by center_row, and the
-// products summed in float64 in some order: the same gamma_d bound as dot_f64.
 template <int DT>
 static inline vd raw_vec(const char* x, int j) {  // kW elements from column j, exact
 #if OPTDEN_ISA == 2
@@ -581,6 +541,27 @@ static inline vd raw_vec(const char* x, int j) {  // kW elements from column j, 
 #endif
 }
 
+template <int DT>
+static void center_row_t(const char* x, int w, const double* c, double* out) {
+  int j = 0;
+  for (; j + kW <= w; j += kW) vstore(out + j, raw_vec<DT>(x, j) - vload(c + j));
+  for (; j < w; ++j) out[j] = raw_value(x, DT, j) - c[j];
+}
+
+static void center_row(int dt, const void* x, int w, const double* c, double* out) {
+  const char* xc = static_cast<const char*>(x);
+  if (dt == 0) center_row_t<0>(xc, w, c, out);
+  else if (dt == 1) center_row_t<1>(xc, w, c, out);
+  else if (dt == 2) center_row_t<2>(xc, w, c, out);
+  else center_row_t<3>(xc, w, c, out);
+}
+
+// ---------------------------------------------------------------- fused centering + dot
+// D[n, i] += sum_{j < w} V[n, j] ((double)x_i[j] - c[j]) for n < N, i < B, row x_i at
+// x + i * ldx bytes, storage type dt (as center_row): the float path's logit dots for a few
+// queries, the rows centered in registers instead of through a copy (which cost about as
+// much as the dots at N = 1). Each difference is rounded once, as by center_row, and the
+// products summed in float64 in some order: the same gamma_d bound as dot_f64.
 // NT queries x BT rows, each sum in two interleaved accumulators (four independent FMA
 // chains at NT = 1)
 template <int DT, int NT, int BT>
