@@ -16,6 +16,12 @@ def pytest_report_header(config):
     return f"optden test seed: OPTDEN_TEST_SEED={SESSION_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # the header is hidden under -q (the README's test command): name the seed of a failed run
+    if exitstatus not in (0, 5):
+        terminalreporter.write_line(f"optden test seed: OPTDEN_TEST_SEED={SESSION_SEED} (set it to rerun these draws)")
+
+
 @pytest.fixture(scope="session")
 def digits_u8() -> np.ndarray:
     """sklearn's 1797 handwritten digits as uint8 rows (1797, 64)."""
