@@ -119,7 +119,7 @@ const Kernels& pick_kernels(std::string path) {
     return kAvx512;
   }
   if (path == "avx2") {
-    if (!cpu_has_avx2()) throw std::invalid_argument("path: this CPU lacks AVX2 + FMA");
+    if (!cpu_has_avx2()) throw std::invalid_argument("path: this CPU lacks AVX2 + FMA + F16C");
     return kAvx2;
   }
   if (path == "portable") return kPortable;
@@ -1127,7 +1127,13 @@ py::dict cpu_features() {
   f["avx512f"] = (bool)__builtin_cpu_supports("avx512f");
   f["avx512bw"] = (bool)__builtin_cpu_supports("avx512bw");
   f["avx512vnni"] = (bool)__builtin_cpu_supports("avx512vnni");
-  f["dense_paths"] = std::vector<std::string>{"avx512", "avx2", "portable"};
+  f["f16c"] = (bool)__builtin_cpu_supports("f16c");
+  // the kernel paths this CPU runs (pick_kernels refuses the others)
+  std::vector<std::string> paths;
+  if (cpu_has_avx512()) paths.push_back("avx512");
+  if (cpu_has_avx2()) paths.push_back("avx2");
+  paths.push_back("portable");
+  f["dense_paths"] = paths;
   f["dense_default_path"] = std::string(pick_kernels("auto").name);
   return f;
 }

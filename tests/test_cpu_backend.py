@@ -17,7 +17,8 @@ from optden.precision import EXACT, certify
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
 
 C = _ext.C
-# the kernel paths this CPU runs (not only the default, which OPTDEN_CPU_PATH may lower)
+# the kernel paths this CPU runs (cpu_features lists them; not only the default, which
+# OPTDEN_CPU_PATH may lower)
 PATHS = ["portable"] + [p for p in ("avx2", "avx512") if p in C.cpu_features()["dense_paths"]]
 
 
