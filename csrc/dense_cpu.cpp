@@ -480,7 +480,6 @@ class DensePass {
     }
   }
 
-  // centered float64 copy of rows [0, nb) of X, columns [j0, j0 + w) -> XC (nb, w)
   // The float path reads rows a chunk of columns at a time, a group of short streams at
   // once, which the hardware prefetcher does not follow: for the row at position t of the
   // list, the chunk of the row kCenterAhead on (past the last, the first rows' next chunk)
@@ -939,6 +938,8 @@ class DensePass {
         // in groups of rows, as the logits; each tile adds its rows of a group [tb, te) in list
         // order, so every A[n, j] sums its rows in the same order whatever the grouping
         std::fill(tb.begin(), tb.end(), 0);
+        const size_t isz = itemsize(dtype_), rb = (size_t)d_ * isz;
+        const char* x0 = static_cast<const char*>(X) + (size_t)r0 * rb;
         for (int g0 = 0; g0 < nu; g0 += group) {
           const int gn = std::min(group, nu - g0), last = uni[g0 + gn - 1];
           for (int tile = 0; tile < ntiles; ++tile) {
@@ -948,8 +949,6 @@ class DensePass {
           for (int j0 = 0; j0 < d_; j0 += kJC) {
             const int w = std::min(kJC, d_ - j0);
             if (N_ <= 4) {  // one tile: the rows centered in registers, no copy
-              const size_t isz = itemsize(dtype_), rb = (size_t)d_ * isz;
-              const char* x0 = static_cast<const char*>(X) + (size_t)r0 * rb;
               for (int t = 0; t < gn; ++t) prefetch_ahead(x0, rb, isz, uni.data() + g0, gn, t, j0, w);
               if (te[0] > tb[0])
                 kern_->acc_raw((int)dtype_, P.data(), N_, kSB, x0 + (size_t)j0 * isz, rb, &rows[tb[0]], te[0] - tb[0], w,
