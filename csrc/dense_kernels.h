@@ -541,6 +541,15 @@ static inline vd raw_vec(const char* x, int j) {  // kW elements from column j, 
 #endif
 }
 
+// f(std::integral_constant<int, DT>()) for the storage type dt: one instantiation per type
+template <class F>
+static inline void with_dtype(int dt, F&& f) {
+  if (dt == 0) f(std::integral_constant<int, 0>());
+  else if (dt == 1) f(std::integral_constant<int, 1>());
+  else if (dt == 2) f(std::integral_constant<int, 2>());
+  else f(std::integral_constant<int, 3>());
+}
+
 template <int DT>
 static void center_row_t(const char* x, int w, const double* c, double* out) {
   int j = 0;
@@ -549,11 +558,7 @@ static void center_row_t(const char* x, int w, const double* c, double* out) {
 }
 
 static void center_row(int dt, const void* x, int w, const double* c, double* out) {
-  const char* xc = static_cast<const char*>(x);
-  if (dt == 0) center_row_t<0>(xc, w, c, out);
-  else if (dt == 1) center_row_t<1>(xc, w, c, out);
-  else if (dt == 2) center_row_t<2>(xc, w, c, out);
-  else center_row_t<3>(xc, w, c, out);
+  with_dtype(dt, [&](auto t) { center_row_t<decltype(t)::value>(static_cast<const char*>(x), w, c, out); });
 }
 
 // ---------------------------------------------------------------- fused centering + dot
@@ -622,11 +627,9 @@ static void dot_raw_t(const double* V, int N, int ldv, const char* x, size_t ldx
 
 static void dot_raw(int dt, const double* V, int N, int ldv, const void* x, size_t ldx, int B, int w, const double* c,
                     double* D, int ldD) {
-  const char* xc = static_cast<const char*>(x);
-  if (dt == 0) dot_raw_t<0>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
-  else if (dt == 1) dot_raw_t<1>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
-  else if (dt == 2) dot_raw_t<2>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
-  else dot_raw_t<3>(V, N, ldv, xc, ldx, B, w, c, D, ldD);
+  with_dtype(dt, [&](auto t) {
+    dot_raw_t<decltype(t)::value>(V, N, ldv, static_cast<const char*>(x), ldx, B, w, c, D, ldD);
+  });
 }
 
 // A[n, j] += sum_{t < nrows} P[n, rows[t]] ((double)x_{rows[t]}[j] - c[j]), n < N <= 4, j < w:
@@ -652,11 +655,9 @@ static void acc_raw_t(const double* P, int N, int ldp, const char* x, size_t ldx
 
 static void acc_raw(int dt, const double* P, int N, int ldp, const void* x, size_t ldx, const int* rows, int nrows,
                     int w, const double* c, double* A, int lda) {
-  const char* xc = static_cast<const char*>(x);
-  if (dt == 0) acc_raw_t<0>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
-  else if (dt == 1) acc_raw_t<1>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
-  else if (dt == 2) acc_raw_t<2>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
-  else acc_raw_t<3>(P, N, ldp, xc, ldx, rows, nrows, w, c, A, lda);
+  with_dtype(dt, [&](auto t) {
+    acc_raw_t<decltype(t)::value>(P, N, ldp, static_cast<const char*>(x), ldx, rows, nrows, w, c, A, lda);
+  });
 }
 
 // ---------------------------------------------------------------- row classification
