@@ -15,6 +15,7 @@ Environment switches:
                         PTX of the last one is embedded so newer GPUs JIT it).
   OPTDEN_NVCC_FLAGS=... extra nvcc flags.
   CUDA_HOME             where to look for bin/nvcc first (then PATH, /usr/local/cuda).
+  OPTDEN_BUILD_JOBS=N   C++ sources compiled in parallel (default 0: one per CPU).
 Always build with --no-build-isolation so the build sees the installed torch/pybind11.
 """
 from __future__ import annotations
@@ -156,6 +157,12 @@ class BuildExt(build_ext):
 def extensions():
     if os.environ.get("OPTDEN_SKIP_EXT") == "1":
         return []
+    try:  # the C++ sources in parallel (setuptools compiles them one by one)
+        from pybind11.setup_helpers import ParallelCompile
+
+        ParallelCompile("OPTDEN_BUILD_JOBS", default=0).install()
+    except ImportError:
+        pass
     try:
         ext = cpu_extension()
     except ImportError as exc:  # pybind11 missing: install without the extension, loudly

@@ -15,12 +15,15 @@ cluster centers plus small perturbations), resident in GPU memory. Queries are
 * ``knn-floor``: brute-force 1-NN of the same data (faiss-gpu IndexFlatL2 when present,
   else bf16 torch.matmul + topk, exact for uint8): the distance part alone.
 
-Per row: median time (``triton.testing.do_bench``; median of 3 CUDA-event timings for
-runs over a second), TFLOP/s with FLOPs = 4 N M d (2 N M d for the k-NN floor), GB/s for
-one read of the uint8 data (M d bytes), and the ratios to the measured limits: the bf16
-matmul rate (8192^3 torch.matmul) and the copy bandwidth (1 GiB device-to-device copy,
-read + write bytes). Measurements whose estimated time exceeds ``--budget`` seconds are
-listed as skipped with the estimate. Prints a table and writes CSV.
+Per row: median time (CUDA events; ``triton.testing.do_bench`` for runs under 0.1 s, with
+about 0.2 s of repeats; else the median of 3 runs after one warm-up), TFLOP/s with FLOPs
+= 4 N M d (2 N M d for the k-NN floor), GB/s for one read of the uint8 data (M d bytes),
+and the ratios to the measured limits: the bf16 matmul rate (8192^3 torch.matmul) and
+the copy bandwidth (1 GiB device-to-device copy, read + write bytes). Measurements whose
+estimated time exceeds ``--budget`` seconds are listed as skipped with the estimate.
+Prints a table and writes each row to the CSV as soon as it is measured (a run killed
+by its time limit keeps what it measured). ``--device cpu`` runs the same plumbing on
+CPU tensors with tiny sizes (``bench/gpu_check.sh --dry-run``); its numbers mean nothing.
 
     python bench/bench_gpu.py                          # both sizes, all N (long)
     python bench/bench_gpu.py --sizes cifar --n 1,64,4096 --csv bench/gpu.csv
@@ -38,15 +41,28 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the checkout, when optden is not installed
 SIZES = {"cifar": (50_000, 3072), "imagenet64": (1_281_167, 12288)}
-# rough rates used only to skip measurements that would exceed the time budget
-_GUESS_FLOPS = {"optden-triton": 150e12, "optden-cuda": 20e12, "optden-torch64": 30e12,
+# rough rates used only to skip measurements that would exceed the time budget (the cuda
+# backend's dot loop runs on CUDA cores, ~3 TFLOP/s at d = 12288 by a read of the kernel)
+_GUESS_FLOPS = {"optden-triton": 50e12, "optden-cuda": 3e12, "optden-torch64": 30e12,
                 "naive-fp32": 30e12, "blocked-fp32": 30e12, "knn-floor": 200e12}
 
 
 # ----------------------------------------------------------------------------- timing
 def bench_ms(fn) -> float:
-    """Median milliseconds of fn() on the current GPU."""
+    """Median milliseconds of fn() on the current device (CUDA events; host clock on CPU).
+
+    Runs under 0.1 s: ``triton.testing.do_bench`` with about 0.2 s of repeats. Longer
+    runs: the first run is the warm-up, then the median of 3 (GPU time is scarce).
+    """
+    if not torch.cuda.is_available():
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
     import triton.testing
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -55,8 +71,8 @@ def bench_ms(fn) -> float:
     end.record()
     torch.cuda.synchronize()
     first = start.elapsed_time(end)
-    if first < 1000.0:
-        return float(triton.testing.do_bench(fn, warmup=max(1, int(min(100, 3 * first))), rep=max(50, int(10 * first)),
+    if first < 100.0:
+        return float(triton.testing.do_bench(fn, warmup=max(1, int(min(50, 3 * first))), rep=200,
                                              return_mode="median"))
     ts = []
     for _ in range(3):
@@ -68,14 +84,15 @@ def bench_ms(fn) -> float:
     return statistics.median(ts)
 
 
-def bf16_matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
+def bf16_matmul_tflops(device: str) -> float:
+    n = 8192 if device == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
 
 
-def copy_gbs() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_gbs(device: str) -> float:
+    x = torch.randint(0, 256, (1 << (30 if device == "cuda" else 24),), dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     return 2 * x.numel() / (bench_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
 
@@ -212,7 +229,8 @@ class KnnFloor:
 
 
 # ----------------------------------------------------------------------------- main
-def run_size(name: str, ns: list[int], args, limits: dict, rows_out: list):
+def run_size(name: str, ns: list[int], args, limits: dict, emit):
+    """Measure every method at one data-set size; ``emit(row)`` prints and records each row."""
     from optden import dispatch
     import optden.backends  # noqa: F401  (registers triton / cuda)
 
@@ -220,7 +238,7 @@ def run_size(name: str, ns: list[int], args, limits: dict, rows_out: list):
     if args.max_rows:
         M = min(M, args.max_rows)
     print(f"\n== {name}: M = {M:,}, d = {d}, uint8 ({M * d / 1e9:.2f} GB resident) ==", flush=True)
-    raw = make_rows(M, d)
+    raw = make_rows(M, d, device=args.device)
     src = DeviceRows(raw, block_rows=max(1, (1 << 28) // (8 * d)))
     chunk = max(1024, (1 << 30) // (4 * d))  # fp32 rows per baseline chunk (1 GiB)
     sigma_raw = args.sigma * 127.5  # the model-space sigma in raw (0..255) units
@@ -265,16 +283,14 @@ def run_size(name: str, ns: list[int], args, limits: dict, rows_out: list):
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row.update(ms="", tflops="", gbs="", tflops_ratio="", gbs_ratio="", note="out of GPU memory")
-                    rows_out.append(row)
-                    print_row(row)
+                    emit(row)
                     continue
                 tf = f / (ms * 1e-3) / 1e12
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 row.update(ms=f"{ms:.3f}", tflops=f"{tf:.2f}", gbs=f"{gbs:.1f}",
                            tflops_ratio=f"{tf / limits['bf16_tflops']:.3f}", gbs_ratio=f"{gbs / limits['copy_gbs']:.3f}",
                            note="")
-            rows_out.append(row)
-            print_row(row)
+            emit(row)
     del raw, src, knn
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -301,9 +317,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-rows", type=int, default=0, help="cap M (quick runs)")
     p.add_argument("--methods", default="optden-triton,optden-cuda,optden-torch64,naive-fp32,blocked-fp32,knn-floor")
     p.add_argument("--csv", default=os.path.join(HERE, "bench_gpu.csv"), help="CSV output path")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: the plumbing on CPU tensors (dry run; use a small --max-rows)")
     args = p.parse_args(argv)
     args.methods = set(args.methods.split(","))
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device is visible (torch.cuda.is_available() is False); "
               "run it on a GPU machine. Nothing was measured.", file=sys.stderr)
         return 2
@@ -313,20 +331,26 @@ def main(argv=None) -> int:
         p.error(f"--sizes: unknown {bad}; choose from {list(SIZES)}")
     ns = [int(t) for t in args.n.split(",") if t.strip()]
     t0 = time.time()
-    limits = {"bf16_tflops": bf16_matmul_tflops(), "copy_gbs": copy_gbs()}
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
+    limits = {"bf16_tflops": bf16_matmul_tflops(args.device), "copy_gbs": copy_gbs(args.device)}
+    print(f"device: {dev_name}  torch {torch.__version__}")
     print(f"measured limits: bf16 matmul {limits['bf16_tflops']:.1f} TFLOP/s, device copy {limits['copy_gbs']:.0f} GB/s")
     print("FLOPs = 4 N M d per dense pass (2 N M d for the k-NN floor); GB/s = one read of the uint8 rows")
     print_header()
-    rows: list = []
-    for s in sizes:
-        run_size(s, ns, args, limits, rows)
+    extra = {"bf16_tflops_limit": f"{limits['bf16_tflops']:.1f}", "copy_gbs_limit": f"{limits['copy_gbs']:.0f}",
+             "device": dev_name}
     with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HEADER + ["bf16_tflops_limit", "copy_gbs_limit", "device"])
+        w = csv.DictWriter(f, fieldnames=HEADER + list(extra))
         w.writeheader()
-        for r in rows:
-            w.writerow({**r, "bf16_tflops_limit": f"{limits['bf16_tflops']:.1f}", "copy_gbs_limit": f"{limits['copy_gbs']:.0f}",
-                        "device": torch.cuda.get_device_name()})
+        f.flush()
+
+        def emit(row):
+            print_row(row)
+            w.writerow({**row, **extra})
+            f.flush()  # a run killed by its time limit keeps every row it measured
+
+        for s in sizes:
+            run_size(s, ns, args, limits, emit)
     print(f"\nCSV: {args.csv}  ({time.time() - t0:.0f} s)")
     return 0
 
