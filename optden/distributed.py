@@ -86,6 +86,8 @@ def init_distributed(device=None, backend: str | None = None, timeout: float = D
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": this rank's GPU (set_device needs an index)
+            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if backend is None:
