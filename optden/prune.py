@@ -47,8 +47,10 @@ INDEX_FORMAT = "optden.index"
 INDEX_VERSION = 1
 
 _U32 = 2.0**-24  # float32 unit roundoff
-# faiss-gpu may run its GEMMs in TF32 (10-bit mantissa): bound as if it did.
-_U_GPU = 2.0**-11
+# faiss-gpu may run its GEMMs in TF32: each input is cut to a 10-bit mantissa (relative
+# error < 2^-10 whether the hardware rounds or truncates); the products are then exact
+# in float32 and summed in float32. Bound as if it did (see ``dot_rel_err``).
+_U_TF32_IN = 2.0**-10
 # Relative widening of float64 radii and distances: covers their own rounding (~1e-16 d).
 _MARGIN = 1e-9
 
@@ -107,7 +109,20 @@ def _centered_f32(dataset, a: int, b: int) -> np.ndarray:
 
 
 def _gamma(n: int, u: float) -> float:
+    if n * u >= 1.0:
+        raise ValueError(f"gamma_n(u) is defined for n u < 1 only (n = {n}, u = {u})")
     return n * u / (1.0 - n * u)
+
+
+def dot_rel_err(n: int, u_in: float) -> float:
+    """Relative error bound of an n-term float32 dot product (or sum of squares) whose
+    inputs were first rounded with unit roundoff ``u_in`` (0: exact float32 inputs;
+    ``_U_TF32_IN`` for TF32 tensor cores), products exact, accumulated in float32:
+    ``|fl(sum a_i b_i) - sum a_i b_i| <= dot_rel_err * sum |a_i b_i|``, i.e.
+    ``(1 + u_in)^2 (1 + gamma_n(2^-24)) - 1`` (Higham, Thm 3.1, with perturbed inputs).
+    Finite and positive for every n < 2^24: the TF32 input rounding is not folded into
+    the accumulation's gamma (gamma_n(2^-11) has a pole at n = 2048)."""
+    return (1.0 + u_in) ** 2 * (1.0 + _gamma(n, _U32)) - 1.0
 
 
 def _group_shells(counts: np.ndarray, lower: np.ndarray, groups: int = 16):
@@ -385,35 +400,35 @@ class PruneIndex:
     def _flat_for(self, device: torch.device):
         """The flat index on a GPU when faiss-gpu sees one and the queries live on CUDA."""
         if self.kind != "flat" or device.type != "cuda" or not faiss_gpu_available():
-            return self.index, _U32
+            return self.index, 0.0
         if self._gpu_index is None:
             faiss = _faiss()
             self._res = faiss.StandardGpuResources()
             self._gpu_index = faiss.index_cpu_to_gpu(self._res, device.index or 0, self.index)
-        return self._gpu_index, _U_GPU
+        return self._gpu_index, _U_TF32_IN
 
-    def _lower_from_faiss(self, dk: np.ndarray, x32: np.ndarray, shift: np.ndarray, u: float,
+    def _lower_from_faiss(self, dk: np.ndarray, x32: np.ndarray, shift: np.ndarray, u_in: float,
                           direct: bool = False) -> np.ndarray:
         """Exact lower bound (N,) on the distance from v of rows whose float32 squared
         distance FAISS computed as >= dk (N,); shift = ||v - v32|| + ||q - q32|| bound.
         direct: FAISS computed by direct differences (error <= gamma_{d+2} d^2, relative)
         rather than by the expansion (error <= 2 gamma_{d+4} (||x|| + ||q||)^2)."""
-        low, _ = self._faiss_interval(dk, x32, shift, u, direct)
+        low, _ = self._faiss_interval(dk, x32, shift, u_in, direct)
         return low
 
-    def _faiss_interval(self, D: np.ndarray, x32: np.ndarray, shift: np.ndarray, u: float, direct: bool):
+    def _faiss_interval(self, D: np.ndarray, x32: np.ndarray, shift: np.ndarray, u_in: float, direct: bool):
         """Exact (lower, upper) bounds on the distances from v whose float32 squared values
         FAISS computed as D (N,) or (N, K); +inf where D is not finite (no result)."""
         D = np.where(np.isfinite(D) & (D < 1e38), D.astype(np.float64), np.inf)
         if D.ndim == 2:
             x32, shift = x32, shift[:, None]
         if direct:
-            g = 2.0 * _gamma(self.d + 2, u)
+            g = 2.0 * dot_rel_err(self.d + 2, u_in)
             low2, up2 = D * (1.0 - g), D * (1.0 + g)
         else:
             xn = np.sqrt((x32.astype(np.float64) ** 2).sum(1))
-            R = self.max_cnorm * (1.0 + 2 * u)
-            err = 2.0 * _gamma(self.d + 4, u) * (xn + R) ** 2
+            R = self.max_cnorm * (1.0 + 2 * _U32)  # the float32 copy of the rows
+            err = 2.0 * dot_rel_err(self.d + 4, u_in) * (xn + R) ** 2
             err = err[:, None] if D.ndim == 2 else err
             low2, up2 = D - err, D + err
         low = np.clip(np.sqrt(np.clip(low2, 0.0, None)) * (1.0 - _MARGIN) - shift, 0.0, None)
@@ -445,10 +460,10 @@ class PruneIndex:
         shift = shift * (1.0 + _MARGIN) + _U32 * self.max_cnorm * 2.0
         self.searches += 1
         if self.kind == "flat":
-            index, u = self._flat_for(dev)
+            index, u_in = self._flat_for(dev)
             D, I = index.search(x32, k)
             direct = False
-            low = self._lower_from_faiss(D[:, -1], x32, shift, u) if k < self.M else np.full(n, np.inf)
+            low = self._lower_from_faiss(D[:, -1], x32, shift, u_in) if k < self.M else np.full(n, np.inf)
             counts = np.full((n, 1), float(self.M - k))
             lower = low[:, None]
         else:
@@ -457,7 +472,7 @@ class PruneIndex:
             pr = probes.detach().cpu().numpy().astype(np.int64)
             self.index.nprobe = int(pr.shape[1])
             D, I = self.index.search_preassigned(x32, k, pr, None)
-            u, direct = _U32, self.direct
+            u_in, direct = 0.0, self.direct
             probed = np.zeros((n, self.nlist), dtype=bool)
             rows = np.repeat(np.arange(n), pr.shape[1])
             ok = pr.reshape(-1) >= 0
@@ -466,13 +481,13 @@ class PruneIndex:
             returned = (I >= 0).sum(1)
             rest = in_probed - returned
             # rows of probed lists that were not returned: FAISS distance >= the k-th
-            low = self._lower_from_faiss(D[:, -1], x32, shift, u=_U32, direct=self.direct)
+            low = self._lower_from_faiss(D[:, -1], x32, shift, 0.0, direct=self.direct)
             low = np.where(rest > 0, low, np.inf)
             clow = self.centroid_lower(v.detach().cpu().to(torch.float64)).numpy()
             cnt, lw = _group_shells(np.where(probed, 0.0, self.list_sizes[None, :]), np.where(probed, np.inf, clow))
             counts = np.concatenate([rest[:, None], cnt], axis=1)
             lower = np.concatenate([low[:, None], lw], axis=1)
-        clow, cup = self._faiss_interval(D, x32, shift, u, direct)
+        clow, cup = self._faiss_interval(D, x32, shift, u_in, direct)
         return Candidates(
             idx=torch.from_numpy(I.astype(np.int64)).to(dev),
             cand_lower=torch.from_numpy(clow).to(dev),

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import optden
-from optden import reference as R
-from optden.cli import main as cli_main
-from optden.prune import PruneIndex, Pruner, exact_candidates, shell_log_mass
-from tolerances import DENOISE_RTOL, SIGMAS, model_rows, rel_err
+faiss = pytest.importorskip("faiss", reason="certified pruning needs FAISS (pip install faiss-cpu); not installed here")
+
+import optden  # noqa: E402
+from optden import reference as R  # noqa: E402
+from optden.cli import main as cli_main  # noqa: E402
+from optden.prune import PruneIndex, Pruner, exact_candidates, shell_log_mass  # noqa: E402
+from tolerances import DENOISE_RTOL, SIGMAS, model_rows, rel_err  # noqa: E402
 
 
 def centered(ds, u: np.ndarray) -> torch.Tensor:
@@ -282,3 +284,37 @@ def test_index_of_other_rows_with_the_same_shape_is_rejected(digits_u8):
     b = optden.Dataset.from_array(other)
     with pytest.raises(optden.DatasetError, match="prune"):
         optden.OptimalDenoiser(b, prune=PruneIndex.build(a, "flat"))
+
+
+def _tf32(a: np.ndarray) -> np.ndarray:
+    """float32 -> TF32 by truncation (the 13 low mantissa bits cut): the worst case of a
+    tensor core's input conversion (relative error < 2^-10)."""
+    return (np.ascontiguousarray(a, dtype=np.float32).view(np.int32) & np.int32(-8192)).view(np.float32)
+
+
+@pytest.mark.parametrize("d", [1020, 2045, 3072, 12288])
+def test_faiss_gpu_tf32_bound_holds_at_image_widths(d, rng):
+    """faiss-gpu's TF32 GEMM: the interval must contain the exact distance at every width.
+    The old bound gamma_{d+4}(2^-11) divided by zero at d = 1020 and was negative from 2045."""
+    from optden.prune import _U_TF32_IN, dot_rel_err
+
+    rel = dot_rel_err(d + 4, _U_TF32_IN)
+    assert 0.0 < rel < 0.01 and np.isfinite(rel)
+    M = 24
+    raw = rng.integers(0, 256, (M, d), dtype=np.uint8)
+    ds = optden.Dataset.from_array(raw)
+    index = PruneIndex.build(ds, "flat")
+    q32 = (raw.astype(np.float64) - np.asarray(ds.center)).astype(np.float32)  # the rows as FAISS holds them
+    x32 = (q32[:3] + rng.standard_normal((3, d)).astype(np.float32) * np.float32(40.0)).astype(np.float32)
+    # FAISS's expansion with TF32 products, float32 norms and float32 sequential sums (worst order)
+    xt, qt = _tf32(x32).astype(np.float64), _tf32(q32).astype(np.float64)
+    dots = np.stack([np.cumsum((xt[i][None, :] * qt).astype(np.float32), axis=1, dtype=np.float32)[:, -1]
+                     for i in range(3)])
+    xn = np.cumsum(x32.astype(np.float32) ** 2, axis=1, dtype=np.float32)[:, -1]
+    qn = np.cumsum(q32.astype(np.float32) ** 2, axis=1, dtype=np.float32)[:, -1]
+    D = (xn[:, None] + qn[None, :] - np.float32(2) * dots).astype(np.float32)
+    exact = np.sqrt(((x32.astype(np.float64)[:, None, :] - q32.astype(np.float64)[None]) ** 2).sum(-1))
+    low, up = index._faiss_interval(D, x32, np.zeros(3), _U_TF32_IN, direct=False)
+    assert np.isfinite(low).all() and np.isfinite(up).all()
+    assert (low <= exact).all() and (exact <= up).all()
+    assert (low > 0).any()  # the bound still says something at this width
