@@ -184,7 +184,7 @@ def extensions():
 
 
 setup(
-    packages=["optden", "optden.backends", "optden.commands", "optden.kernels"],
+    packages=["optden", "optden.backends", "optden.commands", "optden.data", "optden.kernels"],
     package_dir={"optden": "optden", "optden.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},

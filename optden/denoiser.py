@@ -99,11 +99,9 @@ class OptimalDenoiser:
         if not (prune in ("auto", "off", "flat", "ivf") or hasattr(prune, "search")):
             raise InputError(f"prune: expected 'auto', 'off', 'flat', 'ivf' or a PruneIndex, got {prune!r}")
         if hasattr(prune, "search"):
-            from .prune import dataset_fingerprint
-
             if getattr(prune, "M", None) != dataset.M:
                 raise DatasetError(f"prune: the index holds {getattr(prune, 'M', '?')} rows, the dataset {dataset.M}")
-            if getattr(prune, "fingerprint", None) != dataset_fingerprint(dataset):
+            if getattr(prune, "fingerprint", None) != dataset.fingerprint:
                 raise DatasetError("prune: the index was built for other rows than this dataset's")
         self.prune = prune
         self._pruner = None

@@ -20,7 +20,6 @@ others which batches to skip.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -78,17 +77,6 @@ def batch_seed(seed: int, batch: int) -> int:
     return (int(state[0]) << 31) | (int(state[1]) >> 1)
 
 
-def dataset_fingerprint(ds) -> str:
-    """sha256 over the dataset's shape, map and float64 row statistics (no full data read)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([ds.M, ds.d, list(ds.image_shape), ds.dtype, ds.scale, ds.offset]).encode())
-    h.update(np.ascontiguousarray(ds.center, dtype=np.float64).tobytes())
-    h.update(np.ascontiguousarray(ds.centered_sqnorms, dtype=np.float64).tobytes())
-    if ds.labels is not None:
-        h.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------ atomic files
 
 
@@ -124,7 +112,7 @@ def _manifest(den, n, batch_size, steps, solver, schedule, seed, label, sigma_st
             "sigma_stop": sigma_stop,
             "solver_options": {k: float(v) for k, v in sorted((solver_options or {}).items())},
             "shape": list(shape),
-            "dataset": dataset_fingerprint(den.dataset),
+            "dataset": den.dataset.fingerprint,
             "tol": float(den.tol),
         },
     }

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 
 from .errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 
-__all__ = ["PruneIndex", "Candidates", "dataset_fingerprint", "index_paths", "KINDS", "faiss_gpu_available"]
+__all__ = ["PruneIndex", "Candidates", "index_paths", "KINDS", "faiss_gpu_available"]
 
 KINDS = ("flat", "ivf")
 INDEX_FORMAT = "optden.index"
@@ -53,8 +52,6 @@ _U32 = 2.0**-24  # float32 unit roundoff
 _U_TF32_IN = 2.0**-10
 # Relative widening of float64 radii and distances: covers their own rounding (~1e-16 d).
 _MARGIN = 1e-9
-
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _faiss():
@@ -69,25 +66,6 @@ def faiss_gpu_available() -> bool:
     """True when faiss-gpu is installed and sees at least one GPU (no CUDA call otherwise)."""
     faiss = _faiss()
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def dataset_fingerprint(dataset) -> str:
-    """sha256 of (dtype, M, d, raw rows), streamed in blocks; cached per Dataset object."""
-    try:
-        return _FINGERPRINTS[dataset]
-    except (KeyError, TypeError):
-        pass
-    h = hashlib.sha256(f"{dataset.dtype}:{dataset.M}:{dataset.d}:".encode())
-    step = max(1, (64 << 20) // max(1, dataset.d))
-    raw = dataset.raw
-    for a in range(0, dataset.M, step):
-        h.update(np.ascontiguousarray(raw[a : a + step]).data)
-    fp = h.hexdigest()
-    try:
-        _FINGERPRINTS[dataset] = fp
-    except TypeError:
-        pass
-    return fp
 
 
 def index_paths(dir, kind: str) -> tuple[Path, Path]:
@@ -254,7 +232,7 @@ class PruneIndex:
             index = faiss.IndexFlatL2(d)
             for a in range(0, M, step):
                 index.add(_centered_f32(dataset, a, min(M, a + step)))
-            return cls(dataset, kind, index, dataset_fingerprint(dataset))
+            return cls(dataset, kind, index, dataset.fingerprint)
         if nlist is None:
             nlist = max(1, min(M, int(round(4 * math.sqrt(M)))))
         if isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= M:
@@ -282,7 +260,7 @@ class PruneIndex:
             index.add(_centered_f32(dataset, a, min(M, a + step)))
         centroids = quantizer.reconstruct_n(0, nlist).astype(np.float64)
         radii = cls._radii(dataset, index, centroids)
-        return cls(dataset, kind, index, dataset_fingerprint(dataset), radii=radii, centroids=centroids)
+        return cls(dataset, kind, index, dataset.fingerprint, radii=radii, centroids=centroids)
 
     @staticmethod
     def _radii(dataset, index, centroids: np.ndarray) -> np.ndarray:
@@ -377,7 +355,7 @@ class PruneIndex:
         if (M, d, dtype) != (dataset.M, dataset.d, dataset.dtype):
             raise DatasetError(f"{jpath}: the index was built for ({M}, {d}) {dtype} rows, but the dataset has "
                                f"({dataset.M}, {dataset.d}) {dataset.dtype}; rebuild it with `optden index`")
-        if fp != dataset_fingerprint(dataset):
+        if fp != dataset.fingerprint:
             raise DatasetError(f"{jpath}: the index was built for other data (the rows' sha256 differs); "
                                f"rebuild it with `optden index`")
         if hashlib.sha256(fpath.read_bytes()).hexdigest() != meta.get("index_sha256"):

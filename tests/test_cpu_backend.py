@@ -11,7 +11,8 @@ import torch
 import optden
 from optden import _ext, dispatch
 from optden import reference as R
-from optden.backends.cpu import CpuBackend, raw_numpy
+from optden.backends.cpu import CpuBackend
+from optden.data.storage import to_numpy
 from optden.errors import BackendUnavailableError
 from optden.precision import EXACT, certify
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
@@ -287,7 +288,7 @@ def test_dense_pass_errors(rng):
 
 def test_raw_numpy_bfloat16_bits():
     t = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
-    a = raw_numpy(t)
+    a = to_numpy(t)
     assert a.dtype == np.int16 and a.flags.c_contiguous
     assert torch.equal(torch.from_numpy(a).view(torch.bfloat16), t)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import optden
-import optden.data as data_mod
+import optden.data.dataset as data_mod
 from optden import Dataset
 from tolerances import FLOAT64_RTOL
 
@@ -376,7 +376,7 @@ def test_save_is_atomic(tmp_path, digits_u8, monkeypatch):
             raise KeyboardInterrupt("power cut")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(data_mod.os, "replace", crash_on_meta)
+    monkeypatch.setattr(os, "replace", crash_on_meta)
     with pytest.raises(KeyboardInterrupt):
         Dataset.from_array(digits_u8[30:90]).save(d)
     monkeypatch.undo()
@@ -633,7 +633,7 @@ def test_demo_patches_real_and_offline(monkeypatch):
     assert 20 < float(ds.raw.std(axis=1).mean()) < 60
     sub = data_mod.patches_dataset(size=8, stride=64, unique=False)
     assert sub.M == sum(
-        ((im.shape[0] - 8) // 64 + 1) * ((im.shape[1] - 8) // 64 + 1) for _, im in data_mod._load_patch_sources()
+        ((im.shape[0] - 8) // 64 + 1) * ((im.shape[1] - 8) // 64 + 1) for _, im in data_mod.demo.source_pictures()
     )
 
 
@@ -655,3 +655,25 @@ def test_memmapped_set_pickles_by_name_and_resaves_in_place(tmp_path, rng):
     again = Dataset.load(d)
     np.testing.assert_array_equal(np.asarray(again.raw), bf16_bits(t))
     np.testing.assert_array_equal(again.labels, ds.labels)
+
+
+def test_fingerprint_is_the_content(tmp_path, digits_u8, monkeypatch):
+    """One fingerprint: equal for equal content wherever the rows live (memory, a verified
+    or unverified load), different when rows, map, labels or storage differ."""
+    rows, lab = digits_u8[:50], np.arange(50) % 10
+    a = Dataset.from_array(rows, labels=lab)
+    assert a.fingerprint == Dataset.from_array(rows.copy(), labels=lab.copy()).fingerprint
+    a.save(tmp_path / "a")
+    assert Dataset.load(tmp_path / "a", verify=False).fingerprint == a.fingerprint  # computed from the rows
+    calls = []
+    monkeypatch.setattr(data_mod.fmt, "npy_sha256", lambda raw: calls.append(1) or "x")
+    assert Dataset.load(tmp_path / "a").fingerprint == a.fingerprint  # the verified checksum, no second read
+    assert not calls
+    monkeypatch.undo()
+    other = rows.copy()
+    other[7, 3] ^= 1
+    variants = [Dataset.from_array(other, labels=lab), Dataset.from_array(rows, labels=lab, scale=1 / 255),
+                Dataset.from_array(rows, labels=(lab + 1) % 10), Dataset.from_array(rows),
+                Dataset.from_array(rows.astype(np.float32), labels=lab, scale=2 / 255, offset=-1)]
+    prints = {v.fingerprint for v in variants} | {a.fingerprint}
+    assert len(prints) == len(variants) + 1

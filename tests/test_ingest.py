@@ -1,4 +1,4 @@
-"""``optden dataset build`` (optden.ingest): folder and zip, interrupted and resumed, bad images reported."""
+"""``optden dataset build`` (optden.data.ingest): folder and zip, interrupted and resumed, bad images reported."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import optden
-import optden.ingest as ingest
+import optden.data.ingest as ingest
 from optden.cli import main
 
 N_GOOD = 300

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .. import _ext, dispatch
+from ..data.storage import STORAGE_DTYPES, to_numpy
 from ..dispatch import Backend, Partial
 
 # Rows per call into the extension: up to 256 MB of raw rows. Each call is one OpenMP
@@ -51,17 +52,6 @@ from ..dispatch import Backend, Partial
 # prefetcher's blocks of 32 MB, which the memory budget may make smaller.
 _CALL_BYTES = 1 << 28
 _STREAM_CALL_BYTES = 1 << 25  # streamed sources: the prefetcher holds a few blocks of this size
-_ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
-
-
-def raw_numpy(raw: torch.Tensor) -> np.ndarray:
-    """A CPU raw block (B, d) as a C-contiguous numpy array (bfloat16 as its uint16 bits)."""
-    t = raw.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return np.ascontiguousarray(t.numpy())
 
 
 class CpuBackend(Backend):
@@ -111,9 +101,9 @@ class CpuBackend(Backend):
         block: each one is consumed (``DensePass.update``) before the next is asked for.
         """
         nbytes = _STREAM_CALL_BYTES if getattr(source, "streams", False) else _CALL_BYTES
-        rows = max(1, nbytes // max(1, source.d * _ITEMSIZE[source.dtype]))
+        rows = max(1, nbytes // max(1, source.d * STORAGE_DTYPES[source.dtype].itemsize))
         for off, raw, csq in source.blocks(rows=rows):
-            yield off, raw_numpy(raw), csq.detach().cpu().numpy()
+            yield off, to_numpy(raw), csq.detach().cpu().numpy()
 
     def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
         """See ``Backend.partial``. v: (N, d) float64 CPU, coef: (N,) float64; k <= source.M."""
@@ -134,7 +124,7 @@ class CpuBackend(Backend):
 
     def rescore(self, v: torch.Tensor, coef: torch.Tensor, source, top_idx: torch.Tensor) -> torch.Tensor:
         """Exact float64 logits (n, K) of the rows at source positions top_idx (n, K), in C++."""
-        rows = raw_numpy(source.gather(top_idx))
+        rows = to_numpy(source.gather(top_idx))
         idx = np.arange(rows.shape[0], dtype=np.int64).reshape(top_idx.shape)
         out = _ext.C.rescore(
             np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float64),

@@ -1,7 +1,7 @@
 """``optden dataset build | info``: make and inspect dataset directories.
 
 ``optden dataset build SRC DIR`` turns a folder or zip of PNG/JPEG images into a dataset
-directory (``optden.ingest``): progress bar, checksums, resumable after an
+directory (``optden.data.ingest``): progress bar, checksums, resumable after an
 interruption, unreadable or mis-sized images left out and listed (``--strict``: fail).
 ``optden dataset info DIR`` prints its metadata (``--verify`` checks the checksums).
 """
@@ -25,7 +25,7 @@ def _resolution(text: str):
 
 
 def run_build(args) -> int:
-    from ..ingest import build_dataset
+    from ..data.ingest import build_dataset
 
     ds, rep = build_dataset(args.src, args.dir, resolution=args.resolution, chunk_size=args.chunk_size,
                             strict=args.strict, workers=args.workers, progress=args.progress,

@@ -1,88 +1,43 @@
 """Training sets: raw storage (uint8 / fp16 / bf16 / fp32 rows), the affine map to model
-space, float64 row statistics, loaders, and an atomic on-disk format.
+space, float64 row statistics, loaders, and one content fingerprint.
 
 A :class:`Dataset` holds ``M`` rows of dimension ``d``. Rows are stored "raw" in a numpy
 array or a read-only ``np.memmap`` of shape ``(M, d)``; the model sees
 ``model = raw * scale + offset`` (uint8 images default to ``[-1, 1]``). Large sets stay on
-disk: every pass over the data is made in blocks of about 64 MB.
-
-On-disk layout written by :meth:`Dataset.save` (``meta.json`` is written last and acts as
-the commit marker, so a crash mid-save never leaves a directory that loads)::
-
-    dir/data.npy     (M, d) raw rows (bfloat16 stored as its uint16 bit pattern)
-    dir/labels.npy   (M,) int64 class labels, only when the set has labels
-    dir/norms.npz    center (d,), centered_sqnorms (M,), sqnorms (M,), all float64
-    dir/meta.json    format version, shapes, dtype, affine map, sha256 of each file
+disk: every pass over the data is made in blocks of about 64 MB. The storage dtypes are
+``optden.data.storage``'s table; the directory format is ``optden.data.format``; image
+decoding is ``optden.data.images``; the bundled demo arrays are ``optden.data.demo``.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
-import io
 import json
 import numbers
 import os
-import uuid
-import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .fileio import fsync_dir, sha256_file, write_synced
-from .errors import ChecksumError, DatasetError, DatasetNotFoundError, DtypeError, InputError
-from .validate import as_tensor, check_positive_int
+from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
+from ..validate import as_tensor
+from . import demo, format as fmt
+from .images import ImageSource, check_resolution, decode_all, labels_from_dataset_json
+from .storage import DTYPE_NAMES, STORAGE_DTYPES, bf16_bits_to_f32, storage_dtype, to_float64, to_torch
 
-__all__ = ["Dataset", "patches_dataset", "PATCH_SOURCES", "FORMAT_VERSION", "BLOCK_BYTES"]
-
-FORMAT_VERSION = 1
-"""Version of the directory format written by :meth:`Dataset.save`."""
+__all__ = ["Dataset", "patches_dataset", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 64 << 20
 """Working-set size of one block in the streaming passes (float64 bytes per block)."""
-
-_DTYPE_NAMES = ("uint8", "float16", "bfloat16", "float32")
-_NUMPY_STORAGE = {"uint8": np.dtype(np.uint8), "float16": np.dtype(np.float16),
-                  "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
-_TORCH_DTYPE = {"uint8": torch.uint8, "float16": torch.float16,
-                "bfloat16": torch.bfloat16, "float32": torch.float32}
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-# Natural RGB photographs bundled inside the installed scikit-image / scikit-learn
-# packages (no download). A patch's label is the index of its source in this tuple.
-PATCH_SOURCES = (
-    ("astronaut", "skimage", "astronaut.png"),
-    ("chelsea", "skimage", "chelsea.png"),
-    ("coffee", "skimage", "coffee.png"),
-    ("hubble_deep_field", "skimage", "hubble_deep_field.jpg"),
-    ("immunohistochemistry", "skimage", "ihc.png"),
-    ("motorcycle_left", "skimage", "motorcycle_left.png"),
-    ("retina", "skimage", "retina.jpg"),
-    ("rocket", "skimage", "rocket.jpg"),
-    ("china", "sklearn", "china.jpg"),
-    ("flower", "sklearn", "flower.jpg"),
-)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def _bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16, any shape) -> float32 values, same shape."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _block_rows(d: int, bytes_per_value: int = 8) -> int:
     """Rows per block so that one block of float64 working data is about BLOCK_BYTES."""
     return max(1, BLOCK_BYTES // max(1, d * bytes_per_value))
-
-
-def _to_float64(block: np.ndarray, dtype: str) -> np.ndarray:
-    """A raw block (k, d) in storage dtype -> float64 (k, d) raw values."""
-    if dtype == "bfloat16":
-        return _bf16_bits_to_f32(block).astype(np.float64)
-    return block.astype(np.float64)
 
 
 def _finite_block(block: np.ndarray, dtype: str) -> np.ndarray:
@@ -205,70 +160,6 @@ def _as_index(index, M: int, name: str = "index") -> np.ndarray:
     return idx
 
 
-def _raw_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
-    """A raw numpy block (uint16 bits for bf16) -> torch tensor in the storage dtype, sharing memory."""
-    if dtype == "bfloat16":
-        arr = arr.view(np.int16)
-    with warnings.catch_warnings():
-        # Blocks of a read-only memmap are shared, not copied; callers must not write into them.
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-class _HashingWriter(io.RawIOBase):
-    """A write-only file wrapper that hashes every byte written (so save() needs no re-read)."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha = hashlib.sha256()
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        self.sha.update(b)
-        return self._f.write(b)
-
-
-def _read_npy_header(path: Path):
-    """(shape, fortran_order, dtype, data_offset) of a .npy file; DatasetError if malformed or truncated."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format._read_array_header(f, version)
-            offset = f.tell()
-    except FileNotFoundError:
-        raise DatasetNotFoundError(f"{path}: no such file") from None
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise DatasetError(f"{path}: not a valid .npy file ({e})") from None
-    if dtype.hasobject:
-        raise DatasetError(f"{path}: holds Python objects; only numeric arrays are supported")
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    size = os.path.getsize(path)
-    if size < expected:
-        raise DatasetError(
-            f"{path}: truncated: the header describes shape {shape} {dtype} ({expected} bytes) "
-            f"but the file has {size} bytes"
-        )
-    if size > expected:
-        raise DatasetError(f"{path}: {size - expected} unexpected bytes after the array data")
-    return tuple(shape), fortran, dtype, offset
-
-
-def _open_npy(path: Path) -> np.ndarray:
-    """Memory-map a checked .npy file read-only."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DatasetError(f"{path}: cannot be memory-mapped ({e})") from None
-
-
 def _storage_dtype_name(dt: np.dtype, bfloat16: bool, name: str) -> str:
     """Map a numpy dtype to a storage dtype name; DtypeError for anything unsupported."""
     if bfloat16:
@@ -324,13 +215,12 @@ class Dataset:
         ``raw`` must already be in storage form: uint8, float16, float32, or uint16 holding
         bfloat16 bit patterns (with ``dtype="bfloat16"``). It is kept, not copied.
         """
-        if dtype not in _DTYPE_NAMES:
-            raise DtypeError(f"dtype: expected one of {_DTYPE_NAMES}, got {dtype!r}")
+        storage_dtype(dtype)
         if not isinstance(raw, np.ndarray) or raw.ndim != 2:
             raise InputError(f"raw: expected a 2-D numpy array (M, d), got {type(raw).__name__} "
                              f"{getattr(raw, 'shape', '')}")
-        if raw.dtype != _NUMPY_STORAGE[dtype]:
-            raise DtypeError(f"raw: dtype {dtype!r} is stored as {_NUMPY_STORAGE[dtype]}, got {raw.dtype}")
+        if raw.dtype != STORAGE_DTYPES[dtype].numpy:
+            raise DtypeError(f"raw: dtype {dtype!r} is stored as {STORAGE_DTYPES[dtype].numpy}, got {raw.dtype}")
         M, d = (int(s) for s in raw.shape)
         if M == 0 or d == 0:
             raise DatasetError(f"empty dataset: got {M} rows of dimension {d}; need at least one row and one value")
@@ -352,6 +242,8 @@ class Dataset:
         self._mmap_file = Path(_mmap_file) if _mmap_file is not None else None
         self._stats = None  # (center, centered_sqnorms, sqnorms), computed lazily
         self._label_rows: dict[int, np.ndarray] = {}
+        self._rows_sha256: str | None = None  # sha256 of the rows in .npy form (see fingerprint)
+        self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------- basic properties
 
@@ -373,7 +265,7 @@ class Dataset:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype of :meth:`raw_block` (torch.uint8 / float16 / bfloat16 / float32)."""
-        return _TORCH_DTYPE[self.dtype]
+        return STORAGE_DTYPES[self.dtype].torch
 
     @property
     def is_memmap(self) -> bool:
@@ -410,7 +302,7 @@ class Dataset:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self._raw is None:
-            arr = _open_npy(self._mmap_file)
+            arr = fmt.open_npy(self._mmap_file)
             if self.dtype == "bfloat16":
                 arr = arr.view(np.uint16)
             self._raw = arr.reshape(self.M, self.d)
@@ -444,14 +336,14 @@ class Dataset:
         else:
             colsum = np.zeros(d, dtype=np.float64)
             for s in range(0, M, step):
-                x = _to_float64(np.asarray(raw[s:s + step]), self.dtype)
+                x = to_float64(np.asarray(raw[s:s + step]), self.dtype)
                 colsum += x.sum(axis=0)
                 x *= self._scale
                 x += self._offset
                 sqnorms[s:s + step] = np.einsum("ij,ij->i", x, x)
             center = colsum / M
             for s in range(0, M, step):
-                x = _to_float64(np.asarray(raw[s:s + step]), self.dtype)
+                x = to_float64(np.asarray(raw[s:s + step]), self.dtype)
                 x -= center
                 centered[s:s + step] = np.einsum("ij,ij->i", x, x)
         for a in (center, centered, sqnorms):
@@ -496,7 +388,7 @@ class Dataset:
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.M:
             raise InputError(f"raw_block: need 0 <= start <= stop <= M={self.M}, got start={start}, stop={stop}")
-        return _raw_to_torch(self._raw[start:stop], self.dtype)
+        return to_torch(self._raw[start:stop], self.dtype)
 
     def iter_blocks(self, block_rows: int | None = None):
         """Yield ``(start, stop, raw_block(start, stop))`` over all rows, ``block_rows`` at a time."""
@@ -510,7 +402,7 @@ class Dataset:
     def raw_rows(self, index) -> torch.Tensor:
         """Gather rows by index (k,) -> CPU tensor (k, d) in the storage dtype (a copy)."""
         idx = _as_index(index, self.M)
-        return _raw_to_torch(np.ascontiguousarray(self._raw[idx]), self.dtype)
+        return to_torch(np.ascontiguousarray(self._raw[idx]), self.dtype)
 
     def to_model(self, raw: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Apply the affine map to raw values (any shape, any device): ``raw * scale + offset`` in ``dtype``."""
@@ -608,8 +500,8 @@ class Dataset:
         ``labels``: integer (M,) or None. ``scale``/``offset`` default to 2/255 and -1
         for uint8 (model space [-1, 1]) and to 1 and 0 for float data.
         """
-        if dtype is not None and dtype not in _DTYPE_NAMES:
-            raise DtypeError(f"dtype: expected one of {_DTYPE_NAMES} or None, got {dtype!r}")
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise DtypeError(f"dtype: expected one of {DTYPE_NAMES} or None, got {dtype!r}")
         if isinstance(x, np.ndarray):
             arr = x
             name = _storage_dtype_name(arr.dtype, dtype == "bfloat16" and arr.dtype == np.uint16, "x")
@@ -678,11 +570,11 @@ class Dataset:
                 labels = np.load(lp, allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
                 raise DatasetError(f"labels: {lp} is not a valid .npy file ({e})") from None
-        if dtype is not None and dtype not in _DTYPE_NAMES:
-            raise DtypeError(f"dtype: expected one of {_DTYPE_NAMES} or None, got {dtype!r}")
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise DtypeError(f"dtype: expected one of {DTYPE_NAMES} or None, got {dtype!r}")
         if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):
             return cls._from_npz(path, labels, scale, offset, image_shape, num_classes, dtype, key)
-        shape, fortran, ndt, _ = _read_npy_header(path)
+        shape, fortran, ndt, _ = fmt.read_npy_header(path)
         if fortran and len(shape) > 1:
             raise DatasetError(
                 f"path: {path} is Fortran-ordered and cannot be streamed by rows; re-save it with "
@@ -696,7 +588,7 @@ class Dataset:
         d = int(np.prod(shape[1:]))
         if M == 0 or d == 0:
             raise DatasetError(f"path: {path} holds an empty array of shape {shape}")
-        mm = _open_npy(path)
+        mm = fmt.open_npy(path)
         target = dtype or name or "float32"
         if name and target == name:
             raw = mm.reshape(M, d)
@@ -757,37 +649,14 @@ class Dataset:
         path = Path(path)
         if not path.exists():
             raise DatasetNotFoundError(f"path: {path} does not exist")
-        resolution = _check_resolution(resolution)
-        zf = None
-        if path.is_dir():
-            names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
-            meta_file = path / "dataset.json"
-            meta_text = meta_file.read_bytes() if meta_file.is_file() else None
-
-            def read(name):
-                return (path / name).read_bytes()
-        else:
-            try:
-                zf = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise DatasetError(f"path: {path} is neither a folder nor a readable zip file ({e})") from None
-            all_names = set(zf.namelist())
-            names = sorted(n for n in all_names if not n.endswith("/") and not n.startswith("__MACOSX/")
-                           and os.path.splitext(n)[1].lower() in _IMAGE_EXTENSIONS)
-            meta_text = zf.read("dataset.json") if "dataset.json" in all_names else None
-
-            def read(name):
-                return zf.read(name)
-        try:
-            if not names:
+        resolution = check_resolution(resolution)
+        with ImageSource(path, "path") as source:
+            if not source.names:
                 raise DatasetError(f"path: {path} holds no PNG/JPEG images")
             if isinstance(labels, str) and labels == "auto":
-                labels = _labels_from_dataset_json(meta_text, names, path) if meta_text is not None else None
-            raw, ish = _decode_all(names, read, resolution, path, workers)
-        finally:
-            if zf is not None:
-                zf.close()
+                labels = (labels_from_dataset_json(source.meta, source.names, path)
+                          if source.meta is not None else None)
+            raw, ish = decode_all(source, resolution, workers)
         return cls(raw, "uint8", ish, scale, offset, labels, num_classes, source=str(path))
 
     @classmethod
@@ -798,77 +667,22 @@ class Dataset:
         ``data.npy`` is truncated or disagrees with ``meta.json``, ChecksumError (when
         ``verify``) if a file's sha256 differs from the one recorded. ``verify=False``
         skips the checksums (a full read) but still checks sizes, shapes and dtypes.
+        The layout is ``optden.data.format``'s.
         """
+        st = fmt.read_dataset(dir, verify)
         dir = Path(dir)
-        if not dir.is_dir():
-            raise DatasetNotFoundError(f"dir: {dir} is not a directory")
-        meta_path = dir / "meta.json"
-        if not meta_path.is_file():
-            raise DatasetNotFoundError(f"dir: {dir} has no meta.json (not a saved dataset, or the save did not finish)")
         try:
-            meta = json.loads(meta_path.read_text())
-            version = int(meta["version"])
-            M, d = int(meta["M"]), int(meta["d"])
-            image_shape = tuple(int(s) for s in meta["image_shape"])
-            dtype = meta["dtype"]
-            scale, offset = float(meta["scale"]), float(meta["offset"])
-            num_classes = meta["num_classes"]
-            checksums = dict(meta["sha256"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
-        if meta.get("format") != "optden.dataset" or version > FORMAT_VERSION:
-            raise DatasetError(f"{meta_path}: format {meta.get('format')!r} version {version} is not supported "
-                               f"(this optden reads optden.dataset up to version {FORMAT_VERSION})")
-        if dtype not in _DTYPE_NAMES:
-            raise DatasetError(f"{meta_path}: unknown dtype {dtype!r}")
-        files = {"data.npy": dir / "data.npy", "norms.npz": dir / "norms.npz"}
-        if num_classes is not None:
-            files["labels.npy"] = dir / "labels.npy"
-        for name, p in files.items():
-            if not p.is_file():
-                raise DatasetNotFoundError(f"dir: {dir} is missing {name}")
-        shape, fortran, ndt, _ = _read_npy_header(files["data.npy"])
-        if shape != (M, d) or fortran or ndt != _NUMPY_STORAGE[dtype]:
-            raise DatasetError(
-                f"{files['data.npy']}: holds {shape} {ndt}{' (Fortran order)' if fortran else ''} but meta.json "
-                f"says ({M}, {d}) {dtype} (stored as {_NUMPY_STORAGE[dtype]})"
-            )
-        if verify:
-            for name, p in files.items():
-                want = checksums.get(name)
-                if want is None:
-                    raise DatasetError(f"{meta_path}: no checksum recorded for {name}")
-                got = sha256_file(p)
-                if got != want:
-                    raise ChecksumError(f"{p}: sha256 {got} differs from {want} recorded in meta.json; the file is corrupt")
-        labels = None
-        if num_classes is not None:
-            _read_npy_header(files["labels.npy"])
-            labels = np.load(files["labels.npy"], allow_pickle=False)
-            if labels.shape != (M,):
-                raise DatasetError(f"{files['labels.npy']}: shape {labels.shape}, expected ({M},)")
-        try:
-            with np.load(files["norms.npz"], allow_pickle=False) as z:
-                stats = (z["center"], z["centered_sqnorms"], z["sqnorms"])
-        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"{files['norms.npz']}: unreadable ({e})") from None
-        if (stats[0].shape != (d,) or stats[1].shape != (M,) or stats[2].shape != (M,)
-                or any(s.dtype != np.float64 for s in stats)):
-            raise DatasetError(f"{files['norms.npz']}: arrays do not match ({M}, {d})")
-        raw = _open_npy(files["data.npy"])
-        try:
-            ds = cls(raw, dtype, image_shape, scale, offset, labels, num_classes, path=dir,
-                     source=str(dir), _mmap_file=files["data.npy"])
+            ds = cls(st.raw, st.dtype, st.image_shape, st.scale, st.offset, st.labels, st.num_classes, path=dir,
+                     source=str(dir), _mmap_file=st.data_file)
         except (InputError, DtypeError) as e:
             raise DatasetError(f"{dir}: inconsistent dataset files ({e})") from None
-        for s in stats:
-            s.setflags(write=False)
-        ds._stats = stats
+        ds._stats = st.stats
+        ds._rows_sha256 = st.data_sha256  # verified: the fingerprint needs no second read
         return ds
 
     @classmethod
     def demo(cls, name: str, max_rows: int | None = None) -> "Dataset":
-        """A bundled real dataset (nothing is downloaded).
+        """A bundled real dataset (``optden.data.demo``; nothing is downloaded).
 
         "digits": scikit-learn's 1797 handwritten digits, uint8 (1797, 64),
         image_shape (1, 8, 8), pixel = round(v * 255 / 16), labels 0..9.
@@ -879,86 +693,48 @@ class Dataset:
             if isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1:
                 raise InputError(f"max_rows: expected a positive integer or None, got {max_rows!r}")
         if name == "digits":
-            from sklearn.datasets import load_digits
-
-            digits = load_digits()
-            x = np.rint(digits.data * (255.0 / 16.0)).astype(np.uint8)
-            y = digits.target.astype(np.int64)
-            if max_rows is not None:
-                x, y = x[:max_rows], y[:max_rows]
-            ds = cls(np.ascontiguousarray(x), "uint8", (1, 8, 8), labels=y, num_classes=10, source="demo:digits")
-            return ds
+            x, y = demo.digits_arrays(max_rows)
+            return cls(x, "uint8", (1, 8, 8), labels=y, num_classes=10, source="demo:digits")
         if name == "patches":
             return patches_dataset(max_rows=max_rows)
         raise InputError(f"name: unknown demo dataset {name!r}; expected 'digits' or 'patches'")
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of everything that determines results computed from this dataset:
+        the rows (their ``.npy`` form, as ``data.npy`` holds them), storage dtype, shapes,
+        affine map, labels and number of classes.
+
+        A FAISS index and a sampling job record it and refuse other data. The first call
+        reads the rows once (cached; free after a verified :meth:`load`, whose checksum
+        of data.npy is that read).
+        """
+        if self._fingerprint is None:
+            if self._rows_sha256 is None:
+                self._rows_sha256 = fmt.npy_sha256(self._raw)
+            labels = None
+            if self.labels is not None:
+                labels = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
+            content = {"rows_npy_sha256": self._rows_sha256, "dtype": self.dtype, "M": self.M, "d": self.d,
+                       "image_shape": list(self.image_shape), "scale": self._scale, "offset": self._offset,
+                       "labels_sha256": labels, "num_classes": self.num_classes}
+            self._fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return self._fingerprint
 
     # ----------------------------------------------------------------- saving
 
     def save(self, dir) -> Path:
         """Write the dataset to ``dir`` (created if needed) atomically; returns the directory.
 
-        Files are written under temporary names and moved into place with os.replace;
-        an existing meta.json is removed first and the new one written last, so an
-        interrupted save leaves a directory that :meth:`load` refuses. Other files in
-        ``dir`` (e.g. an index) are left alone. Computes the norms if not cached yet.
+        See ``optden.data.format.write_dataset``: an interrupted save leaves a directory
+        that :meth:`load` refuses; other files in ``dir`` (e.g. an index) are left alone.
+        Computes the norms if not cached yet.
         """
         dir = Path(dir)
-        if dir.exists() and not dir.is_dir():
-            raise DatasetError(f"dir: {dir} exists and is not a directory")
-        dir.mkdir(parents=True, exist_ok=True)
-        center, centered, sqnorms = self._get_stats()
-        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp = {}
-        checksums = {}
-        try:
-            tmp["data.npy"] = dir / ("data.npy" + tag)
-            with open(tmp["data.npy"], "wb") as f:
-                w = _HashingWriter(f)
-                np.lib.format.write_array(w, self._raw, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            checksums["data.npy"] = w.sha.hexdigest()
-            if self.labels is not None:
-                tmp["labels.npy"] = dir / ("labels.npy" + tag)
-                write_synced(tmp["labels.npy"], lambda f: np.save(f, np.asarray(self.labels, dtype=np.int64)))
-                checksums["labels.npy"] = sha256_file(tmp["labels.npy"])
-            tmp["norms.npz"] = dir / ("norms.npz" + tag)
-            write_synced(tmp["norms.npz"], lambda f: np.savez(f, center=center, centered_sqnorms=centered,
-                                                              sqnorms=sqnorms))
-            checksums["norms.npz"] = sha256_file(tmp["norms.npz"])
-            meta = {
-                "format": "optden.dataset",
-                "version": FORMAT_VERSION,
-                "M": self.M,
-                "d": self.d,
-                "image_shape": list(self.image_shape),
-                "dtype": self.dtype,
-                "storage_dtype": _NUMPY_STORAGE[self.dtype].str,
-                "scale": self._scale,
-                "offset": self._offset,
-                "num_classes": self.num_classes,
-                "sha256": checksums,
-            }
-            tmp["meta.json"] = dir / ("meta.json" + tag)
-            write_synced(tmp["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
-            # Commit: invalidate the old set, move the payload in, then the marker.
-            (dir / "meta.json").unlink(missing_ok=True)
-            # pop only after a successful move, so an interrupted move still cleans up its temporary
-            for name in ("data.npy", "labels.npy", "norms.npz"):
-                if name in tmp:
-                    os.replace(tmp[name], dir / name)
-                    del tmp[name]
-            if self.labels is None:
-                (dir / "labels.npy").unlink(missing_ok=True)
-            os.replace(tmp["meta.json"], dir / "meta.json")
-            del tmp["meta.json"]
-            fsync_dir(dir)
-        finally:
-            for p in tmp.values():
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+        self._rows_sha256 = fmt.write_dataset(dir, self._raw, self.dtype, self.image_shape, self._scale,
+                                              self._offset, self.labels, self.num_classes, self._get_stats())
         if self.path is None:
             self.path = dir
         return dir
@@ -972,12 +748,12 @@ def _convert_float_rows(rows: np.ndarray, src: str, target: str, name: str) -> n
     if target not in ("float16", "bfloat16", "float32"):
         raise DtypeError(f"dtype: cannot convert {src} data to {target}")
     M, d = rows.shape
-    out = np.empty((M, d), dtype=_NUMPY_STORAGE[target])
+    out = np.empty((M, d), dtype=STORAGE_DTYPES[target].numpy)
     step = _block_rows(d)
     for s in range(0, M, step):
         blk = np.asarray(rows[s:s + step])
         if src == "bfloat16":
-            blk = _bf16_bits_to_f32(blk)
+            blk = bf16_bits_to_f32(blk)
         if target == "bfloat16":
             t = torch.from_numpy(np.ascontiguousarray(blk, dtype=blk.dtype.newbyteorder("=")))
             out[s:s + step] = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -987,177 +763,17 @@ def _convert_float_rows(rows: np.ndarray, src: str, target: str, name: str) -> n
     return out
 
 
-def _labels_from_dataset_json(text: bytes, names: list[str], path: Path):
-    """EDM dataset.json -> int64 labels in the order of ``names``, or None if it has no labels."""
-    try:
-        meta = json.loads(text)
-        entries = meta.get("labels") if isinstance(meta, dict) else None
-    except ValueError as e:
-        raise DatasetError(f"{path}: dataset.json is not valid JSON ({e})") from None
-    if entries is None:
-        return None
-    try:
-        table = {str(fname).replace("\\", "/"): lab for fname, lab in entries}
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: dataset.json 'labels' must be a list of [filename, label] pairs") from None
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise DatasetError(f"{path}: dataset.json has no label for {len(missing)} image(s): {_list_some(missing)}")
-    out = []
-    for n in names:
-        lab = table[n]
-        if isinstance(lab, bool) or not isinstance(lab, numbers.Integral):
-            raise DatasetError(f"{path}: dataset.json label of {n} is {lab!r}; expected an integer class")
-        out.append(int(lab))
-    return np.asarray(out, dtype=np.int64)
-
-
-def _check_resolution(resolution):
-    """None, an int, or (H, W) -> None or a (H, W) tuple of positive ints."""
-    if resolution is None:
-        return None
-    if isinstance(resolution, numbers.Integral) and not isinstance(resolution, bool):
-        hw = (int(resolution), int(resolution))
-    else:
-        try:
-            hw = tuple(int(r) for r in resolution)
-        except (TypeError, ValueError):
-            hw = ()
-        if len(hw) != 2:
-            raise InputError(f"resolution: expected an int or (H, W), got {resolution!r}")
-    if min(hw) < 1:
-        raise InputError(f"resolution: expected positive sizes, got {resolution!r}")
-    return hw
-
-
-def _list_some(items, k: int = 20) -> str:
-    shown = ", ".join(str(i) for i in items[:k])
-    return shown + (f", ... ({len(items) - k} more)" if len(items) > k else "")
-
-
-def _decode_image(data: bytes, resolution):
-    """Encoded PNG/JPEG bytes -> uint8 (H, W, C) with C in {1, 3}; raises ValueError with a reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                raise ValueError(f"{mode} (16-bit or float) images are not supported; convert to 8-bit")
-            if mode in ("L", "LA", "1", "La"):
-                im = im.convert("L")
-            elif mode != "RGB":
-                im = im.convert("RGB")
-            if resolution is not None and im.size != (resolution[1], resolution[0]):
-                im = im.resize((resolution[1], resolution[0]), Image.Resampling.LANCZOS)
-            a = np.asarray(im, dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise ValueError("not a readable image") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"unreadable ({e})") from None
-    return a[:, :, None] if a.ndim == 2 else a
-
-
-def _decode_all(names, read, resolution, path, workers):
-    """Decode every file into one uint8 (M, C*H*W) array; one DatasetError lists all bad files."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    raw = None
-    ish = None
-    bad = []
-
-    def job(item):
-        name, data = item
-        if isinstance(data, str):
-            return data
-        try:
-            return _decode_image(data, resolution)
-        except ValueError as e:
-            return str(e)
-
-    def fetch(name):
-        try:
-            return name, read(name)
-        except (OSError, zipfile.BadZipFile, RuntimeError) as e:
-            return name, f"unreadable ({e})"
-
-    chunk = 256  # files read (serially) and decoded (in threads) per round: bounds memory
-    first = None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
-        for c0 in range(0, len(names), chunk):
-            items = [fetch(n) for n in names[c0:c0 + chunk]]
-            for i, ((name, _), res) in enumerate(zip(items, ex.map(job, items)), start=c0):
-                if isinstance(res, str):
-                    bad.append(f"{name}: {res}")
-                    continue
-                h, w, c = res.shape
-                if raw is None:
-                    ish = (c, h, w)
-                    raw = np.empty((len(names), c * h * w), dtype=np.uint8)
-                    first = name
-                if (c, h, w) != ish:
-                    bad.append(f"{name}: size {w}x{h} with {c} channel(s), expected "
-                               f"{ish[2]}x{ish[1]} with {ish[0]} channel(s) like {first}")
-                    continue
-                raw[i] = res.transpose(2, 0, 1).reshape(-1)
-    if bad:
-        hint = "" if resolution is not None else " (pass resolution= to resize)"
-        raise DatasetError(f"{path}: {len(bad)} image(s) cannot be used{hint}: {_list_some(bad)}")
-    return raw, ish
-
-
-def _load_patch_sources():
-    """[(label, uint8 (H, W, 3))] for every bundled source image that is present."""
-    import skimage.data
-    import sklearn.datasets
-    from PIL import Image
-
-    roots = {"skimage": Path(skimage.data.data_dir),
-             "sklearn": Path(sklearn.datasets.__file__).parent / "images"}
-    out = []
-    for label, (_, pkg, fname) in enumerate(PATCH_SOURCES):
-        p = roots[pkg] / fname
-        if p.is_file():
-            with Image.open(p) as im:
-                out.append((label, np.asarray(im.convert("RGB"), dtype=np.uint8)))
-    if not out:
-        raise DatasetNotFoundError("patches: none of the bundled scikit-image / scikit-learn sample images was found")
-    return out
-
-
 def patches_dataset(size: int = 8, stride: int = 4, max_rows: int | None = None, seed: int = 0,
                     unique: bool = True) -> Dataset:
     """RGB patches cut from the sample photographs bundled with scikit-image and scikit-learn.
 
     ``size`` x ``size`` patches on a regular grid with step ``stride`` over each image of
-    :data:`PATCH_SOURCES` (label = source index, num_classes = len(PATCH_SOURCES)).
+    ``optden.data.demo.PATCH_SOURCES`` (label = source index, num_classes = their number).
     ``unique`` drops exact duplicate patches (flat borders), keeping the first.
     ``max_rows`` keeps a random subset (``seed``), in grid order. Returns a uint8 Dataset
     (M, 3*size*size), image_shape (3, size, size). At size 8 this gives about 284,000
     unique patches at stride 4 and 1.13 million at stride 2. Nothing is downloaded.
     """
-    size = check_positive_int(size, "size", 1, 256)
-    stride = check_positive_int(stride, "stride", 1)
-    if max_rows is not None:
-        max_rows = check_positive_int(max_rows, "max_rows")
-    parts, labs = [], []
-    for label, im in _load_patch_sources():
-        if im.shape[0] < size or im.shape[1] < size:
-            continue
-        win = np.lib.stride_tricks.sliding_window_view(im, (size, size), axis=(0, 1))[::stride, ::stride]
-        parts.append(win.reshape(-1, 3 * size * size))  # (nh*nw, 3*size*size), channel-major per patch
-        labs.append(np.full(parts[-1].shape[0], label, dtype=np.int64))
-    if not parts:
-        raise DatasetError(f"size: {size} is larger than every source image")
-    x = np.concatenate(parts)
-    y = np.concatenate(labs)
-    if unique:
-        keys = x.view(np.dtype((np.void, x.shape[1]))).ravel()
-        _, first = np.unique(keys, return_index=True)
-        keep = np.sort(first)
-        x, y = x[keep], y[keep]
-    if max_rows is not None and max_rows < x.shape[0]:
-        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=max_rows, replace=False))
-        x, y = x[keep], y[keep]
-    return Dataset(np.ascontiguousarray(x), "uint8", (3, size, size), labels=y, num_classes=len(PATCH_SOURCES),
+    x, y = demo.patch_arrays(size, stride, max_rows, seed, unique)
+    return Dataset(x, "uint8", (3, size, size), labels=y, num_classes=len(demo.PATCH_SOURCES),
                    source=f"patches(size={size}, stride={stride}, unique={unique})")

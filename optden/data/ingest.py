@@ -28,17 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (
-    Dataset,
-    _IMAGE_EXTENSIONS,
-    _check_resolution,
-    _decode_image,
-    _labels_from_dataset_json,
-    _list_some,
-)
-from .errors import DatasetError, DatasetNotFoundError, InputError
-from .fileio import atomic_write, sha256_file
-from .validate import check_positive_int
+from ..errors import DatasetError, DatasetNotFoundError, InputError
+from ..fileio import atomic_write, sha256_file
+from ..validate import check_positive_int
+from .dataset import Dataset
+from .images import ImageSource, check_resolution, decode_image, labels_from_dataset_json, list_some
 
 __all__ = ["build_dataset", "BuildReport", "list_images"]
 
@@ -61,58 +55,24 @@ class BuildReport:
     already_built: bool = False
 
 
-class _Source:
-    """Sorted image names of a folder (recursive) or a zip file, and a reader for each."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._zip = None
-        if path.is_dir():
-            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
-            meta = path / "dataset.json"
-            self.meta = meta.read_bytes() if meta.is_file() else None
-        else:
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise DatasetError(f"src: {path} is neither a folder nor a readable zip file ({e})") from None
-            all_names = set(self._zip.namelist())
-            self.names = sorted(n for n in all_names if not n.endswith("/") and not n.startswith("__MACOSX/")
-                                and os.path.splitext(n)[1].lower() in _IMAGE_EXTENSIONS)
-            self.meta = self._zip.read("dataset.json") if "dataset.json" in all_names else None
-
-    def read(self, name: str) -> bytes:
-        if self._zip is None:
-            return (self.path / name).read_bytes()
-        return self._zip.read(name)
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
 def list_images(src) -> list[str]:
     """Relative paths of the images a build of ``src`` would read, in dataset order."""
-    s = _Source(Path(src))
-    try:
+    with ImageSource(src, "src") as s:
         return list(s.names)
-    finally:
-        s.close()
 
 
-def _decode(source: _Source, name: str, resolution):
+def _decode(source: ImageSource, name: str, resolution):
     try:
         data = source.read(name)
     except (OSError, zipfile.BadZipFile, RuntimeError) as e:
         return f"unreadable ({e})"
     try:
-        return _decode_image(data, resolution)
+        return decode_image(data, resolution)
     except ValueError as e:
         return str(e)
 
 
-def _reference_shape(source: _Source, resolution, names):
+def _reference_shape(source: ImageSource, resolution, names):
     """(C, H, W) of the first decodable image (its name too); every image must match it."""
     for name in names:
         img = _decode(source, name, resolution)
@@ -122,7 +82,7 @@ def _reference_shape(source: _Source, resolution, names):
     raise DatasetError(f"src: {source.path}: none of its {len(names)} images can be decoded")
 
 
-def _plan(source: _Source, resolution, chunk_size: int, labels_given: bool) -> dict:
+def _plan(source: ImageSource, resolution, chunk_size: int, labels_given: bool) -> dict:
     h = hashlib.sha256("\n".join(source.names).encode())
     return {
         "format": BUILD_FORMAT,
@@ -173,18 +133,18 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
         raise DatasetNotFoundError(f"src: {src} does not exist")
     if out.exists() and not out.is_dir():
         raise DatasetError(f"out_dir: {out} exists and is not a directory")
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     if not (labels is None or (isinstance(labels, str) and labels == "auto")):
         raise InputError(f"labels: expected 'auto' or None, got {labels!r}")
-    source = _Source(src)
+    source = ImageSource(src, "src")
     try:
         names = source.names
         if not names:
             raise DatasetError(f"src: {src} holds no PNG/JPEG images")
         all_labels = None
         if labels == "auto" and source.meta is not None:
-            all_labels = _labels_from_dataset_json(source.meta, names, src)
+            all_labels = labels_from_dataset_json(source.meta, names, src)
         plan = _plan(source, resolution, chunk_size, all_labels is not None)
         report = BuildReport(out_dir=out, images=len(names))
         build = out / ".build"
@@ -267,10 +227,10 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
         if report.rejected and strict:
             raise DatasetError(f"src: {src}: {len(report.rejected)} image(s) cannot be used"
                                f"{'' if resolution else ' (pass resolution= to resize)'}: "
-                               + _list_some([f"{n}: {why}" for n, why in report.rejected]))
+                               + list_some([f"{n}: {why}" for n, why in report.rejected]))
         if report.accepted == 0:
             raise DatasetError(f"src: {src}: every image was rejected: "
-                               + _list_some([f"{n}: {why}" for n, why in report.rejected]))
+                               + list_some([f"{n}: {why}" for n, why in report.rejected]))
         ds = _assemble(build, recs, len(chunks), report.accepted, d, ref_shape, all_labels, chunk_size, scale, offset)
         ds.save(out)
         del ds
