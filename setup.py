@@ -28,7 +28,7 @@ import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -184,7 +184,8 @@ def extensions():
 
 
 setup(
-    packages=["optden", "optden.backends", "optden.commands", "optden.data", "optden.kernels"],
+    # every package under optden/ (its wings: engine/, data/, prune/, ...) and kernels/ as optden.kernels
+    packages=find_packages(where=HERE, include=["optden", "optden.*"]) + ["optden.kernels"],
     package_dir={"optden": "optden", "optden.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},

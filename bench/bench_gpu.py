@@ -99,7 +99,7 @@ def copy_gbs(device: str) -> float:
 
 # ----------------------------------------------------------------------------- data
 class DeviceRows:
-    """Rows generated on the GPU, in the shape of ``optden.rows.RowSource`` (resident).
+    """Rows generated on the GPU, in the shape of ``optden.engine.rows.RowSource`` (resident).
 
     raw: (M, d) uint8 on the GPU; center (d,) float64 (integral); csq (M,) float64.
     """
@@ -128,6 +128,9 @@ class DeviceRows:
 
     def global_index(self, local):
         return local
+
+    def resident_rows(self):
+        return self._raw, self._csq
 
     def blocks(self, start=0, stop=None):
         stop = self.M if stop is None else stop
@@ -169,21 +172,14 @@ def naive_fp32(raw: torch.Tensor, x: torch.Tensor, sigma: float, chunk: int) -> 
 
 def blocked_fp32(raw: torch.Tensor, x: torch.Tensor, sigma: float, chunk: int) -> torch.Tensor:
     """A careful single pass: fp32 row blocks with an online softmax."""
-    n = x.shape[0]
-    m = torch.full((n,), -math.inf, device=x.device)
-    s = torch.zeros(n, device=x.device)
-    acc = torch.zeros_like(x)
+    from optden.engine.partial import Partial
+
+    part = Partial.empty(x.shape[0], x.shape[1], 0, x.device, torch.float32)  # no top K
     xsq = (x * x).sum(1, keepdim=True)
     for a in range(0, raw.shape[0], chunk):
         y = raw[a:a + chunk].float()
-        lg = -(xsq - 2 * x @ y.T + (y * y).sum(1)) / (2 * sigma**2)
-        new_m = torch.maximum(m, lg.max(1).values)
-        alpha = torch.exp(m - new_m)
-        p = torch.exp(lg - new_m[:, None])
-        s = s * alpha + p.sum(1)
-        acc = acc * alpha[:, None] + p @ y
-        m = new_m
-    return acc / s[:, None]
+        part.absorb(-(xsq - 2 * x @ y.T + (y * y).sum(1)) / (2 * sigma**2), y)
+    return part.mean()
 
 
 class KnnFloor:
@@ -231,8 +227,8 @@ class KnnFloor:
 # ----------------------------------------------------------------------------- main
 def run_size(name: str, ns: list[int], args, limits: dict, emit):
     """Measure every method at one data-set size; ``emit(row)`` prints and records each row."""
-    from optden import dispatch
-    import optden.backends  # noqa: F401  (registers triton / cuda)
+    import optden.engine.backends  # noqa: F401  (registers triton / cuda)
+    from optden.engine import dispatch
 
     M, d = SIZES[name]
     if args.max_rows:

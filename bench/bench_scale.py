@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import optden
-from optden.rows import parse_bytes
+from optden.engine.rows import parse_bytes
 
 HERE = Path(__file__).resolve().parent
 D_IMAGENET64 = 3 * 64 * 64
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     y = ds.model_rows(rows_idx.numpy())
     q = y + args.sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
 
-    from optden import dispatch
+    from optden.engine import dispatch
     from optden.denoiser import OptimalDenoiser
     import inspect
 

@@ -60,7 +60,7 @@ def _queries(y: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarra
 
 def check_backends(device: str, backends: list[str], seed: int) -> int:
     import optden
-    from optden import dispatch
+    from optden.engine import dispatch
     from optden import reference as R
 
     rng = np.random.default_rng(seed)

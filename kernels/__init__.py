@@ -1,10 +1,12 @@
-"""Triton kernels of optden, imported as ``optden.kernels``.
+"""Triton kernels of optden, imported as ``optden.kernels`` (device code only).
 
 Importing this package does not import Triton (nor touch CUDA); each kernel module does,
 on first use:
 
-* ``optden.kernels.dense``: the fused dense pass (Triton; imports triton).
-* ``optden.kernels.bounds``: its rigorous fp32 error bound (pure torch).
-* ``optden.kernels.host``: host side of the GPU passes, shared with the CUDA backend:
-  chunking, log-sum-exp merge of splits, exact top-k (pure torch).
+* ``optden.kernels.dense``: the fused dense pass (kernel -> launcher -> public function ->
+  float64 reference, as in mamba's ops).
+
+Their host side (chunking, merging splits, the top K) is
+``optden.engine.backends.gpu_pass``; their rounding-error bound is
+``optden.engine.bounds.fp32_pass_delta``.
 """

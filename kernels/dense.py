@@ -23,7 +23,7 @@ bf16 arithmetic). With ``tf32=True`` every product runs on TF32 tensor cores *ex
 the data (uint8 centered, fp16, bf16) is exactly representable in TF32, the query comes
 as two TF32 pieces (hi + lo, split on the host) and the softmax weights are split into
 two TF32 pieces in the kernel (``_tf32_split``). fp32 data uses ``tf32=False``
-(IEEE fp32 FMA). Every rounding is bounded in ``optden.kernels.bounds``.
+(IEEE fp32 FMA). Every rounding is bounded in ``optden.engine.bounds`` (``fp32_pass_delta``).
 
 Importing this module imports Triton; whether kernels run in the interpreter is fixed
 at import by ``TRITON_INTERPRET`` (``INTERPRETED`` records it).

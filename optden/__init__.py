@@ -38,7 +38,7 @@ _alias_kernels()
 
 from .data import Dataset  # noqa: E402
 from .denoiser import Evaluation, OptimalDenoiser  # noqa: E402
-from .dispatch import info  # noqa: E402
+from .engine.dispatch import info  # noqa: E402
 from .errors import (  # noqa: E402
     BackendUnavailableError,
     ChecksumError,

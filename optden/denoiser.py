@@ -2,7 +2,8 @@
 
 ``D*(u; sigma) = sum_i softmax_i(-||u - y_i||^2 / 2 sigma^2) y_i`` with ``u = x / s``
 (EDM's scaling: VE has s = 1; VP and flow matching pass their s). Computed by a
-backend's coarse pass (``optden.dispatch``) and certified by ``optden.precision``.
+backend's coarse pass (``optden.engine.dispatch``) and certified by
+``optden.engine.precision``.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import dispatch
-from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .engine import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .engine import dispatch
 from .errors import DatasetError, DtypeError, InputError
-from .precision import DEFAULT_TOL, MODE_NAMES, Certified, certify
-from .rows import RowSource
+from .prune import Pruner, PruneIndex
+from .engine.bounds import dense_threshold
+from .engine.precision import DEFAULT_TOL, MODE_NAMES, Certified, certify, exact_pass, rescore
+from .engine.rows import RowSource
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
 
@@ -150,8 +153,6 @@ class OptimalDenoiser:
     def pruner(self):
         """The ``optden.prune.Pruner`` in use, or None (prune="off", or "auto" found none)."""
         if self._pruner is None and self.prune != "off":
-            from .prune import Pruner, PruneIndex
-
             ds = self.dataset
             index = None
             if hasattr(self.prune, "search"):
@@ -180,7 +181,7 @@ class OptimalDenoiser:
     def _one_top_row(self, kk: int, need_top: bool) -> bool:
         """Whether a pass may keep one top row instead of kk (see ``_certified_pass``)."""
         target = self.backend.delta_target()
-        return not need_top and kk > 1 and target is not None and target <= 0.25 * self.tol
+        return not need_top and kk > 1 and target is not None and target <= dense_threshold(self.tol)
 
     def _certified_pass(self, v: torch.Tensor, coef: torch.Tensor, src: RowSource, kk: int, need_top: bool,
                         part=None) -> Certified:
@@ -198,7 +199,7 @@ class OptimalDenoiser:
                            fallback=self._fallback(src, kk))
         if part is None:
             part = self.backend.partial(v, coef, src, 1)
-        dense = part.delta <= 0.25 * self.tol  # False for a NaN bound
+        dense = part.delta <= dense_threshold(self.tol)  # False for a NaN bound
         redo = None if bool(dense.all()) else (~dense).nonzero().flatten()
         cert = certify(part, v, coef, src, self.tol)  # DENSE for all but the redo queries
         if redo is not None:
@@ -266,8 +267,8 @@ class OptimalDenoiser:
         v = (u - ds.offset) / ds.scale - src.center
         kk = min(self.topk, src.M)
         part = self.backend.partial(v, coef, src, 1) if self._one_top_row(kk, False) else None
-        if part is not None and bool((part.delta <= 0.25 * self.tol).all()):  # False for a NaN bound
-            dc = part.acc / part.s[:, None]  # certify's dc of a DENSE query
+        if part is not None and bool((part.delta <= dense_threshold(self.tol)).all()):  # False for a NaN bound
+            dc = part.mean()  # certify's dc of a DENSE query
         else:
             dc = self._certified_pass(v, coef, src, kk, False, part=part).dc
         return (dc + src.center) * ds.scale + ds.offset
@@ -393,8 +394,6 @@ class OptimalDenoiser:
         Returns ``(distances (B, k) float64, indices (B, k) int64)``, ascending. Certified
         like the denoiser: coarse distances, then an exact re-score of the candidates.
         """
-        from .precision import _rescore, exact_pass
-
         _, u = self._queries(x, 1.0)
         n = u.shape[0]
         lab = self._labels(labels, n)
@@ -413,14 +412,14 @@ class OptimalDenoiser:
             v = (u[qd] - ds.offset) / ds.scale - src.center
             coef = torch.ones(v.shape[0], dtype=torch.float64, device=self.device)
             part = self.backend.partial(v, coef, src, kk)
-            lg = _rescore(v, coef, src, part.top_idx)  # exact -||v - q||^2 of candidates
+            lg = rescore(v, coef, src, part.top_idx)  # exact -||v - q||^2 of candidates
             best, order = lg.topk(k, dim=1)
             cand = part.top_idx.gather(1, order)
             # rows outside the candidates: -||v-q||^2 <= top_val[K-1] + delta
             ok = (kk >= src.M) | (part.top_val[:, -1] + part.delta < best[:, -1])
             for j in (~ok).nonzero().flatten().tolist():
-                _, _, tv, ti = exact_pass(v[j : j + 1], coef[j : j + 1], src, k)
-                best[j], cand[j] = tv[0], ti[0]
+                ex = exact_pass(v[j : j + 1], coef[j : j + 1], src, k)
+                best[j], cand[j] = ex.top_val[0], ex.top_idx[0]
             dist[qd] = torch.sqrt(torch.clamp(-best, min=0.0)) * ds.scale
             idx[qd] = src.global_index(cand)
         return dist, idx

@@ -1,8 +1,8 @@
 """The optimal denoiser sharded over ranks with torch.distributed (NCCL on GPUs, gloo on CPU).
 
 Each rank streams only its shard of the rows (a contiguous slice of the dataset, or of
-one class's rows) through the backend's coarse pass (``optden.dispatch.Partial``). The
-per-rank partials are merged exactly, as the blocks inside one pass are:
+one class's rows) through the backend's coarse pass (``optden.engine.partial.Partial``).
+The per-rank partials are merged exactly, as the blocks inside one pass are:
 
     m   = max_r m_r
     s   = sum_r s_r   exp(m_r - m)
@@ -12,7 +12,7 @@ per-rank partials are merged exactly, as the blocks inside one pass are:
     delta = max_r delta_r
 
 Every row outside the merged top K is at most the merged K-th logit (each rank's own
-top K is inside the union), so ``optden.precision.certify`` run on the merged partial
+top K is inside the union), so ``optden.engine.precision.certify`` run on the merged partial
 gives the same certificate as a single-process pass. Every rank then holds the same
 merged numbers and runs the same certification (re-scoring gathers the K candidate
 rows from the dataset, which every rank opens, e.g. memory-mapped on a shared file
@@ -43,12 +43,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import dispatch
 from .denoiser import OptimalDenoiser
-from .dispatch import Backend, Partial
+from .engine import dispatch
+from .engine.dispatch import Backend
+from .engine.partial import Partial, select_topk
+from .engine.precision import DEFAULT_TOL
+from .engine.rows import RowSource
 from .errors import BackendUnavailableError, OptdenError
-from .precision import DEFAULT_TOL
-from .rows import RowSource
 
 __all__ = ["DistributedError", "ShardedDenoiser", "init_distributed", "shutdown", "shard_range", "merge_partials"]
 
@@ -130,8 +131,8 @@ def merge_partials(p: Partial, k: int, group=None) -> Partial:
     mx = torch.stack([p.m, p.delta])
     _collective("all_reduce(max)", dist.all_reduce, mx, op=dist.ReduceOp.MAX, group=group)
     m, delta = mx[0], mx[1]
-    scale = torch.exp(p.m - m)  # 0 where this rank has no rows (m_r = -inf)
-    sums = torch.cat([(p.s * scale)[:, None], p.acc * scale[:, None]], dim=1)
+    s, acc = p.scaled_to(m)  # 0 where this rank has no rows (m_r = -inf)
+    sums = torch.cat([s[:, None], acc], dim=1)
     _collective("all_reduce(sum)", dist.all_reduce, sums, op=dist.ReduceOp.SUM, group=group)
     # positions are < 2^53, exact in float64: one gather for values and positions
     top = torch.cat([p.top_val, p.top_idx.to(torch.float64)], dim=1).contiguous()
@@ -139,8 +140,8 @@ def merge_partials(p: Partial, k: int, group=None) -> Partial:
     _collective("all_gather(top-k)", dist.all_gather, parts, top, group=group)
     vals = torch.cat([t[:, :k] for t in parts], dim=1)
     idxs = torch.cat([t[:, k:] for t in parts], dim=1)
-    top_val, sel = vals.topk(k, dim=1)
-    top_idx = idxs.gather(1, sel).to(torch.int64)
+    top_val, top_idx = select_topk(vals, idxs, k)
+    top_idx = top_idx.to(torch.int64)
     return Partial(m=m, s=sums[:, 0].contiguous(), acc=sums[:, 1:].contiguous(), top_val=top_val,
                    top_idx=top_idx, delta=delta)
 
@@ -161,14 +162,7 @@ class _ShardedBackend(Backend):
         n, d = v.shape
         dev = v.device
         if shard is None:
-            p = Partial(
-                m=torch.full((n,), -torch.inf, dtype=torch.float64, device=dev),
-                s=torch.zeros(n, dtype=torch.float64, device=dev),
-                acc=torch.zeros(n, d, dtype=torch.float64, device=dev),
-                top_val=torch.full((n, k), -torch.inf, dtype=torch.float64, device=dev),
-                top_idx=torch.zeros(n, k, dtype=torch.int64, device=dev),
-                delta=torch.zeros(n, dtype=torch.float64, device=dev),
-            )
+            p = Partial.empty(n, d, k, dev)
         else:
             kl = min(k, shard.M)
             p = self.inner.partial(v, coef, shard, kl)
@@ -190,7 +184,7 @@ class ShardedDenoiser(OptimalDenoiser):
 
     group: the torch.distributed process group (default: the world).
     memory_budget: bytes of raw rows each rank's streamed pass may hold at once
-        (see ``optden.rows.RowSource``).
+        (see ``optden.engine.rows.RowSource``).
 
     Every rank must construct it with the same dataset and call it with the same
     inputs, in the same order (each call is collective). Results are identical on

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import optden
-from optden import _ext, dispatch
+from optden import _ext
+from optden.engine import dispatch
 from optden import reference as R
-from optden.backends.cpu import CpuBackend
+from optden.engine.backends.cpu import CpuBackend
 from optden.data.storage import to_numpy
 from optden.errors import BackendUnavailableError
-from optden.precision import EXACT, certify
+from optden.engine.precision import EXACT, certify
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
 
 C = _ext.C
@@ -240,7 +241,7 @@ def test_labels_posterior_nearest(digits_u8, rng):
 
 
 def test_rescore_method_matches_precision(faces_u8, rng):
-    from optden.precision import _rescore
+    from optden.engine.precision import rescore
 
     ds = optden.Dataset.from_array(faces_u8)
     den = optden.OptimalDenoiser(ds, backend="cpu")
@@ -248,7 +249,7 @@ def test_rescore_method_matches_precision(faces_u8, rng):
     x = model_rows(ds)[:3] + 0.01 * rng.standard_normal((3, ds.d))
     v, coef = centered(ds, src, x, 0.01)
     idx = torch.from_numpy(rng.integers(0, ds.M, (3, 9)))
-    torch.testing.assert_close(dispatch.get("cpu").rescore(v, coef, src, idx), _rescore(v, coef, src, idx),
+    torch.testing.assert_close(dispatch.get("cpu").rescore(v, coef, src, idx), rescore(v, coef, src, idx),
                                rtol=1e-13, atol=0.0)
 
 
@@ -337,7 +338,7 @@ def test_dense_pass_direct_uint8(integral, N, rng):
 
 def test_memmapped_dataset_streams(tmp_path, faces_u8, rng, monkeypatch):
     """A memory-mapped dataset is streamed in blocks (prefetcher) and gives the same D*."""
-    monkeypatch.setattr("optden.backends.cpu._STREAM_CALL_BYTES", 192 * 100)  # 100-row blocks
+    monkeypatch.setattr("optden.engine.backends.cpu._STREAM_CALL_BYTES", 192 * 100)  # 100-row blocks
     np.save(tmp_path / "x.npy", faces_u8)
     ds = optden.Dataset.from_npy(tmp_path / "x.npy")
     den = optden.OptimalDenoiser(ds, backend="cpu")

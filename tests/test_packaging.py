@@ -49,7 +49,9 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "optden/kernels/__init__.py" in names
-    assert "optden/__init__.py" in names and "optden/backends/__init__.py" in names
+    # every package of the source tree (the wings engine/, data/, prune/, ...) ships
+    for init in (ROOT / "optden").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, init
     # every Triton kernel module of kernels/ ships inside optden.kernels
     for p in (ROOT / "kernels").glob("*.py"):
         assert f"optden/kernels/{p.name}" in names

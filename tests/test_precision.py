@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import optden
-from optden import dispatch, precision
 from optden import reference as R
-from optden.backends.torch_blocked import merge_topk
-from optden.dispatch import Partial
-from optden.rows import RowSource
+from optden.engine import bounds, dispatch, precision
+from optden.engine.partial import Partial
+from optden.engine.rows import RowSource
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, model_rows, rel_err
 
 TOL = precision.DEFAULT_TOL
@@ -104,27 +103,16 @@ class Float32Expansion(dispatch.Backend):
 
     def partial(self, v, coef, source, k):
         n, d = v.shape
-        m = torch.full((n,), -torch.inf, dtype=torch.float64)
-        s = torch.zeros(n, dtype=torch.float64)
-        acc = torch.zeros(n, d, dtype=torch.float64)
-        top_val = torch.full((n, k), -torch.inf, dtype=torch.float64)
-        top_idx = torch.zeros(n, k, dtype=torch.int64)
+        part = Partial.empty(n, d, k, v.device)
         vsq = (v * v).sum(1)
         v32, c32 = v.float(), source.center.float()
         for off, raw, csq in source.blocks():
             q = raw.to(torch.float64) - source.center
             dot = (v32 @ (raw.float() - c32).T).double()
-            logit = -coef[:, None] * ((vsq[:, None] + csq[None, :]) - 2.0 * dot)
-            new_m = torch.maximum(m, logit.max(1).values)
-            alpha = torch.exp(m - new_m)
-            p = torch.exp(logit - new_m[:, None])
-            s = s * alpha + p.sum(1)
-            acc = acc * alpha[:, None] + p @ q
-            m = new_m
-            bv, bi = logit.topk(min(k, logit.shape[1]), dim=1)
-            top_val, top_idx = merge_topk(top_val, top_idx, bv, bi + off, k)
-        delta = precision.gemm_delta(2.0**-24, d, vsq.sqrt(), source.max_cnorm, coef, top_val[:, 0], fused=False)
-        return Partial(m=m, s=s, acc=acc, top_val=top_val, top_idx=top_idx, delta=delta)
+            part.absorb(-coef[:, None] * ((vsq[:, None] + csq[None, :]) - 2.0 * dot), q, off)
+        part.delta = bounds.gemm_delta(2.0**-24, d, vsq.sqrt(), source.max_cnorm, coef, part.top_val[:, 0],
+                                       fused=False)
+        return part
 
 
 def usable_backends(ds) -> list:
@@ -217,10 +205,10 @@ def test_fused_gemm_needs_the_fused_bound(faces_u8, rng):
     top = fused.max(1).values
     for lg, is_fused in ((fused, True), (split, False)):
         err = np.abs(lg.numpy().astype(np.longdouble) - exact).max(1).astype(np.float64)
-        delta = precision.gemm_delta(eps, 192, vsq.sqrt(), src.max_cnorm, ones, top, fused=is_fused).numpy()
+        delta = bounds.gemm_delta(eps, 192, vsq.sqrt(), src.max_cnorm, ones, top, fused=is_fused).numpy()
         assert (err <= delta).all()
-    tight = precision.gemm_delta(eps, 192, vsq.sqrt(), src.max_cnorm, ones, top, fused=False)
-    assert (precision.gemm_delta(eps, 192, vsq.sqrt(), src.max_cnorm, ones, top) >= tight).all()  # default = safe
+    tight = bounds.gemm_delta(eps, 192, vsq.sqrt(), src.max_cnorm, ones, top, fused=False)
+    assert (bounds.gemm_delta(eps, 192, vsq.sqrt(), src.max_cnorm, ones, top) >= tight).all()  # default = safe
 
 
 # ----------------------------------------------------------------------------- (b) certify
@@ -234,7 +222,7 @@ def check_weights(top_w, idx, excl, modes, ds, exact, w_oracle):
     # float64 rounding of direct differences (the re-score), which `excluded` leaves out:
     # |fl(-coef ||v - q||^2) - exact| <= coef gamma_{d+2} ||v - q||^2 for the returned rows
     sq = -np.take_along_axis(exact, idx, 1).astype(np.float64).min(1)
-    rounding = np.expm1(2 * precision.gamma(ds.d + 2, 2.0**-53) * sq) + 1e-12
+    rounding = np.expm1(2 * bounds.gamma(ds.d + 2, 2.0**-53) * sq) + 1e-12
     for j, mode in enumerate(modes):
         kept = top_true[j] > 1e-280
         misweight = np.abs(top_w[j][kept] / top_true[j][kept] - 1.0).max()
@@ -258,7 +246,7 @@ def check_certified(cert, ds, x, sigma, v, coef, src):
     check_weights(cert.top_w.numpy(), idx, excl, modes, ds, exact, R.weights(x, y, sigma))
     for j, mode in enumerate(modes):
         if mode == precision.DENSE:
-            assert cert.delta[j] <= 0.25 * TOL and excl[j] == pytest.approx(math.expm1(2 * cert.delta[j]))
+            assert cert.delta[j] <= bounds.dense_threshold(TOL) and excl[j] == pytest.approx(math.expm1(2 * cert.delta[j]))
     d_model = (cert.dc + src.center).numpy() * ds.scale + ds.offset
     assert rel_err(d_model, R.denoise(x, y, sigma)) <= DENOISE_RTOL
     lse_true = np.log(np.exp(exact - exact.max(1, keepdims=True)).sum(1)) + exact.max(1)
@@ -299,7 +287,7 @@ def test_certify_rescored_at_small_sigma(faces_u8, rng):
         src, v, coef = centered(ds, x, sigma)
         for be in backends:
             part = be.partial(v, coef, src, 64)
-            assert (part.delta > 0.25 * TOL).all()  # the coarse softmax alone cannot be trusted
+            assert (part.delta > bounds.dense_threshold(TOL)).all()  # the coarse softmax alone cannot be trusted
             cert = precision.certify(part, v, coef, src, TOL)
             assert check_certified(cert, ds, x, sigma, v, coef, src) == [precision.RESCORED] * 5
 
@@ -323,8 +311,8 @@ def test_certify_exact_and_fallback_for_equidistant_rows(faces_u8, rng):
             part = be.partial(v, coef, src, 64)
             gap = part.top_val[:, 0] - part.top_val[:, -1]
             # no certifiable top-K gap (copies differ only by the pass's rounding, within 2 delta)
-            assert (gap <= math.log((ds.M - 64) / (0.1 * TOL)) + 2 * part.delta).all()
-            assert (part.delta > 0.25 * TOL).all()
+            assert (gap <= math.log((ds.M - 64) / bounds.mass_tolerance(TOL)) + 2 * part.delta).all()
+            assert (part.delta > bounds.dense_threshold(TOL)).all()
             cert = precision.certify(part, v, coef, src, TOL)
             assert check_certified(cert, ds, x, sigma, v, coef, src) == [precision.EXACT] * len(x)
         calls = []
@@ -387,17 +375,17 @@ def test_fp32_bound_explains_the_naive_failure(faces_u8, rng):
     naive_err = np.abs(naive - exact).max(1)
     u32, xn, yn = 2.0**-24, np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1).max()
     # a-priori: fp32 norms and a GEMM accumulated onto them, each rounding at (|x| + |y|)^2
-    naive_bound = (3 * precision.gamma(194, u32) * (xn + yn) ** 2 + 4 * u32 * np.abs(exact).max(1)) / (2 * sigma**2)
+    naive_bound = (3 * bounds.gamma(194, u32) * (xn + yn) ** 2 + 4 * u32 * np.abs(exact).max(1)) / (2 * sigma**2)
     assert (naive_err > 1.0).all() and (naive_err <= naive_bound).all() and (naive_bound > 1e3).all()
     # centered, float64 norms, float32 dot: still off by more than e^1, within its bound,
     # which refuses the coarse softmax
     part = Float32Expansion().partial(v, coef, src, 64)
     err = np.abs(part.top_val.numpy() - np.take_along_axis(exact, part.top_idx.numpy(), 1)).max(1)
     assert (err > 1.0).all() and (err <= part.delta.numpy()).all()
-    assert (part.delta > 0.25 * TOL).all()
+    assert (part.delta > bounds.dense_threshold(TOL)).all()
     cert = precision.certify(part, v, coef, src, TOL)
     assert check_certified(cert, ds, x, sigma, v, coef, src) == [precision.RESCORED] * 4
-    assert (cert.excluded <= 0.1 * TOL).all()
+    assert (cert.excluded <= bounds.mass_tolerance(TOL)).all()
 
 
 # ----------------------------------------------------------------------------- (d) Evaluation

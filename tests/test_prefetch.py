@@ -10,8 +10,8 @@ import torch
 
 import optden
 from optden import reference as R
-from optden.prefetch import Prefetcher, plan_blocks
-from optden.rows import RowSource, parse_bytes
+from optden.engine.prefetch import Prefetcher, plan_blocks
+from optden.engine.rows import RowSource, parse_bytes
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, rel_err
 
 

@@ -296,9 +296,9 @@ def _tf32(a: np.ndarray) -> np.ndarray:
 def test_faiss_gpu_tf32_bound_holds_at_image_widths(d, rng):
     """faiss-gpu's TF32 GEMM: the interval must contain the exact distance at every width.
     The old bound gamma_{d+4}(2^-11) divided by zero at d = 1020 and was negative from 2045."""
-    from optden.prune import _U_TF32_IN, dot_rel_err
+    from optden.engine.bounds import U_TF32_IN, dot_rel_err
 
-    rel = dot_rel_err(d + 4, _U_TF32_IN)
+    rel = dot_rel_err(d + 4, U_TF32_IN)
     assert 0.0 < rel < 0.01 and np.isfinite(rel)
     M = 24
     raw = rng.integers(0, 256, (M, d), dtype=np.uint8)
@@ -314,7 +314,7 @@ def test_faiss_gpu_tf32_bound_holds_at_image_widths(d, rng):
     qn = np.cumsum(q32.astype(np.float32) ** 2, axis=1, dtype=np.float32)[:, -1]
     D = (xn[:, None] + qn[None, :] - np.float32(2) * dots).astype(np.float32)
     exact = np.sqrt(((x32.astype(np.float64)[:, None, :] - q32.astype(np.float64)[None]) ** 2).sum(-1))
-    low, up = index._faiss_interval(D, x32, np.zeros(3), _U_TF32_IN, direct=False)
+    low, up = index._faiss_interval(D, x32, np.zeros(3), U_TF32_IN, direct=False)
     assert np.isfinite(low).all() and np.isfinite(up).all()
     assert (low <= exact).all() and (exact <= up).all()
     assert (low > 0).any()  # the bound still says something at this width

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import optden
-from optden import dispatch
+from optden.engine import dispatch
 from optden import reference as R
-from optden.precision import exact_logits
-from optden.rows import RowSource
+from optden.engine.precision import exact_logits
+from optden.engine.rows import RowSource
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL
 
 _MOD = "optden.kernels.dense"
@@ -55,7 +55,7 @@ def test_kernel_against_float64_ref(K, dtype, tf32, rng):
     B = 70 rows (not a multiple of BLOCK_M = 32), d = 37 (odd, not a multiple of
     BLOCK_D = 64), N = 3 queries (fewer than BLOCK_N = 16), 2 splits (the last partial).
     """
-    from optden.kernels.bounds import fp32_pass_delta
+    from optden.engine.bounds import fp32_pass_delta
 
     B, d, N, rps = 70, 37, 3, 48
     x = _rows(dtype, rng, B, d)

@@ -37,7 +37,7 @@ def open_dataset(spec: str):
 
 def run(args) -> int:
     from ..jobs import run_sample_job
-    from ..rows import parse_bytes
+    from ..engine.rows import parse_bytes
 
     budget = parse_bytes(args.memory_budget, "--memory-budget")
     ds = open_dataset(args.dataset)

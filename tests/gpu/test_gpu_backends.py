@@ -3,7 +3,7 @@
 Run with ``pytest -m gpu`` on a machine with a CUDA device (skipped elsewhere). Oracles:
 ``optden.reference`` (numpy float64) for every row where it fits in host memory (real
 images, and CIFAR size M = 50,000, d = 3072); at M >= 1e6 rows the oracle is
-``optden.precision.exact_pass``: float64 *direct differences* over every row on the GPU
+``optden.engine.precision.exact_pass``: float64 *direct differences* over every row on the GPU
 (independent of the expansion all coarse passes use). Every test is marked ``gpu``
 (``pytestmark``) and skipped without CUDA; no CUDA call happens at import or collection.
 """
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import optden
-from optden import dispatch
+from optden.engine import dispatch
 from optden import reference as R
-from optden.precision import exact_logits, exact_pass
+from optden.engine.precision import exact_logits, exact_pass
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS
 
 pytestmark = pytest.mark.gpu
@@ -111,8 +111,8 @@ def _exact_denoise(den, x: torch.Tensor, sigma: float):
     v = (x.double() - ds.offset) / ds.scale - src.center
     coef = torch.full((x.shape[0],), ds.scale**2 / (2 * sigma**2), dtype=torch.float64, device=x.device)
     outs = [exact_pass(v[i:i + 2], coef[i:i + 2], src, 1) for i in range(0, x.shape[0], 2)]
-    dc = torch.cat([o[1] for o in outs])
-    lse = torch.cat([o[0] for o in outs])
+    dc = torch.cat([o.mean() for o in outs])
+    lse = torch.cat([o.lse() for o in outs])
     return (dc + src.center) * ds.scale + ds.offset, lse
 
 
@@ -221,7 +221,7 @@ def test_side_streams(backend, digits_u8, rng):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_pass_memory_is_bounded(backend, million_rows, rng):
     """Extra GPU memory of a pass stays within the chunk budgets (never N x M)."""
-    from optden.kernels.host import ACC_BYTES, LOGIT_BYTES
+    from optden.engine.backends.gpu_pass import ACC_BYTES, LOGIT_BYTES
 
     ds = million_rows
     den = _denoiser(ds, backend, block_rows=1 << 16)
@@ -262,7 +262,7 @@ def test_auto_prefers_a_gpu_backend(digits_u8):
 def test_triton_kernel_against_float64_ref_at_cifar_width(config, rng, monkeypatch):
     """Raw kernel outputs (poisoned first) vs the float64 reference, autotuned and fixed config."""
     from optden.kernels import dense as K
-    from optden.kernels.bounds import fp32_pass_delta
+    from optden.engine.bounds import fp32_pass_delta
 
     monkeypatch.setenv("OPTDEN_TRITON_AUTOTUNE", "1")
 

@@ -7,7 +7,7 @@ storage dtype on the device, and their centered squared norms ``||raw - center||
 memory budget) or streamed from the dataset's (possibly memory-mapped) storage.
 
 Streaming a memory-mapped dataset (or any dataset onto a CUDA device) goes through
-``optden.prefetch.Prefetcher``: a reader thread copies the next block into a small ring
+``optden.engine.prefetch.Prefetcher``: a reader thread copies the next block into a small ring
 of host buffers (pinned for CUDA) while the current block is computed. The ring is the
 only row storage a pass holds, and it is sized by ``memory_budget`` (bytes): blocks
 shrink so that two of them (double buffering) fit the budget. ``stats`` accumulates the
@@ -22,20 +22,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..data.storage import STORAGE_DTYPES
+from ..errors import InputError
 from .prefetch import Prefetcher, PrefetchStats, plan_blocks
-
-_TORCH_DTYPES = {
-    "uint8": torch.uint8,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH_DTYPES[name]
-
 
 #: Host buffers per streamed pass when the budget allows (one in use, two being read).
 PREFETCH_SLOTS = 3
@@ -169,6 +158,13 @@ class RowSource:
         rows = min(rows, budget // (2 * row_bytes))
         return rows, int(max(2, min(PREFETCH_SLOTS, budget // (rows * row_bytes))))
 
+    def resident_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(raw (M, d), csq (M,))`` on the device when the rows are resident, else None
+        (a pass may then cut them into blocks of its own size)."""
+        if self._raw is None:
+            return None
+        return self._raw, self._csq
+
     def global_index(self, local: torch.Tensor) -> torch.Tensor:
         """Map positions within this source to dataset row indices."""
         return local if self._idx is None else self._idx[local]
@@ -189,7 +185,7 @@ class RowSource:
             rows, slots = self.stream_plan(step)
             pf = Prefetcher(
                 self._load_into, plan_blocks(start, stop, rows), self.d, self.dataset.raw.dtype,
-                torch_dtype(self.dtype), self.device, rows, slots,
+                STORAGE_DTYPES[self.dtype].torch, self.device, rows, slots,
             )
             try:
                 for a, raw in pf:

@@ -9,8 +9,9 @@ On a GPU the kernel is autotuned once per (query-count bucket, d, dtype path);
 OPTDEN_TRITON_AUTOTUNE=0 uses one fixed configuration instead (no tuning delay).
 
 The pass is coarse (fp32 accumulation): its rigorous error bound ``delta``
-(``optden.kernels.bounds``) lets ``optden.precision.certify`` re-score the top-k rows in
-float64, or send the query to the float64 torch pass when the bound is too wide.
+(``optden.engine.bounds.fp32_pass_delta``) lets ``optden.engine.precision.certify``
+re-score the top-k rows in float64, or send the query to the float64 torch pass when
+the bound is too wide.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import sys
 import torch
 
 from .. import dispatch
-from ..dispatch import Backend, Partial
+from ..dispatch import Backend
+from ..partial import Partial
+from .gpu_pass import plan_splits, run_pass
 
-_DTYPES = ("uint8", "float16", "bfloat16", "float32")
 _KERNEL_MODULE = "optden.kernels.dense"
 
 
@@ -44,6 +46,8 @@ def interpret_mode() -> bool:
 class TritonBackend(Backend):
     name = "triton"
     description = "fused Triton pass (TF32 tensor cores, exact products; fp32 accumulation, certified); CUDA, or TRITON_INTERPRET=1 on CPU"
+    max_d = 1 << 20
+    max_d_why = "the fp32 error bound covers"
 
     @property
     def priority(self) -> int:  # type: ignore[override]
@@ -59,23 +63,18 @@ class TritonBackend(Backend):
             return ["no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors in the interpreter)"]
         return []
 
-    def not_supported_reasons(self, device: torch.device, dtype: str, d: int) -> list[str]:
-        why = []
-        if dtype not in _DTYPES:
-            why.append(f"storage dtype {dtype!r} is not one of {_DTYPES}")
+    @property
+    def devices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("cpu",) if interpret_mode() else ("cuda",)
+
+    @property
+    def devices_note(self) -> str:  # type: ignore[override]
         if interpret_mode():
-            if device.type != "cpu":
-                why.append(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only (got device {device})")
-        elif device.type != "cuda":
-            why.append(f"runs on CUDA devices only (got device {device}; TRITON_INTERPRET=1 allows CPU tensors)")
-        if d > 1 << 20:
-            why.append(f"d = {d} exceeds the 2^20 columns the fp32 error bound covers")
-        return why
+            return "TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, on CPU tensors"
+        return "TRITON_INTERPRET=1 runs them on CPU tensors in Triton's interpreter"
 
     def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
         """See ``Backend.partial``. v: (N, d) float64, coef: (N,) float64."""
-        from optden.kernels.host import plan_splits, run_pass
-
         K = importlib.import_module(_KERNEL_MODULE)
         n, d = v.shape
         dtype = source.dtype

@@ -30,7 +30,7 @@ row, ||q_i||^2 the dataset's exact float64 norms). The bound ``delta`` (per quer
   float64 norms ||q_i||^2 of float rows (those of uint8 rows are exact integers).
 * both: ``||v||^2`` by a compensated sum (error <= 2u ||v||^2), then the two float64 additions
   ``(vsq - 2 dot) + ||q||^2`` (<= 2u (vsq + 2 |dot| + qmax^2)), and the product with coef
-  (u |l|, bounded by 4u |top logit| as in ``optden.precision.gemm_delta``).
+  (u |l|, bounded by 4u |top logit| as in ``optden.engine.bounds.gemm_delta``).
 
 ``delta = coef (2 dot_err + compensated/sum terms) + 4u |top|``, with qmax = max ||q_i||;
 u = 2^-53. With 2 limbs and d = 3072 the dot error is ~1e-9 ||v|| qmax, against 1.8e-4 for
@@ -42,9 +42,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import _ext, dispatch
-from ..data.storage import STORAGE_DTYPES, to_numpy
-from ..dispatch import Backend, Partial
+from ... import _ext
+from ...data.storage import STORAGE_DTYPES, to_numpy
+from .. import dispatch
+from ..dispatch import Backend
+from ..partial import Partial
 
 # Rows per call into the extension: up to 256 MB of raw rows. Each call is one OpenMP
 # parallel region; few, long ones keep threads from spin-waiting at barriers (costly when
@@ -68,6 +70,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
     priority = 10
+    devices = ("cpu",)
     description = "optden._C fused pass: exact int8/int16-limb dots for uint8 (AVX-512 VNNI / AVX2 / portable), float64 otherwise"
 
     def __init__(self, path: str = "auto", target_delta: float = 1e-8, limbs: int = 0):
@@ -85,14 +88,6 @@ class CpuBackend(Backend):
         if not hasattr(_ext.C, "DensePass"):
             return ["optden._C was built without the dense pass (rebuild: pip install --no-build-isolation -e .)"]
         return []
-
-    def not_supported_reasons(self, device: torch.device, dtype: str, d: int) -> list[str]:
-        why = []
-        if torch.device(device).type != "cpu":
-            why.append(f"runs on CPU tensors only, not on {device}")
-        if dtype not in ("uint8", "float16", "bfloat16", "float32"):
-            why.append(f"unsupported storage dtype {dtype}")
-        return why
 
     def _blocks(self, source):
         """(offset, raw numpy (B, d), csq numpy (B,)) over the source, up to 256 MB per block.

@@ -3,8 +3,8 @@
 Usable when the extension was built with CUDA (setup.py: nvcc and a CUDA build of torch,
 or OPTDEN_CUDA=1) and a CUDA device is present. Tensors cross to the kernels as raw
 device pointers on torch's current stream. The pass is coarse (fp32 FMA, one fp32
-query piece); ``optden.kernels.bounds`` gives its rigorous ``delta`` and
-``optden.precision.certify`` re-scores or falls back to the float64 torch pass.
+query piece); ``optden.engine.bounds.fp32_pass_delta`` gives its rigorous ``delta`` and
+``optden.engine.precision.certify`` re-scores or falls back to the float64 torch pass.
 """
 from __future__ import annotations
 
@@ -12,16 +12,21 @@ import math
 
 import torch
 
-from .. import _ext, dispatch
-from ..dispatch import Backend, Partial
-
-_CODES = {"uint8": 0, "float16": 1, "bfloat16": 2, "float32": 3}
+from ... import _ext
+from ...data.storage import STORAGE_DTYPES
+from .. import dispatch
+from ..dispatch import Backend
+from ..partial import Partial
+from .gpu_pass import plan_splits, run_pass
 
 
 class CudaBackend(Backend):
     name = "cuda"
     priority = 15  # above the C++ cpu backend; below the tensor-core Triton pass
     description = "optden._C CUDA kernels (fp32 FMA, certified); needs a CUDA build of the extension"
+    devices = ("cuda",)
+    max_d = 1 << 20
+    max_d_why = "the fp32 error bound covers"
 
     def availability(self) -> list[str]:
         C = _ext.C
@@ -40,24 +45,12 @@ class CudaBackend(Backend):
             return [str(exc)]
         return []
 
-    def not_supported_reasons(self, device: torch.device, dtype: str, d: int) -> list[str]:
-        why = []
-        if device.type != "cuda":
-            why.append(f"runs on CUDA devices only (got device {device})")
-        if dtype not in _CODES:
-            why.append(f"storage dtype {dtype!r} is not one of {tuple(_CODES)}")
-        if d > 1 << 20:
-            why.append(f"d = {d} exceeds the 2^20 columns the fp32 error bound covers")
-        return why
-
     def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
         """See ``Backend.partial``. v: (N, d) float64 on a CUDA device, coef: (N,) float64."""
-        from optden.kernels.host import plan_splits, run_pass
-
         C = _ext.C
         n, d = v.shape
         dev = v.device
-        code = _CODES[source.dtype]
+        code = STORAGE_DTYPES[source.dtype].code
         centered = source.dtype == "uint8"
         v32 = v.to(torch.float32).contiguous()
         resid = (v - v32.double()).norm(dim=1)

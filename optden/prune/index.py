@@ -1,28 +1,27 @@
-"""FAISS indexes for certified pruning (DESIGN.md section 7): build, save beside the
+"""FAISS indexes for certified pruning (docs/design.md, "Pruning"): build, save beside the
 dataset, load (rejected when they do not match), and a candidate search whose every
 answer carries a rigorous lower bound on the distance of the rows it left out.
 
 Coordinates. The index holds the *centered raw* rows ``q_i = raw_i - center`` in float32
 (exact for uint8 data, whose center is integral); queries are centered raw ``v`` (float64,
 ``v = (u - offset) / scale - center``). Logits are ``-coef ||v - q_i||^2`` with
-``coef = scale^2 / (2 sigma^2)``, as in ``optden.precision``.
+``coef = scale^2 / (2 sigma^2)``, as in ``optden.engine.precision``.
 
 FAISS computes squared distances in float32, by direct differences or by the expansion
-``||x||^2 + ||y||^2 - 2 x.y`` depending on its code path; either way
-``|fl(d^2) - d^2| <= 2 gamma_{d+4} (||x|| + ||y||)^2`` (Higham's gamma with float32's
-unit roundoff; a factor 2 of slack). So a row FAISS did not return, whose computed distance
-is at least the last returned one ``D_K``, has exact distance (to the float32 query, from
-its float32 copy) at least ``sqrt(D_K - E)`` with ``E = 2 gamma (||x32|| + R)^2`` and
-``R`` the largest row norm; the roundings of query and row to float32 are added by the
-triangle inequality (``||v - v32||`` is computed exactly, ``||q - q32|| <= u R``).
+``||x||^2 + ||y||^2 - 2 x.y`` depending on its code path; ``optden.engine.bounds``
+(``faiss_distance_interval``) bounds either. So a row FAISS did not return, whose computed
+distance is at least the last returned one ``D_K``, has exact distance (to the float32
+query, from its float32 copy) at least ``sqrt(D_K - E)``; the roundings of query and row to
+float32 are added by the triangle inequality (``bounds.float32_shift``).
 
 IVF lists carry exact float64 radii: every member of list ``l`` lies within ``r_l`` of its
 centroid ``c_l`` (float64 copy of FAISS's centroid, radius measured in float64 and widened
 by a relative margin), so ``||v - q|| >= ||v - c_l|| - r_l`` for every member.
 
 Everything left out is described by *shells*: ``(count, lower)`` pairs per query, meaning
-``count`` rows at exact distance >= ``lower`` from the query. ``optden.neighbour_cache``
-shifts shells by the distance a query moved (triangle inequality).
+``count`` rows at exact distance >= ``lower`` from the query. ``optden.prune.cache``
+shifts shells by the distance a query moved (triangle inequality); ``optden.prune.pruner``
+turns candidates and shells into certified evaluations.
 """
 from __future__ import annotations
 
@@ -30,28 +29,20 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
+from ..engine.bounds import DISTANCE_MARGIN, U32, U_TF32_IN, faiss_distance_interval, float32_shift, gamma
+from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 
-__all__ = ["PruneIndex", "Candidates", "index_paths", "KINDS", "faiss_gpu_available"]
+__all__ = ["PruneIndex", "Candidates", "index_paths", "KINDS", "faiss_gpu_available", "move_to_shell"]
 
 KINDS = ("flat", "ivf")
 INDEX_FORMAT = "optden.index"
-INDEX_VERSION = 1
-
-_U32 = 2.0**-24  # float32 unit roundoff
-# faiss-gpu may run its GEMMs in TF32: each input is cut to a 10-bit mantissa (relative
-# error < 2^-10 whether the hardware rounds or truncates); the products are then exact
-# in float32 and summed in float32. Bound as if it did (see ``dot_rel_err``).
-_U_TF32_IN = 2.0**-10
-# Relative widening of float64 radii and distances: covers their own rounding (~1e-16 d).
-_MARGIN = 1e-9
+INDEX_VERSION = 2  # 2: "dataset_sha256" is Dataset.fingerprint (version 1 hashed the raw rows only)
 
 
 def _faiss():
@@ -84,23 +75,6 @@ def _centered_f32(dataset, a: int, b: int) -> np.ndarray:
     """Centered raw rows a:b as float32 (b - a, d), C-contiguous."""
     block = dataset.raw_block(a, b).to(torch.float64).numpy()
     return np.ascontiguousarray(block - np.asarray(dataset.center), dtype=np.float32)
-
-
-def _gamma(n: int, u: float) -> float:
-    if n * u >= 1.0:
-        raise ValueError(f"gamma_n(u) is defined for n u < 1 only (n = {n}, u = {u})")
-    return n * u / (1.0 - n * u)
-
-
-def dot_rel_err(n: int, u_in: float) -> float:
-    """Relative error bound of an n-term float32 dot product (or sum of squares) whose
-    inputs were first rounded with unit roundoff ``u_in`` (0: exact float32 inputs;
-    ``_U_TF32_IN`` for TF32 tensor cores), products exact, accumulated in float32:
-    ``|fl(sum a_i b_i) - sum a_i b_i| <= dot_rel_err * sum |a_i b_i|``, i.e.
-    ``(1 + u_in)^2 (1 + gamma_n(2^-24)) - 1`` (Higham, Thm 3.1, with perturbed inputs).
-    Finite and positive for every n < 2^24: the TF32 input rounding is not folded into
-    the accumulation's gamma (gamma_n(2^-11) has a pole at n = 2048)."""
-    return (1.0 + u_in) ** 2 * (1.0 + _gamma(n, _U32)) - 1.0
 
 
 def _group_shells(counts: np.ndarray, lower: np.ndarray, groups: int = 16):
@@ -145,13 +119,26 @@ class Candidates:
         need = valid & (coef[:, None] * (self.cand_lower**2 - up1[:, None] ** 2) <= slack)
         drop = valid & ~need
         low = torch.where(drop, self.cand_lower, torch.full_like(self.cand_lower, torch.inf)).min(1).values
-        counts = torch.cat([self.counts, drop.sum(1, keepdim=True).to(torch.float64)], dim=1)
-        lower = torch.cat([self.lower, low[:, None]], dim=1)
-        kept = torch.where(need, self.idx, torch.full_like(self.idx, -1))
-        order = (kept < 0).to(torch.int8).argsort(dim=1, stable=True)
-        kept = kept.gather(1, order)
-        width = max(1, int((kept >= 0).sum(1).max()))
-        return Candidates(kept[:, :width], counts, lower)
+        return Candidates(*move_to_shell(self.idx, need, self.counts, self.lower, low))
+
+
+def move_to_shell(idx: torch.Tensor, keep: torch.Tensor, counts: torch.Tensor, lower: torch.Tensor,
+                  low: torch.Tensor):
+    """Move the candidates outside ``keep`` into one new shell of left-out rows.
+
+    idx: (N, K) candidates (-1 = none); keep: (N, K) bool; counts / lower: (N, S) shells;
+    low: (N,) an exact lower bound on the distance of every candidate moved. Returns
+    ``(idx (N, K'), counts (N, S + 1), lower (N, S + 1))``, the kept candidates first
+    (order kept) and K' the most any query kept (at least 1).
+    """
+    drop = (idx >= 0) & ~keep
+    counts = torch.cat([counts, drop.sum(1, keepdim=True).to(torch.float64)], dim=1)
+    lower = torch.cat([lower, low[:, None]], dim=1)
+    kept = torch.where(keep, idx, torch.full_like(idx, -1))
+    order = (kept < 0).to(torch.int8).argsort(dim=1, stable=True)
+    kept = kept.gather(1, order)
+    width = max(1, int((kept >= 0).sum(1).max()))
+    return kept[:, :width], counts, lower
 
 
 class PruneIndex:
@@ -210,7 +197,7 @@ class PruneIndex:
             return False
         ref = ((x32.astype(np.float64) - self.dataset.raw_rows(I[:, 0]).to(torch.float64).numpy()
                 + np.asarray(self.dataset.center)) ** 2).sum(1)
-        g = _gamma(self.d + 2, _U32)
+        g = gamma(self.d + 2, U32)
         return bool((np.abs(D[:, 0] - ref) <= 2 * g * ref + 1e-30).all() and (ref <= mine * (1 + 1e-6)).all())
 
     # ------------------------------------------------------------------ build
@@ -264,7 +251,7 @@ class PruneIndex:
 
     @staticmethod
     def _radii(dataset, index, centroids: np.ndarray) -> np.ndarray:
-        """Exact float64 max distance of each list's members to its centroid, widened by _MARGIN."""
+        """Exact float64 max distance of each list's members to its centroid, widened by DISTANCE_MARGIN."""
         faiss = _faiss()
         inv = index.invlists
         assign = np.full(dataset.M, -1, dtype=np.int64)
@@ -283,7 +270,7 @@ class PruneIndex:
             q = dataset.raw_block(a, b).to(torch.float64).numpy() - center
             dist = np.sqrt(((q - centroids[assign[a:b]]) ** 2).sum(1))
             np.maximum.at(radii, assign[a:b], dist)
-        return radii * (1.0 + _MARGIN) + _MARGIN
+        return radii * (1.0 + DISTANCE_MARGIN) + DISTANCE_MARGIN
 
     # ------------------------------------------------------------------ persistence
     def save(self, dir=None) -> Path:
@@ -348,10 +335,14 @@ class PruneIndex:
         try:
             meta = json.loads(jpath.read_text())
             M, d, dtype, fp = int(meta["M"]), int(meta["d"]), meta["dtype"], meta["dataset_sha256"]
-            if meta.get("format") != INDEX_FORMAT or int(meta["version"]) > INDEX_VERSION or meta["kind"] != kind:
+            version = int(meta["version"])
+            if meta.get("format") != INDEX_FORMAT or version > INDEX_VERSION or meta["kind"] != kind:
                 raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')} kind {meta.get('kind')!r}")
         except (ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"{jpath}: malformed index metadata ({e})") from None
+        if version < INDEX_VERSION:
+            raise DatasetError(f"{jpath}: the index was made by an older optden (format version {version}); "
+                               f"rebuild it with `optden index {dir} --kind {kind}`")
         if (M, d, dtype) != (dataset.M, dataset.d, dataset.dtype):
             raise DatasetError(f"{jpath}: the index was built for ({M}, {d}) {dtype} rows, but the dataset has "
                                f"({dataset.M}, {dataset.d}) {dataset.dtype}; rebuild it with `optden index`")
@@ -383,7 +374,7 @@ class PruneIndex:
             faiss = _faiss()
             self._res = faiss.StandardGpuResources()
             self._gpu_index = faiss.index_cpu_to_gpu(self._res, device.index or 0, self.index)
-        return self._gpu_index, _U_TF32_IN
+        return self._gpu_index, U_TF32_IN
 
     def _lower_from_faiss(self, dk: np.ndarray, x32: np.ndarray, shift: np.ndarray, u_in: float,
                           direct: bool = False) -> np.ndarray:
@@ -396,31 +387,17 @@ class PruneIndex:
 
     def _faiss_interval(self, D: np.ndarray, x32: np.ndarray, shift: np.ndarray, u_in: float, direct: bool):
         """Exact (lower, upper) bounds on the distances from v whose float32 squared values
-        FAISS computed as D (N,) or (N, K); +inf where D is not finite (no result)."""
-        D = np.where(np.isfinite(D) & (D < 1e38), D.astype(np.float64), np.inf)
-        if D.ndim == 2:
-            x32, shift = x32, shift[:, None]
-        if direct:
-            g = 2.0 * dot_rel_err(self.d + 2, u_in)
-            low2, up2 = D * (1.0 - g), D * (1.0 + g)
-        else:
-            xn = np.sqrt((x32.astype(np.float64) ** 2).sum(1))
-            R = self.max_cnorm * (1.0 + 2 * _U32)  # the float32 copy of the rows
-            err = 2.0 * dot_rel_err(self.d + 4, u_in) * (xn + R) ** 2
-            err = err[:, None] if D.ndim == 2 else err
-            low2, up2 = D - err, D + err
-        low = np.clip(np.sqrt(np.clip(low2, 0.0, None)) * (1.0 - _MARGIN) - shift, 0.0, None)
-        up = np.sqrt(up2) * (1.0 + _MARGIN) + shift
-        return low, up
+        FAISS computed as D (N,) or (N, K) (``bounds.faiss_distance_interval``)."""
+        return faiss_distance_interval(D, x32, shift, d=self.d, max_cnorm=self.max_cnorm, u_in=u_in, direct=direct)
 
     def centroid_lower(self, v: torch.Tensor) -> torch.Tensor:
         """IVF cluster bounds: (N, nlist) exact lower bound on the distance from v (N, d) to
         any member of each list, ``max(0, ||v - c_l|| - r_l)`` (float64)."""
         c = torch.from_numpy(self.centroids).to(v.device)
         r = torch.from_numpy(self.radii).to(v.device)
-        # direct differences (no expansion): float64 error ~ d * 1e-16 relative, inside _MARGIN
+        # direct differences (no expansion): float64 error ~ d * 1e-16 relative, inside DISTANCE_MARGIN
         dist = torch.cdist(v, c, compute_mode="donot_use_mm_for_euclid_dist")
-        return torch.clamp(dist * (1.0 - _MARGIN) - r, min=0.0)
+        return torch.clamp(dist * (1.0 - DISTANCE_MARGIN) - r, min=0.0)
 
     def search(self, v: torch.Tensor, k: int, probes: torch.Tensor | None = None) -> Candidates:
         """The k nearest rows by FAISS and a rigorous bound on every other row.
@@ -434,8 +411,8 @@ class PruneIndex:
         k = max(1, min(int(k), self.M))
         x32 = v.detach().to("cpu", torch.float32).numpy()
         x32 = np.ascontiguousarray(x32)
-        shift = torch.linalg.vector_norm(v.cpu() - torch.from_numpy(x32).to(torch.float64), dim=1).numpy()
-        shift = shift * (1.0 + _MARGIN) + _U32 * self.max_cnorm * 2.0
+        resid = torch.linalg.vector_norm(v.cpu() - torch.from_numpy(x32).to(torch.float64), dim=1).numpy()
+        shift = float32_shift(resid, self.max_cnorm)
         self.searches += 1
         if self.kind == "flat":
             index, u_in = self._flat_for(dev)
@@ -473,264 +450,3 @@ class PruneIndex:
             counts=torch.from_numpy(np.asarray(counts, dtype=np.float64)).to(dev),
             lower=torch.from_numpy(np.asarray(lower, dtype=np.float64)).to(dev),
         )
-
-
-# ---------------------------------------------------------------------------------------
-# Certified evaluation from candidates.
-
-
-@dataclass
-class PrunedResult:
-    """Per query of a batch (float64 on the query device); only rows with ``ok`` are set.
-
-    ok: (N,) bool certified; dc: (N, d) D* in centered raw space; lse: (N,) logsumexp of
-    the candidates' exact logits; top_w / top_idx: (N, k_out) weights and local rows;
-    bound: (N,) relative weight of the rows left out; cached: (N,) bool answered from the
-    neighbour cache (no search).
-    """
-
-    ok: torch.Tensor
-    dc: torch.Tensor
-    lse: torch.Tensor
-    top_w: torch.Tensor
-    top_idx: torch.Tensor
-    bound: torch.Tensor
-    cached: torch.Tensor
-
-
-def shell_log_mass(coef: torch.Tensor, counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """log of sum_s count_s exp(-coef lower_s^2): (n,) upper bound on the left-out mass."""
-    lw = torch.where(counts > 0, torch.log(counts.clamp(min=1e-300)) - coef[:, None] * lower**2, -torch.inf)
-    lw = torch.where(torch.isinf(lower), torch.full_like(lw, -torch.inf), lw)
-    return torch.logsumexp(lw, dim=1)
-
-
-def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Tensor, k_out: int,
-                     chunk_bytes: int = 1 << 27):
-    """Exact float64 softmax over each query's candidates (direct differences).
-
-    v: (n, d); coef: (n,); idx: (n, K) local rows, -1 = none (only valid pairs are
-    computed, in chunks of about ``chunk_bytes``). Returns ``(lse (n,), dc (n, d)
-    centered, top_w (n, min(k_out, K)), top_idx (same), logits (n, K) (-inf where none))``.
-    """
-    n, K = idx.shape
-    d = v.shape[1]
-    qi, ci = (idx >= 0).nonzero(as_tuple=True)
-    rid = idx[qi, ci]
-    per = max(1, chunk_bytes // (8 * d))
-    lg = torch.full((n, K), -torch.inf, dtype=torch.float64, device=v.device)
-
-    def rows(a, b):
-        return source.gather(rid[a:b]).to(torch.float64) - source.center
-
-    kept = None
-    for a in range(0, rid.numel(), per):
-        b = min(rid.numel(), a + per)
-        q = rows(a, b)
-        diff = v[qi[a:b]] - q
-        lg[qi[a:b], ci[a:b]] = -coef[qi[a:b]] * (diff * diff).sum(1)
-        kept = q if rid.numel() <= per else None
-    lse = torch.logsumexp(lg, dim=1)
-    w = torch.exp(lg - lse[:, None])
-    dc = torch.zeros(n, d, dtype=torch.float64, device=v.device)
-    for a in range(0, rid.numel(), per):
-        b = min(rid.numel(), a + per)
-        q = kept if kept is not None else rows(a, b)
-        # (n, b - a) sparse weights (pairs are sorted by query) times the rows (b - a, d)
-        crow = torch.searchsorted(qi[a:b], torch.arange(n + 1, device=v.device))
-        with warnings.catch_warnings():  # "sparse CSR is beta": the product below is plain
-            warnings.simplefilter("ignore", UserWarning)
-            S = torch.sparse_csr_tensor(crow, torch.arange(b - a, device=v.device), w[qi[a:b], ci[a:b]],
-                                        size=(n, b - a))
-        dc += S @ q
-    kk = min(k_out, K)
-    tw, wi = w.topk(kk, dim=1)
-    return lse, dc, tw, idx.gather(1, wi), lg
-
-
-class Pruner:
-    """Certified top-k evaluation over a ``PruneIndex`` (all rows of its dataset).
-
-    tol: target relative error of D* (as ``OptimalDenoiser.tol``); a query is certified
-    when the relative weight of every row left out is <= ``0.1 tol`` (the same margin as
-    ``optden.precision.certify``). k0: first search width; widened x4 up to kmax (capped
-    at M / 64), then the caller falls back to the dense pass. max_probe_frac: IVF queries that would need
-    more than this fraction of the rows are left to the dense pass (cheaper there).
-    """
-
-    def __init__(self, index: PruneIndex, source, tol: float = 1e-6, k0: int = 64, kmax: int = 4096,
-                 max_probe_frac: float = 0.25, sample_rows: int = 1024, seed: int = 0, first_probes: int = 4):
-        from .neighbour_cache import NeighbourCache
-
-        if source.M != index.M:
-            raise InputError("source: the pruned path needs all rows (class-conditional runs dense)")
-        self.index = index
-        self.source = source
-        self.tol_mass = 0.1 * float(tol)
-        self.k0 = max(1, min(int(k0), index.M))
-        # the exact float64 re-score of a row costs ~10x a dense-pass row: beyond M / 64
-        # candidates (x the widening rounds) the dense pass is cheaper
-        self.kmax = min(index.M, max(4 * self.k0, min(int(kmax), index.M // 64)),
-                        2048 if faiss_gpu_available() else index.M)
-        self.max_probe_frac = float(max_probe_frac)
-        self.first_probes = max(1, int(first_probes))
-        self.cache = NeighbourCache()
-        self.stats = {"queries": 0, "certified": 0, "cached": 0, "dense": 0, "searches": 0, "rows_scored": 0}
-        g = np.random.default_rng(seed)
-        ns = min(index.M, int(sample_rows))
-        self._sample = torch.from_numpy(np.sort(g.choice(index.M, ns, replace=False))).to(source.device)
-        self._sample_rows = None
-
-    # ---------------------------------------------------------------- gate
-    def worth_trying(self, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: queries whose posterior looks concentrated enough to certify with
-        kmax rows (estimated from a fixed random sample of rows). Cost only, never
-        correctness: a query let through that cannot certify goes dense after searching."""
-        if self._sample_rows is None:
-            self._sample_rows = self.source.gather(self._sample).to(torch.float64) - self.source.center
-        q = self._sample_rows
-        lg = -coef[:, None] * torch.cdist(v, q, compute_mode="donot_use_mm_for_euclid_dist") ** 2
-        frac = torch.exp(lg - lg.max(1, keepdim=True).values).mean(1)  # effective share of rows
-        return frac * self.index.M <= 0.25 * self.kmax
-
-    # ---------------------------------------------------------------- IVF probes
-    def _probes(self, v: torch.Tensor, coef: torch.Tensor, dref: torch.Tensor):
-        """Lists each query must search: all but the smallest-bound lists whose summed
-        bound stays <= tol_mass / 2 of exp(-coef dref^2). Returns (probes (n, P) -1 padded,
-        rows needed (n,))."""
-        low = self.index.centroid_lower(v)  # (n, nlist)
-        sizes = torch.from_numpy(self.index.list_sizes).to(v.device)
-        lw = torch.log(sizes.clamp(min=1e-300))[None, :] - coef[:, None] * (low**2 - dref[:, None] ** 2)
-        lw = torch.where(sizes[None, :] > 0, lw, torch.full_like(lw, -torch.inf))
-        order = lw.argsort(dim=1)  # ascending: smallest bounds first
-        srt = lw.gather(1, order)
-        cum = torch.logcumsumexp(srt, dim=1)
-        skip = cum <= math.log(0.5 * self.tol_mass)
-        need = ~skip
-        P = int(need.sum(1).max())
-        # the needed lists are the tail of `order`; take the last P and blank the skipped
-        tail = order[:, -P:] if P else order[:, :0]
-        tail_need = need[:, -P:] if P else need[:, :0]
-        probes = torch.where(tail_need, tail, torch.full_like(tail, -1))
-        rows = (sizes[None, :].expand_as(lw).gather(1, order) * need).sum(1)
-        return probes, rows
-
-    def _dref_loose(self, v: torch.Tensor) -> torch.Tensor:
-        """Upper bound on the nearest row's distance: min over lists of ||v - c|| + r."""
-        c = torch.from_numpy(self.index.centroids).to(v.device)
-        r = torch.from_numpy(self.index.radii).to(v.device)
-        dist = torch.cdist(v, c, compute_mode="donot_use_mm_for_euclid_dist")
-        sizes = torch.from_numpy(self.index.list_sizes).to(v.device)
-        dist = torch.where(sizes[None, :] > 0, dist * (1 + 1e-9) + r, torch.full_like(dist, torch.inf))
-        return dist.min(1).values
-
-    def _trim(self, idx, lg, lse, coef, counts, lower):
-        """Shrink a certified candidate set before caching it: candidates whose exact logit
-        is below ``lse - log(M / tol_mass) - 10`` move to a new shell (their count and their
-        smallest exact distance), so cache hits re-score only the rows that matter."""
-        keep = lg >= (lse - math.log(self.index.M / self.tol_mass) - 10.0)[:, None]
-        drop = (idx >= 0) & ~keep
-        dist2 = torch.where(drop, -lg / coef[:, None], torch.full_like(lg, torch.inf))
-        low = torch.sqrt(dist2.min(1).values.clamp(min=0.0)) * (1.0 - _MARGIN)
-        counts = torch.cat([counts, drop.sum(1, keepdim=True).to(torch.float64)], dim=1)
-        lower = torch.cat([lower, low[:, None]], dim=1)
-        kept = torch.where(keep, idx, torch.full_like(idx, -1))
-        order = (kept < 0).to(torch.int8).argsort(dim=1, stable=True)
-        kept = kept.gather(1, order)
-        width = max(1, int((kept >= 0).sum(1).max()))
-        return kept[:, :width], counts, lower
-
-    # ---------------------------------------------------------------- evaluate
-    def evaluate(self, v: torch.Tensor, coef: torch.Tensor, k_out: int, use_cache: bool = True,
-                 gate: bool = True, k_need: int | None = None) -> PrunedResult:
-        """Certified evaluation of centered raw queries v (N, d) float64, coef (N,).
-
-        k_out: width of top_w / top_idx; k_need: how many of them must be real rows
-        (default k_out; entries past a query's candidates have weight 0 and index -1).
-
-        Rows that cannot be certified within kmax candidates have ``ok`` False (the
-        caller runs the dense pass for them). Never returns an uncertified ``ok`` row.
-        """
-        n, d = v.shape
-        dev = v.device
-        k_out = max(1, min(k_out, self.index.M))
-        nan = torch.nan
-        res = PrunedResult(
-            ok=torch.zeros(n, dtype=torch.bool, device=dev),
-            dc=torch.full((n, d), nan, dtype=torch.float64, device=dev),
-            lse=torch.full((n,), nan, dtype=torch.float64, device=dev),
-            top_w=torch.full((n, k_out), nan, dtype=torch.float64, device=dev),
-            top_idx=torch.full((n, k_out), -1, dtype=torch.int64, device=dev),
-            bound=torch.full((n,), nan, dtype=torch.float64, device=dev),
-            cached=torch.zeros(n, dtype=torch.bool, device=dev),
-        )
-        self.stats["queries"] += n
-        key = (self.index.fingerprint, self.index.kind, n)
-
-        def accept(sel, idx, counts, lower, store: bool):
-            """Rescore candidates of queries sel exactly; set the certified ones; return failures."""
-            lse, dc, tw, ti, lg = exact_candidates(v[sel], coef[sel], self.source, idx, k_out)
-            lmax = lg.max(1).values
-            self.stats["rows_scored"] += int((idx >= 0).sum())
-            bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse)
-            good = bound <= self.tol_mass
-            g = sel[good]
-            kk = tw.shape[1]
-            res.ok[g] = True
-            res.dc[g], res.lse[g], res.bound[g] = dc[good], lse[good], bound[good]
-            res.top_w[g, :kk], res.top_idx[g, :kk] = tw[good], ti[good]
-            if kk < k_out:
-                res.top_w[g, kk:] = 0.0
-            if store and use_cache and g.numel():
-                self.cache.store(key, v, g, *self._trim(idx[good], lg[good], lse[good], coef[g],
-                                                       counts[good], lower[good]))
-            return sel[~good], lmax[~good]
-
-        pending = torch.arange(n, device=dev)
-        k_need = k_out if k_need is None else max(1, min(int(k_need), k_out))
-        if use_cache and self.cache.idx is not None and self.cache.idx.shape[1] < k_need:
-            self.cache.clear()  # cached candidate sets are narrower than the weights asked for
-        if use_cache:
-            rows, idx, counts, lower = self.cache.lookup(key, v)
-            if rows.numel():
-                failed, _ = accept(rows, idx, counts, lower, store=False)
-                hit = rows[res.ok[rows]]
-                res.cached[hit] = True
-                self.cache.hits += int(hit.numel())
-                self.cache.misses += int(failed.numel())
-                self.cache.invalidate(failed)
-                pending = (~res.ok).nonzero().flatten()
-        if pending.numel() and gate:
-            pending = pending[self.worth_trying(v[pending], coef[pending])]
-        k = max(self.k0, k_need)
-        dref = None
-        while pending.numel():
-            probes = None
-            if self.index.kind == "ivf" and dref is None:
-                # first round: the few lists nearest by centroid, to find an exact best distance
-                c = torch.from_numpy(self.index.centroids).to(dev)
-                cd = torch.cdist(v[pending], c, compute_mode="donot_use_mm_for_euclid_dist")
-                probes = cd.topk(min(self.index.nlist, self.first_probes), dim=1, largest=False).indices
-            elif self.index.kind == "ivf":
-                probes, need_rows = self._probes(v[pending], coef[pending], dref)
-                fits = need_rows <= self.max_probe_frac * self.index.M
-                pending, probes = pending[fits], probes[fits]
-                if pending.numel() == 0:
-                    break
-            cand = self.index.search(v[pending], k, probes)
-            cand = cand.truncate(coef[pending], math.log(self.index.M / self.tol_mass) + 10.0)
-            self.stats["searches"] += 1
-            failed, lmax = accept(pending, cand.idx, cand.counts, cand.lower, store=True)
-            if failed.numel() == 0 or k >= self.kmax:
-                break
-            # widen: x4 candidates, and (IVF) the probes for the exact best distance found
-            pending = failed
-            if self.index.kind == "ivf":  # exact best distance found so far (an upper bound on d_1)
-                dref = torch.sqrt(torch.clamp(-lmax / coef[failed], min=0.0)) * (1 + 1e-9)
-                dref = torch.minimum(dref, self._dref_loose(v[failed]))
-            k = min(self.kmax, 4 * k)
-        done = int(res.ok.sum())
-        self.stats["certified"] += done
-        self.stats["cached"] += int(res.cached.sum())
-        self.stats["dense"] += n - done
-        return res

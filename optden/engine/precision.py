@@ -1,11 +1,11 @@
-"""The precision mechanism (DESIGN.md section 5): coarse pass, error bound, exact re-score.
+"""The precision mechanism (docs/design.md, "Precision"): coarse pass, error bound, exact re-score.
 
 A backend's coarse pass gives, per query, an online softmax over coarse logits, the top
 K coarse logits, and ``delta``: a rigorous bound on |coarse - exact| for every row's
 logit (only the row-dependent part matters: an error common to all rows cancels in the
 softmax). ``certify`` then picks, per query:
 
-* ``DENSE``: delta <= tol / 4. Every weight is off by a factor within exp(+-2 delta),
+* ``DENSE``: delta <= tol / 4 (``bounds.DENSE_FRACTION``). Every weight is off by a factor within exp(+-2 delta),
   so the coarse softmax already meets the tolerance.
 * ``RESCORED``: the gap between the best and the K-th coarse logit exceeds
   ``T + 2 delta`` with ``T = log((M - K) / tol_mass)``: every row outside the top K has
@@ -26,43 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .bounds import dense_threshold, mass_tolerance
+from .partial import Partial
+
 DENSE, RESCORED, EXACT = 0, 1, 2
 MODE_NAMES = {DENSE: "dense", RESCORED: "rescored", EXACT: "exact"}
 
 # Default tolerance on the relative error of D* (the contract is 1e-5; keep a margin).
 DEFAULT_TOL = 1e-6
-
-_EPS64 = torch.finfo(torch.float64).eps / 2  # unit roundoff of float64
-
-
-def gamma(n: int, u: float) -> float:
-    """Higham's gamma_n = n u / (1 - n u): bound on the relative error of an n-term dot."""
-    return n * u / (1.0 - n * u)
-
-
-def gemm_delta(u: float, d: int, vnorm: torch.Tensor, max_qnorm: float, coef: torch.Tensor, top: torch.Tensor,
-               fused: bool = True):
-    """Bound (N,) on |coarse - exact| of every row's expansion logit, the GEMM run with unit roundoff u.
-
-    The coarse logit is ``-coef (||v||^2 + ||q||^2 - 2 v.q)``, the norms in float64.
-    ``fused=True`` (the safe default): the GEMM accumulates onto the norms, as
-    ``torch.addmm(vsq + csq, v, q.T, alpha=-2)`` does, so each of its d additions rounds at
-    the size of ``||v||^2 + ||q||^2``: |err| <= gamma_{d+2} (||v|| + ||q||)^2 (Higham's bound
-    for ``c + sum a_k b_k`` in any order). ``fused=False``: the dot product is computed on
-    its own and added afterwards: |fl(v.q) - v.q| <= gamma_{d+2} ||v|| ||q||, times 2.
-    The +2 covers the rounding of v and q to the working precision. The float64 norms add
-    gamma_{d+2} (||v||^2 + ||q||^2) (the query's is common to all rows, but lse and the
-    re-score compare coarse with exact logits); the final sums and the multiplication by
-    coef add a few roundings of the magnitudes involved.
-    """
-    g = gamma(d + 2, u)
-    if fused:
-        dot_err = g * (vnorm + max_qnorm) ** 2
-    else:
-        dot_err = 2.0 * g * vnorm * max_qnorm
-    norm_err = gamma(d + 2, _EPS64) * (vnorm**2 + max_qnorm**2)
-    sum_err = 4.0 * _EPS64 * (vnorm + max_qnorm) ** 2
-    return coef * (dot_err + norm_err + sum_err) + 4.0 * _EPS64 * top.abs()
 
 
 @dataclass
@@ -97,8 +68,8 @@ def exact_logits(v: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, center
     return -coef[:, None] * (diff * diff).sum(-1)
 
 
-def _rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
-    """Exact logits of the K candidate rows of each query, chunked over queries: (n, K)."""
+def rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
+    """Exact logits (n, K) of the K candidate rows top_idx (n, K) of each query, chunked over queries."""
     n, k = top_idx.shape
     d = v.shape[1]
     per_query = max(1, chunk_bytes // max(1, k * d * 8))
@@ -110,37 +81,19 @@ def _rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
     return torch.cat(out)
 
 
-def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int):
-    """Online softmax over every row with float64 direct-difference logits.
-
-    Returns ``(lse (n,), dc (n, d), top_val (n, k), top_idx (n, k))``; memory is one block
-    of ``n * B * d`` doubles, so the caller passes few queries.
-    """
-    from .backends.torch_blocked import merge_topk
-
+def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
+    """Online softmax over every row with float64 direct-difference logits: a ``Partial``
+    whose logits are exact (delta 0). Memory is one block of ``n * B * d`` doubles, so the
+    caller passes few queries."""
     n, d = v.shape
-    dev = v.device
-    m = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
-    s = torch.zeros(n, dtype=torch.float64, device=dev)
-    acc = torch.zeros(n, d, dtype=torch.float64, device=dev)
-    top_val = torch.full((n, k), -torch.inf, dtype=torch.float64, device=dev)
-    top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
+    part = Partial.empty(n, d, k, v.device)
     rows_per_block = max(1, (1 << 24) // max(1, n * d))
     for off, raw, _ in source.blocks():
         for a in range(0, raw.shape[0], rows_per_block):
             q = raw[a : a + rows_per_block].to(torch.float64) - source.center
             diff = v[:, None, :] - q[None, :, :]
-            logit = -coef[:, None] * (diff * diff).sum(-1)
-            new_m = torch.maximum(m, logit.max(1).values)
-            alpha = torch.exp(m - new_m)
-            p = torch.exp(logit - new_m[:, None])
-            s = s * alpha + p.sum(1)
-            acc = acc * alpha[:, None] + p @ q
-            m = new_m
-            kb = min(k, logit.shape[1])
-            bv, bi = logit.topk(kb, dim=1)
-            top_val, top_idx = merge_topk(top_val, top_idx, bv, bi + off + a, k)
-    return m + torch.log(s), acc / s[:, None], top_val, top_idx
+            part.absorb(-coef[:, None] * (diff * diff).sum(-1), q, off + a)
+    return part
 
 
 def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT_TOL, fallback=None) -> Certified:
@@ -153,23 +106,23 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
     """
     n, k = p.top_val.shape
     M = source.M
-    tol_mass = 0.1 * tol
-    dc = p.acc / p.s[:, None]
-    lse = p.m + torch.log(p.s)
+    tol_mass = mass_tolerance(tol)
+    dc = p.mean()
+    lse = p.lse()
     top_w = torch.exp(p.top_val - lse[:, None])
     top_idx = p.top_idx.clone()
     excluded = torch.expm1(2.0 * p.delta)
     delta = p.delta.clone()  # per query: the bound of the pass that certified it
     mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
 
-    need = ~(p.delta <= 0.25 * tol)  # a NaN bound (overflowing input) is never DENSE
+    need = ~(p.delta <= dense_threshold(tol))  # a NaN bound (overflowing input) is never DENSE
     if bool(need.any()):
         T = math.log(max(M - k, 1) / tol_mass)
         gap = p.top_val[:, 0] - p.top_val[:, -1]
         ok_topk = need & ((k >= M) | (gap > T + 2.0 * p.delta))
         sel = ok_topk.nonzero().flatten()
         if sel.numel():
-            lg = _rescore(v[sel], coef[sel], source, p.top_idx[sel])
+            lg = rescore(v[sel], coef[sel], source, p.top_idx[sel])
             lse_k = torch.logsumexp(lg, dim=1)
             w = torch.exp(lg - lse_k[:, None])
             rows = source.gather(p.top_idx[sel]).reshape(sel.numel(), k, -1).to(torch.float64) - source.center
@@ -192,11 +145,12 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
             fail = fail[:0]
         for a in range(0, fail.numel(), 8):
             idx = fail[a : a + 8]
-            lse_e, dc_e, tv, ti = exact_pass(v[idx], coef[idx], source, k)
-            dc[idx] = dc_e
+            ex = exact_pass(v[idx], coef[idx], source, k)
+            lse_e = ex.lse()
+            dc[idx] = ex.mean()
             lse[idx] = lse_e
-            top_w[idx] = torch.exp(tv - lse_e[:, None])
-            top_idx[idx] = ti
+            top_w[idx] = torch.exp(ex.top_val - lse_e[:, None])
+            top_idx[idx] = ex.top_idx
             excluded[idx] = 0.0
             mode[idx] = EXACT
     return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta)

@@ -1,11 +1,12 @@
 """Host side of the fp32 GPU passes: chunking, log-sum-exp merge of splits, exact top-k.
 
-Pure torch (no Triton), shared by the Triton and CUDA backends. A *chunk kernel* is a
-callable ``kernel(x (B, d) raw rows, csq32 (B,) fp32, rows_per_split) -> (logits (N, B),
-m (S, N), s (S, N), acc (S, N, d))`` (fp32, row-dependent logits and raw-space sums,
-see ``optden.kernels.dense``). ``run_pass`` streams a ``RowSource`` through it and
-returns an ``optden.dispatch.Partial`` in float64 with the rigorous ``delta`` of
-``optden.kernels.bounds``.
+Pure torch (no Triton), shared by the Triton and CUDA backends (a new GPU pass reuses it
+too). A *chunk kernel* is a callable ``kernel(x (B, d) raw rows, csq32 (B,) fp32,
+rows_per_split) -> (logits (N, B), m (S, N), s (S, N), acc (S, N, d))`` (fp32,
+row-dependent logits and raw-space sums, see ``optden.kernels.dense``). ``run_pass``
+streams a ``RowSource`` through it and returns a float64 ``Partial`` (its splits merged
+by ``Partial.absorb_splits``) with the rigorous ``delta`` of
+``optden.engine.bounds.fp32_pass_delta``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import math
 
 import torch
 
-from .bounds import fp32_pass_delta
+from ..bounds import fp32_pass_delta
+from ..partial import Partial
 
 #: Bytes of fp32 logits (N x rows) one chunk may write; bounds the rows per kernel call.
 LOGIT_BYTES = 1 << 28
@@ -44,22 +46,15 @@ def chunks(source, n: int):
     Resident sources are cut into large chunks (bounded by ``LOGIT_BYTES`` of logits);
     streamed sources use their own blocks (the prefetching reader sizes them).
     """
-    raw_all = getattr(source, "_raw", None)
-    csq_all = getattr(source, "_csq", None)
-    if raw_all is None or csq_all is None:
+    resident = source.resident_rows()
+    if resident is None:
         yield from source.blocks()
         return
+    raw_all, csq_all = resident
     rows = max(SPLIT_ALIGN, LOGIT_BYTES // max(1, 4 * n))
     for a in range(0, source.M, rows):
         b = min(source.M, a + rows)
         yield a, raw_all[a:b], csq_all[a:b]
-
-
-def _merge_topk(top_val, top_idx, val, idx, k):
-    cat_v = torch.cat([top_val, val], dim=1)
-    cat_i = torch.cat([top_idx, idx], dim=1)
-    tv, sel = cat_v.topk(k, dim=1)
-    return tv, cat_i.gather(1, sel)
 
 
 def run_pass(kernel, source, v, coef, k, *, pieces, centered, tiles_per_split, block_m_max,
@@ -72,8 +67,6 @@ def run_pass(kernel, source, v, coef, k, *, pieces, centered, tiles_per_split, b
     most row tiles one program handles; resid: (N,) ``||v - sum of pieces||``;
     rows_per_split_fn(rows): the split size for a chunk of ``rows`` rows.
     """
-    from optden.dispatch import Partial
-
     n, d = v.shape
     dev = v.device
     center = source.center.to(dev, torch.float64)
@@ -82,40 +75,24 @@ def run_pass(kernel, source, v, coef, k, *, pieces, centered, tiles_per_split, b
     common = -coef * (v * v).sum(1)
     if not centered:
         common = common - 2.0 * coef * (v @ center)
-    m = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
-    s = torch.zeros(n, dtype=torch.float64, device=dev)
-    acc = torch.zeros(n, d, dtype=torch.float64, device=dev)
-    top_val = torch.full((n, k), -math.inf, dtype=torch.float64, device=dev)
-    top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
+    part = Partial.empty(n, d, k, dev)
     worst_tiles = 1
     for off, raw, csq in chunks(source, n):
         rows = raw.shape[0]
         rps = rows_per_split_fn(rows)
         worst_tiles = max(worst_tiles, tiles_per_split(rps))
         logits, ms, ss, accs = kernel(raw, csq.to(dev, torch.float32).contiguous(), rps)
-        ms64 = ms.double()
-        cm = ms64.max(0).values
-        new_m = torch.maximum(m, cm)
-        w = torch.exp(ms64 - new_m[None, :])  # (S, n)
-        alpha = torch.exp(m - new_m)
-        s = s * alpha + (w * ss.double()).sum(0)
-        acc.mul_(alpha[:, None])
-        group = max(1, MERGE_BYTES // max(1, n * d * 8))  # splits merged per float64 einsum
-        for j in range(0, accs.shape[0], group):
-            acc.add_(torch.einsum("sn,snd->nd", w[j:j + group], accs[j:j + group].double()))
-        m = new_m
-        kb = min(k, rows)
-        bv, bi = logits.topk(kb, dim=1)
-        top_val, top_idx = _merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+        part.absorb_splits(ms, ss, accs, MERGE_BYTES)
+        part.absorb_top(logits, off)
     # raw-space sums -> centered space; row-dependent logits -> full logits
-    acc -= s[:, None] * center[None, :]
-    m = m + common
-    top_val = top_val + common[:, None]
+    part.acc -= part.s[:, None] * center[None, :]
+    part.m = part.m + common
+    part.top_val = part.top_val + common[:, None]
     q_norm = float(source.max_cnorm)
     c_norm = float(center.norm())
     x_norm = q_norm if centered else q_norm + c_norm
-    delta = fp32_pass_delta(
+    part.delta = fp32_pass_delta(
         v, resid, coef, d=d, pieces=pieces, x_norm=x_norm, q_norm=q_norm,
-        tiles_per_split=worst_tiles, block_m_max=block_m_max, top=top_val[:, 0],
+        tiles_per_split=worst_tiles, block_m_max=block_m_max, top=part.top_val[:, 0],
     )
-    return Partial(m=m, s=s, acc=acc, top_val=top_val, top_idx=top_idx, delta=delta)
+    return part

@@ -1,73 +1,80 @@
 """Backend registry: every backend declares what it can run and says why it cannot.
 
 A backend computes one *coarse pass* over a row source for a batch of queries (see
-``Backend.partial``); the precision mechanism in ``optden.precision`` turns that into a
-certified result. ``backend="auto"`` takes the highest-priority backend that can run
-the input; forcing one that cannot raises ``BackendUnavailableError`` listing reasons.
+``Backend.partial``): a ``Partial`` (``optden.engine.partial``) with a rigorous bound
+``delta``; ``optden.engine.precision.certify`` turns that into a certified result.
+
+Limits are data, as xformers' attention ops declare theirs: ``devices`` (device types),
+``dtypes`` (storage dtypes of ``optden.data.storage``) and ``max_d``; the base class turns
+them into ``not_supported_reasons``. ``availability`` says why a backend cannot run at
+all on this installation (no extension, no Triton, no GPU). ``backend="auto"`` takes the
+highest-priority backend that can run the input; forcing one that cannot raises
+``BackendUnavailableError`` listing the reasons.
 """
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .errors import BackendUnavailableError, InputError
+from .. import _ext
+from ..data.storage import DTYPE_NAMES
+from ..errors import BackendUnavailableError, InputError
+from .partial import Partial
 
 
-@dataclass
-class Partial:
-    """Result of one coarse pass over rows (all float64, on the query device).
-
-    Logits are ``l_i = -coef * ||v - q_i||^2`` with ``v`` the centered raw query and
-    ``q_i`` the centered raw row; the pass keeps an online softmax and the top-k logits.
-
-    m:        (N,) running max of the coarse logits.
-    s:        (N,) sum_i exp(l_i - m).
-    acc:      (N, d) sum_i exp(l_i - m) q_i (centered raw space).
-    top_val:  (N, K) the K largest coarse logits, descending.
-    top_idx:  (N, K) their positions in the row source (int64; ``source.global_index``
-              maps them to dataset rows).
-    delta:    (N,) bound on |coarse logit - exact logit| over every row.
-    """
-
-    m: torch.Tensor
-    s: torch.Tensor
-    acc: torch.Tensor
-    top_val: torch.Tensor
-    top_idx: torch.Tensor
-    delta: torch.Tensor
+_DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 class Backend(abc.ABC):
-    """Base class. Subclasses set ``name`` and ``priority`` and implement the hooks."""
+    """Base class. Subclasses set ``name``, ``priority`` and their limits and implement ``partial``.
+
+    devices: device types it runs on ("cpu", "cuda"; None: any torch device),
+    ``devices_note`` a hint for the others; dtypes: storage dtypes it reads;
+    max_d: the widest rows it can run (None: no limit), ``max_d_why`` says why.
+    """
 
     name: str = "?"
     priority: int = 0  # higher runs first under "auto"
     description: str = ""
+    devices: tuple[str, ...] | None = None  # None: any torch device
+    dtypes: tuple[str, ...] = DTYPE_NAMES
+    devices_note: str = ""
+    max_d: int | None = None
+    max_d_why: str = ""
 
     def availability(self) -> list[str]:
         """Reasons this backend cannot run at all on this installation ([] if it can)."""
         return []
 
     def not_supported_reasons(self, device: torch.device, dtype: str, d: int) -> list[str]:
-        """Reasons it cannot run data of storage ``dtype`` and width ``d`` on ``device``."""
-        return []
+        """Reasons it cannot run data of storage ``dtype`` and width ``d`` on ``device``
+        (from the declared ``devices``, ``dtypes`` and ``max_d``)."""
+        device = torch.device(device)
+        why = []
+        if self.devices is not None and device.type not in self.devices:
+            names = " and ".join(_DEVICE_NAMES.get(t, t) for t in self.devices)
+            why.append(f"runs on {names} tensors only, not on {device}" + (f" ({self.devices_note})" if self.devices_note else ""))
+        if dtype not in self.dtypes:
+            why.append(f"storage dtype {dtype!r} is not one of {self.dtypes}")
+        if self.max_d is not None and d > self.max_d:
+            why.append(f"d = {d} exceeds the {self.max_d} columns {self.max_d_why or 'it supports'}")
+        return why
 
     def delta_target(self) -> float | None:
         """The logit error bound this backend's pass reaches on a query when it can, or None.
 
-        When it is below the denoiser's DENSE threshold (tol / 4), a caller that wants no
-        top weights runs the pass with k = 1 and repeats, with the full k, only the queries
-        whose bound came out above the threshold (the top k serve the certificate only
-        when the bound is loose).
+        When it is below the denoiser's DENSE threshold (``bounds.dense_threshold``), a
+        caller that wants no top weights runs the pass with k = 1 and repeats, with the
+        full k, only the queries whose bound came out above the threshold (the top k serve
+        the certificate only when the bound is loose).
         """
         return None
 
     @abc.abstractmethod
     def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
-        """One coarse pass over every block of ``source`` (an ``optden.rows.RowSource``).
+        """One coarse pass over every block of ``source`` (an ``optden.engine.rows.RowSource``).
 
         v: (N, d) float64 centered raw queries on ``source.device``; coef: (N,) float64.
         k: number of top logits to keep (1 <= k <= source.M).
@@ -121,8 +128,6 @@ def info() -> dict:
     Returns ``{"backends": {name: {"available": bool, "priority": int, "reasons": [...],
     "description": str}}, "devices": [...], "torch": version, "extension": ...}``.
     """
-    from . import _ext
-
     devices = ["cpu"]
     if torch.cuda.is_available():  # only called on demand, never at import
         devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]

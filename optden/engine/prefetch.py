@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..data.storage import by_numpy
+from ..errors import InputError
 
 __all__ = ["Prefetcher", "PrefetchStats", "plan_blocks"]
 
@@ -120,7 +121,7 @@ class Prefetcher:
         # The ring: numpy views for the reader, torch views (same memory) for the consumer.
         self._host = []
         for _ in range(self.slots):
-            t = torch.empty((self.block_rows, d), dtype=_storage_torch(self._np_dtype), pin_memory=self._cuda)
+            t = torch.empty((self.block_rows, d), dtype=by_numpy(self._np_dtype).bits, pin_memory=self._cuda)
             self._host.append(t)
         self._host_np = [t.numpy().view(self._np_dtype) for t in self._host]
         self._free: queue.Queue = queue.Queue()
@@ -260,13 +261,3 @@ class Prefetcher:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _storage_torch(np_dtype: np.dtype) -> torch.dtype:
-    """The torch dtype with the same bytes as a numpy storage dtype (uint16 bits for bfloat16)."""
-    return {
-        np.dtype(np.uint8): torch.uint8,
-        np.dtype(np.float16): torch.float16,
-        np.dtype(np.uint16): torch.int16,
-        np.dtype(np.float32): torch.float32,
-    }[np.dtype(np_dtype)]

@@ -1,4 +1,4 @@
-"""Neighbour cache along a trajectory (DESIGN.md section 7).
+"""Neighbour cache along a trajectory (docs/design.md, "Pruning").
 
 A sampler calls ``den(x, sigma)`` step after step with the same batch. For each batch
 row the cache keeps the query ``v0`` the last search ran for, the candidate rows it

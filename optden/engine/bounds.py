@@ -1,0 +1,204 @@
+"""Every rounding-error bound of the certified pass, in one place.
+
+1. Precision of the certificate (``optden.engine.precision.certify``): the fractions of
+   the tolerance that a coarse pass and a left-out mass may use (DENSE_FRACTION,
+   MASS_FRACTION).
+2. Higham's ``gamma`` and the bound of a GEMM-expansion pass (``gemm_delta``: the float64
+   torch backend, and any pass whose GEMM runs with unit roundoff u).
+3. The fp32 GPU passes (Triton and CUDA kernels, ``fp32_pass_delta``); notation below.
+4. FAISS's float32 distances (``dot_rel_err``, ``faiss_distance_interval``): the bounds that
+   make a pruned candidate search certified (``optden.prune``).
+
+The C++ cpu backend computes its own bound in csrc/ (see ``optden.engine.backends.cpu``).
+
+fp32 GPU passes. Notation, per query: ``v`` the float64 centered query, V = ||v||; the
+kernel dots with rows ``x_i`` of norm at most X (X = Q = max ||raw_i - center|| when it
+centers uint8 rows in the kernel, exactly; X = Q + ||center|| when it dots with the raw
+rows, and the host adds the common part ``2 coef v.center``). The kernel's value is
+
+    lhat_i = fl32( coef32 * fl32(2 * dot_i - csq32_i) ),   dot_i = fl32(sum_p a_p . x_i)
+
+with ``a_p`` the query pieces (``sum_p a_p = v - r``, the residual ``r`` measured in
+float64), ``csq32 = fl32(csq)``, ``coef32 = fl32(coef)``. With ``u`` = U_GPU32 = 2^-23
+(twice fp32's unit roundoff, so that round-toward-zero accumulation inside tensor cores
+and ``ex2.approx`` are covered) and ``gamma_n = n u / (1 - n u)``:
+
+1. |dot_i - v.x_i| <= ||r|| X + gamma_{P d + P} * 1.01 V X         (P pieces, any order)
+2. |g_i| <= G := 2 (1.01 V X + dot_err) + 1.01 Q^2, and the subtraction, the rounding of
+   csq and coef and the final product each add at most u G coef:
+   |lhat_i - coef (2 v.x_i - csq_i)| <= coef (2 dot_err + 4 u G) (1 + 4u).
+3. The host adds the common part (-coef ||v||^2, and +2 coef v.center when the kernel
+   used raw rows) in float64: at most 8 (d + 4) eps64 coef (V + X + Q)^2.
+4. The online softmax in fp32 (``p = exp(l - m)``: |l - m| <= 104 before underflow;
+   T rescalings per split; sums over tiles of BLOCK_M rows) and the weighted sum
+   (TF32 pieces of p, residual < 2^-20 p; fp32 accumulation) perturb each row's
+   contribution by a relative factor within exp(+-delta_sm) with
+   delta_sm = u (420 + 8 T) + gamma_{2 BLOCK_M_MAX + 4 T} + 2^-19: a logit-equivalent
+   error (a relative error eps on a row's weight is a logit error log(1 + eps)); the
+   accumulation error of acc and s is bounded by the same expression as such a weight
+   perturbation, so certify's DENSE criterion covers it too. Rows whose weight
+   underflows (below e^-87 of the largest) are dropped, a relative mass below
+   M e^-87, far under any delta this bound produces.
+
+delta = (2) + (3) + (4) + 4 eps64 |top logit| (the float64 additions on the host).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "EPS64", "U32", "U_GPU32",
+           "U_TF32_IN", "DISTANCE_MARGIN", "gamma", "gemm_delta", "softmax_delta", "fp32_pass_delta",
+           "dot_rel_err", "float32_shift", "faiss_distance_interval"]
+
+# ----------------------------------------------------------------------------- 1. the tolerance's shares
+
+#: A pass is certified DENSE when its logit bound delta <= DENSE_FRACTION * tol: every
+#: normalised weight is then off by a factor within exp(+-2 delta), which keeps the
+#: relative error of D* within tol with a margin.
+DENSE_FRACTION = 0.25
+#: A certificate may leave out rows (outside a top K, outside a pruned candidate set)
+#: whose relative weight is at most MASS_FRACTION * tol together.
+MASS_FRACTION = 0.1
+
+
+def dense_threshold(tol: float) -> float:
+    """The largest logit bound delta that certifies a pass DENSE at tolerance tol."""
+    return DENSE_FRACTION * tol
+
+
+def mass_tolerance(tol: float) -> float:
+    """The relative weight a certificate at tolerance tol may leave out."""
+    return MASS_FRACTION * tol
+
+
+# ----------------------------------------------------------------------------- 2. gamma, GEMM passes
+
+#: Unit roundoff of float64.
+EPS64 = 2.0**-53
+#: Unit roundoff of float32.
+U32 = 2.0**-24
+#: fp32's unit roundoff doubled: the GPU passes' u (covers round-toward-zero accumulation
+#: inside tensor cores and ex2.approx).
+U_GPU32 = 2.0**-23
+#: faiss-gpu may run its GEMMs in TF32: each input is cut to a 10-bit mantissa (relative
+#: error < 2^-10 whether the hardware rounds or truncates); the products are then exact
+#: in float32 and summed in float32. Bound as if it did (see ``dot_rel_err``).
+U_TF32_IN = 2.0**-10
+#: Relative widening of float64 radii and distances: covers their own rounding (~1e-16 d).
+DISTANCE_MARGIN = 1e-9
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): bound on the relative error of an n-term sum or
+    dot product with unit roundoff u. Defined for n u < 1 only (ValueError otherwise)."""
+    if n * u >= 1.0:
+        raise ValueError(f"gamma_n(u) is defined for n u < 1 only (n = {n}, u = {u})")
+    return n * u / (1.0 - n * u)
+
+
+def gemm_delta(u: float, d: int, vnorm: torch.Tensor, max_qnorm: float, coef: torch.Tensor, top: torch.Tensor,
+               fused: bool = True):
+    """Bound (N,) on |coarse - exact| of every row's expansion logit, the GEMM run with unit roundoff u.
+
+    The coarse logit is ``-coef (||v||^2 + ||q||^2 - 2 v.q)``, the norms in float64.
+    ``fused=True`` (the safe default): the GEMM accumulates onto the norms, as
+    ``torch.addmm(vsq + csq, v, q.T, alpha=-2)`` does, so each of its d additions rounds at
+    the size of ``||v||^2 + ||q||^2``: |err| <= gamma_{d+2} (||v|| + ||q||)^2 (Higham's bound
+    for ``c + sum a_k b_k`` in any order). ``fused=False``: the dot product is computed on
+    its own and added afterwards: |fl(v.q) - v.q| <= gamma_{d+2} ||v|| ||q||, times 2.
+    The +2 covers the rounding of v and q to the working precision. The float64 norms add
+    gamma_{d+2} (||v||^2 + ||q||^2) (the query's is common to all rows, but lse and the
+    re-score compare coarse with exact logits); the final sums and the multiplication by
+    coef add a few roundings of the magnitudes involved.
+    """
+    g = gamma(d + 2, u)
+    if fused:
+        dot_err = g * (vnorm + max_qnorm) ** 2
+    else:
+        dot_err = 2.0 * g * vnorm * max_qnorm
+    norm_err = gamma(d + 2, EPS64) * (vnorm**2 + max_qnorm**2)
+    sum_err = 4.0 * EPS64 * (vnorm + max_qnorm) ** 2
+    return coef * (dot_err + norm_err + sum_err) + 4.0 * EPS64 * top.abs()
+
+
+# ----------------------------------------------------------------------------- 3. fp32 GPU passes
+
+
+def softmax_delta(tiles_per_split: int, block_m_max: int) -> float:
+    """Logit-equivalent bound of the fp32 online softmax and weighted sum (item 4)."""
+    t = int(tiles_per_split)
+    return U_GPU32 * (420 + 8 * t) + gamma(2 * block_m_max + 4 * t, U_GPU32) + 2.0**-19
+
+
+def fp32_pass_delta(v: torch.Tensor, resid: torch.Tensor, coef: torch.Tensor, *, d: int, pieces: int,
+                    x_norm: float, q_norm: float, tiles_per_split: int, block_m_max: int,
+                    top: torch.Tensor) -> torch.Tensor:
+    """delta (N,) of an fp32 kernel pass (steps 1-4 of "fp32 GPU passes" in the module docstring).
+
+    v: (N, d) float64 centered queries; resid: (N,) ||v - sum of pieces||; coef: (N,);
+    x_norm: X, bound on the norm of the vectors the kernel dots with; q_norm: Q, max
+    centered row norm; top: (N,) the largest coarse logit (float64, common part included).
+    """
+    V = v.norm(dim=1) * (1.0 + 4 * d * EPS64)
+    X = float(x_norm)
+    Q = float(q_norm)
+    dot_err = resid * (1.0 + 1e-9) * X + 4 * EPS64 * V * X + gamma(pieces * d + pieces, U_GPU32) * 1.01 * V * X
+    G = 2.0 * (1.01 * V * X + dot_err) + 1.01 * Q * Q
+    d_logit = coef * (2.0 * dot_err + 4.0 * U_GPU32 * G) * (1.0 + 4.0 * U_GPU32)
+    d_host = 8.0 * (d + 4) * EPS64 * coef * (V + X + Q) ** 2
+    d_sm = softmax_delta(tiles_per_split, block_m_max)
+    out = d_logit + d_host + d_sm + 4.0 * EPS64 * top.abs()
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, math.inf))
+
+
+# ----------------------------------------------------------------------------- 4. FAISS distances
+
+
+def dot_rel_err(n: int, u_in: float) -> float:
+    """Relative error bound of an n-term float32 dot product (or sum of squares) whose
+    inputs were first rounded with unit roundoff ``u_in`` (0: exact float32 inputs;
+    ``U_TF32_IN`` for TF32 tensor cores), products exact, accumulated in float32:
+    ``|fl(sum a_i b_i) - sum a_i b_i| <= dot_rel_err * sum |a_i b_i|``, i.e.
+    ``(1 + u_in)^2 (1 + gamma_n(2^-24)) - 1`` (Higham, Thm 3.1, with perturbed inputs).
+    Finite and positive for every n < 2^24: the TF32 input rounding is not folded into
+    the accumulation's gamma (gamma_n(2^-11) has a pole at n = 2048)."""
+    return (1.0 + u_in) ** 2 * (1.0 + gamma(n, U32)) - 1.0
+
+
+def float32_shift(resid: np.ndarray, max_cnorm: float) -> np.ndarray:
+    """Bound (N,) on how far rounding to float32 moved a query and any row: the query's
+    residual ``||v - v32||`` (N,), widened, plus ``||q - q32|| <= u ||q||`` for the rows
+    (both added to distances by the triangle inequality)."""
+    return resid * (1.0 + DISTANCE_MARGIN) + U32 * max_cnorm * 2.0
+
+
+def faiss_distance_interval(D: np.ndarray, x32: np.ndarray, shift: np.ndarray, *, d: int, max_cnorm: float,
+                            u_in: float, direct: bool):
+    """Exact (lower, upper) bounds on the distances from v whose float32 squared values
+    FAISS computed as D (N,) or (N, K); +inf where D is not finite (no result).
+
+    x32: (N, d) the float32 queries FAISS saw; shift: (N,) ``float32_shift``; d: the
+    dimension; max_cnorm: the largest row norm; u_in: the input rounding of FAISS's GEMM
+    (0, or ``U_TF32_IN`` on faiss-gpu). direct: FAISS computed by direct differences
+    (relative error ``2 dot_rel_err(d + 2)``) rather than by the expansion
+    ``||x||^2 + ||y||^2 - 2 x.y`` (absolute error ``2 dot_rel_err(d + 4) (||x|| + R)^2``,
+    a factor 2 of slack, R the largest float32 row norm).
+    """
+    D = np.where(np.isfinite(D) & (D < 1e38), D.astype(np.float64), np.inf)
+    if D.ndim == 2:
+        shift = shift[:, None]
+    if direct:
+        g = 2.0 * dot_rel_err(d + 2, u_in)
+        low2, up2 = D * (1.0 - g), D * (1.0 + g)
+    else:
+        xn = np.sqrt((x32.astype(np.float64) ** 2).sum(1))
+        R = max_cnorm * (1.0 + 2 * U32)  # the float32 copy of the rows
+        err = 2.0 * dot_rel_err(d + 4, u_in) * (xn + R) ** 2
+        err = err[:, None] if D.ndim == 2 else err
+        low2, up2 = D - err, D + err
+    low = np.clip(np.sqrt(np.clip(low2, 0.0, None)) * (1.0 - DISTANCE_MARGIN) - shift, 0.0, None)
+    up = np.sqrt(up2) * (1.0 + DISTANCE_MARGIN) + shift
+    return low, up
