@@ -49,7 +49,7 @@ from .errors import (  # noqa: E402
     OptdenError,
 )
 from . import reference  # noqa: E402
-from .analysis import DeviationStats, ScoreDeviation, score_deviation  # noqa: E402
+from .deviation import DeviationStats, ScoreDeviation, score_deviation  # noqa: E402
 from .gaussian import GaussianDenoiser  # noqa: E402
 from .geometry import TrajectoryGeometry, trajectory_geometry  # noqa: E402
 from .meanshift import MeanShiftResult, annealed_mean_shift, mean_shift  # noqa: E402

@@ -7,21 +7,16 @@ import sys
 
 from .errors import OptdenError
 
-#: Subcommand modules, in the order ``optden --help`` lists them.
-COMMANDS = ("demo", "sample", "meanshift", "deviation", "index", "dataset", "bench", "info")
+#: Subcommand modules, in the order ``optden --help`` lists them (benchmarks are bench/*.py
+#: in the source tree, ``make bench``; they are not a command of the installed package).
+COMMANDS = ("demo", "sample", "meanshift", "deviation", "index", "dataset", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optden", description="Exact, certified empirical optimal denoiser.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"optden.commands.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand not part of this build
-            if exc.name != f"optden.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"optden.commands.{name}").register(sub)
     return p
 
 

@@ -64,8 +64,11 @@ class OptimalDenoiser:
             implicitly). Pruned evaluations are certified to ``tol``; queries the
             index cannot certify, and class-conditional ones, run dense.
 
-    Call it like an EDM / k-diffusion model: ``den(x, sigma)`` with x (B, ...) of any
-    shape whose trailing size is d, and sigma a scalar or (B,).
+    Call it like an EDM / k-diffusion model: ``den(x, sigma)`` or EDM's
+    ``den(x, sigma, class_labels)``, with x (B, ...) of any shape whose trailing size is
+    d and sigma a scalar or (B,); it carries EDMPrecond's attributes (``sigma_min``,
+    ``sigma_max``, ``round_sigma``, ``img_channels``, ``img_resolution``, ``label_dim``),
+    so EDM's and k-diffusion's samplers run it unchanged.
     """
 
     def __init__(
@@ -121,6 +124,35 @@ class OptimalDenoiser:
     @property
     def image_shape(self) -> tuple:
         return tuple(self.dataset.image_shape)
+
+    # EDM's face (its ``EDMPrecond``): what EDM's generate.py and tools built on it read.
+    #: The noise levels a sampler may use: no restriction (EDMPrecond's defaults); a sigma
+    #: whose logits float64 cannot represent (about 1e-150 < sigma < 1e150) is an InputError.
+    sigma_min = 0.0
+    sigma_max = math.inf
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes, 0 for an unconditional data set (EDM's ``label_dim``)."""
+        return int(self.dataset.num_classes or 0) if self.dataset.labels is not None else 0
+
+    @property
+    def img_channels(self) -> int | None:
+        """Channels C of (C, H, W) images (EDM's ``img_channels``); None for rows that are not images."""
+        return self.image_shape[0] if len(self.image_shape) == 3 else None
+
+    @property
+    def img_resolution(self):
+        """H of square (C, H, H) images (EDM's ``img_resolution``); (H, W) when not square; None
+        for rows that are not images."""
+        if len(self.image_shape) != 3:
+            return None
+        h, w = self.image_shape[1:]
+        return h if h == w else (h, w)
+
+    def round_sigma(self, sigma):
+        """EDM's ``round_sigma``: every sigma is supported as is."""
+        return torch.as_tensor(sigma)
 
     def __repr__(self) -> str:
         return (
@@ -220,22 +252,37 @@ class OptimalDenoiser:
             u = u / sc[:, None]
         return t, u
 
-    def _labels(self, labels, n: int):
-        if labels is None:
+    def _labels(self, class_labels, labels, n: int):
+        """Class labels of n queries -> int64 (n,) CPU, or None (unconditional).
+
+        class_labels (EDM's name) or its alias labels: None, one class for all, (n,)
+        class indices, or EDM's one-hot vectors (n, label_dim) (or (1, label_dim) for all).
+        """
+        if class_labels is not None and labels is not None:
+            raise InputError("class_labels: given together with its alias labels; pass one of them")
+        name = "labels" if class_labels is None else "class_labels"
+        given = labels if class_labels is None else class_labels
+        if given is None:
             return None
-        lab = as_tensor(labels, "labels")
+        lab = as_tensor(given, name)
+        nc = self.label_dim
+        if lab.dim() == 2 and nc > 1 and lab.shape[1] == nc:  # EDM's one-hot class vectors
+            one = (lab == 1).sum(1) == 1
+            if not bool((one & ((lab == 0).sum(1) == nc - 1)).all()):
+                raise InputError(f"{name}: (B, {nc}) class vectors must be one-hot (one 1, zeros elsewhere); "
+                                 "pass None for the unconditional denoiser")
+            lab = lab.argmax(1)
         if lab.is_floating_point() and not bool((lab == lab.round()).all()):
-            raise InputError("labels: expected integer class labels")
+            raise InputError(f"{name}: expected integer class labels")
         lab = lab.to(torch.int64).reshape(-1)
         if lab.numel() == 1:
             lab = lab.expand(n)
         if lab.numel() != n:
-            raise InputError(f"labels: expected a scalar or one label per query ({n}), got {lab.numel()}")
+            raise InputError(f"{name}: expected a scalar or one label per query ({n}), got {lab.numel()}")
         if self.dataset.labels is None:
-            raise InputError("labels: this dataset has no labels, so class-conditional evaluation is impossible")
-        nc = int(self.dataset.num_classes)
+            raise InputError(f"{name}: this dataset has no labels, so class-conditional evaluation is impossible")
         if bool((lab < 0).any()) or bool((lab >= nc).any()):
-            raise InputError(f"labels: expected labels in 0..{nc - 1}, got values in {int(lab.min())}..{int(lab.max())}")
+            raise InputError(f"{name}: expected labels in 0..{nc - 1}, got values in {int(lab.min())}..{int(lab.max())}")
         return lab.cpu()
 
     def _coef(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -337,35 +384,37 @@ class OptimalDenoiser:
         return Evaluation(denoised, lse, top_w, top_idx, bound, modes)
 
     # ------------------------------------------------------------------ public API
-    def __call__(self, x, sigma, s=1.0, labels=None):
+    def __call__(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
         """D*(x / s; sigma): same shape and dtype as x (computed in float64).
 
-        x: (B, ...) with prod(...) == d; sigma: scalar or (B,); s: scalar or (B,);
-        labels: None, a class label, or (B,) labels for class-conditional denoising.
+        x: (B, ...) with prod(...) == d; sigma: scalar or (B,); class_labels (EDM's
+        ``net(x, sigma, class_labels)``; ``labels`` is an alias): None, a class, (B,)
+        classes or (B, label_dim) one-hot vectors, for class-conditional denoising;
+        s: scalar or (B,), EDM's scaling (VE: 1).
         """
         t, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0])
-        out = self._denoised(u, sig, self._labels(labels, u.shape[0]))
+        out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]))
         return out.reshape(t.shape).to(t.dtype if t.is_floating_point() else torch.float64)
 
-    def denoise_certified(self, x, sigma, s=1.0, labels=None) -> Evaluation:
+    def denoise_certified(self, x, sigma, class_labels=None, *, s=1.0, labels=None) -> Evaluation:
         """Like ``__call__`` but returns the full ``Evaluation`` (bound and mode per query)."""
         _, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0])
-        return self.evaluate(u, sig, self._labels(labels, u.shape[0]))
+        return self.evaluate(u, sig, self._labels(class_labels, labels, u.shape[0]))
 
-    def score(self, x, sigma, s=1.0, labels=None):
+    def score(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
         """grad log p_sigma(u) = (D*(u) - u) / sigma^2 at u = x / s: same shape as x, float64."""
         t, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
-        out = self._denoised(u, sig, self._labels(labels, u.shape[0]))
+        out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]))
         return ((out - u) / sig[:, None] ** 2).reshape(t.shape)
 
-    def log_density(self, x, sigma, s=1.0, labels=None):
+    def log_density(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
         """log p_sigma(u) of the smoothed empirical distribution (of the class, if labels): (B,) float64."""
         _, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
-        lab = self._labels(labels, u.shape[0])
+        lab = self._labels(class_labels, labels, u.shape[0])
         ev = self.evaluate(u, sig, lab, need_top=False)
         if lab is None:
             m = torch.full_like(sig, float(self.M))
@@ -374,21 +423,21 @@ class OptimalDenoiser:
             m = counts.to(self.device)
         return ev.lse - torch.log(m) - 0.5 * self.d * torch.log(2.0 * math.pi * sig**2)
 
-    def posterior(self, x, sigma, k: int = 8, s=1.0, labels=None):
+    def posterior(self, x, sigma, k: int = 8, class_labels=None, *, s=1.0, labels=None):
         """The k largest weights w_i(u; sigma) and their dataset row indices.
 
         Returns ``(weights (B, k) float64, indices (B, k) int64)``, descending.
         """
         _, u = self._queries(x, s)
         n = u.shape[0]
-        lab = self._labels(labels, n)
+        lab = self._labels(class_labels, labels, n)
         avail = self.M if lab is None else min(self.source(int(c)).M for c in lab.unique().tolist())
         k = check_positive_int(k, "k", 1, avail)
         sig = check_sigma(sigma, n)
         ev = self.evaluate(u, sig, lab, k=k)
         return ev.top_w[:, :k], ev.top_idx[:, :k]
 
-    def nearest(self, x, k: int = 2, labels=None):
+    def nearest(self, x, k: int = 2, class_labels=None, *, labels=None):
         """Exact k nearest training rows in model space.
 
         Returns ``(distances (B, k) float64, indices (B, k) int64)``, ascending. Certified
@@ -396,7 +445,7 @@ class OptimalDenoiser:
         """
         _, u = self._queries(x, 1.0)
         n = u.shape[0]
-        lab = self._labels(labels, n)
+        lab = self._labels(class_labels, labels, n)
         ds = self.dataset
         groups = [(None, torch.arange(n))] if lab is None else [
             (int(c), (lab == c).nonzero().flatten()) for c in lab.unique().tolist()

@@ -21,7 +21,6 @@ others which batches to skip.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import time
@@ -33,16 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calling import image_shape_of, progress_enabled
+from .denoiser import OptimalDenoiser
 from .errors import DtypeError, InputError, OptdenError
 from .fileio import atomic_write, fsync_dir
+from .memorization import MEMORIZED_RATIO, memorization
+from .sampling import draw_x_T, get_solver, sample
+from .schedules import get_schedule
 from .validate import check_positive_int
 
 __all__ = ["run_sample_job", "JobResult", "JobMismatchError", "batch_seed", "MEMORIZED_RATIO"]
 
 JOB_FORMAT = "optden.sample_job"
 JOB_VERSION = 1
-#: NN1 / NN2 below this: the sample is a copy of its nearest training image.
-MEMORIZED_RATIO = 1.0 / 3.0
 
 
 class JobMismatchError(OptdenError, ValueError):
@@ -183,35 +185,24 @@ def _load_batch(path: Path, b: int, start: int, stop: int, shape: tuple, full: b
 
 
 def _run_batch(den, b, start, stop, shape, steps, solver, schedule, seed, label, sigma_stop, solver_options):
-    """Sample batch ``b`` (rows start:stop) and find the two nearest training rows."""
-    from .sampling import draw_x_T, sample
-    from .schedules import get_schedule
-
+    """Sample batch ``b`` (rows start:stop) and find the two nearest training rows (``memorization``)."""
     sched = get_schedule(schedule, steps if isinstance(schedule, str) else None)
     bseed = batch_seed(seed, b)
     t0 = time.perf_counter()
     x_T = draw_x_T(stop - start, shape, float(sched.sigmas[0]), float(sched.scales[0]), bseed)
     run = sample(den, steps=steps, solver=solver, schedule=schedule, seed=bseed, x_T=x_T, labels=label,
                  sigma_stop=sigma_stop, progress=False, **(solver_options or {}))
-    flat = run.samples.reshape(stop - start, -1)
-    k = min(2, den.M)
-    dist, idx = den.nearest(flat, k=k, labels=label)
-    dist, idx = dist.cpu(), idx.cpu()
-    if k < 2:  # a one-row dataset has no second neighbour
-        dist = torch.cat([dist, torch.full_like(dist, math.inf)], 1)
-        idx = torch.cat([idx, torch.full_like(idx, -1)], 1)
-    # NN2 = 0 means NN1 = 0 too (a duplicated training image): a copy, ratio 0
-    ratio = torch.where(dist[:, 1] > 0, dist[:, 0] / dist[:, 1].clamp_min(1e-300), torch.zeros_like(dist[:, 0]))
+    mem = memorization(run.samples, den, MEMORIZED_RATIO, labels=label)
     return {
         "batch": np.int64(b),
         "range": np.array([start, stop], dtype=np.int64),
         "seed": np.array(bseed, dtype=np.int64),
         "samples": run.samples.numpy(),
         "x_T": x_T.numpy(),
-        "nn_dist": dist.numpy(),
-        "nn_idx": idx.numpy(),
-        "nn_ratio": ratio.numpy(),
-        "memorized": (ratio < MEMORIZED_RATIO).numpy(),
+        "nn_dist": torch.stack([mem.nn1_distance, mem.nn2_distance], 1).numpy(),
+        "nn_idx": torch.stack([mem.nn1_index, mem.nn2_index], 1).numpy(),
+        "nn_ratio": mem.ratio.numpy(),
+        "memorized": mem.memorized.numpy(),
         "nfe": np.int64(run.nfe),
         "seconds": np.float64(time.perf_counter() - t0),
     }
@@ -222,8 +213,6 @@ def _save_batch(path: Path, arrays: dict) -> None:
 
 
 def _as_denoiser(den_or_dataset, device, backend, memory_budget):
-    from .denoiser import OptimalDenoiser
-
     if isinstance(den_or_dataset, OptimalDenoiser):
         return den_or_dataset
     if hasattr(den_or_dataset, "raw_block"):
@@ -274,12 +263,13 @@ def run_sample_job(
     """
     from tqdm.auto import tqdm
 
-    from .sampling import _image_shape, _progress_enabled, _solver_name
-
     n, batch_size, steps, seed = _check_params(n, batch_size, steps, seed)
-    solver = _solver_name(solver)
+    solver = get_solver(solver)
     den = _as_denoiser(den, device, backend, memory_budget)
-    shape = _image_shape(den, None)
+    if den.M < 2:  # checked before any sampling: every batch ends with the NN1 / NN2 statistics
+        raise InputError(f"den: a sampling job records NN1 / NN2 (memorization) and needs at least 2 training "
+                         f"rows; the data set has {den.M}")
+    shape = image_shape_of(den)
     if label is not None and (isinstance(label, bool) or not isinstance(label, numbers.Integral)):
         raise InputError(f"label: expected an integer class label or None, got {label!r}")
     say = log if log is not None else (lambda line: None)
@@ -317,7 +307,7 @@ def run_sample_job(
 
     computed = []
     bar = tqdm(total=n, initial=sum(e - a for b, a, e in batches if b in skip), unit="sample",
-               desc="sample job", disable=rank != 0 or not _progress_enabled(progress))
+               desc="sample job", disable=rank != 0 or not progress_enabled(progress))
     try:
         for b, a, e in batches:
             if b in skip:

@@ -3,8 +3,8 @@
 With the empirical optimal denoiser, ``D*(x; sigma)`` is the Gaussian-kernel weighted
 mean of the training rows around x (bandwidth sigma), so iterating it at a fixed sigma
 is the classic mean-shift (mode-seeking) algorithm on the Gaussian-smoothed empirical
-distribution; every fixed point is a stationary point of ``log p_sigma`` (DESIGN.md
-section 1; Chen et al. 2023, section 5). Annealing sigma along a decreasing schedule
+distribution; every fixed point is a stationary point of ``log p_sigma`` (docs/design.md,
+"The math"; Chen et al. 2023, section 5). Annealing sigma along a decreasing schedule
 ties it to ODE sampling: one mean-shift iteration per sigma is the ODE-jump applied at
 every step.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DtypeError, InputError
-from .sampling import _check_points, _DenoiserCall, _labels, _progress_enabled
-from .schedules import Schedule, _check_sigma_list
+from .calling import DenoiserCall, as_labels, check_points, progress_enabled
+from .schedules import Schedule, check_sigma_list
 from .validate import check_positive_int, check_sigma
 
 __all__ = ["MeanShiftResult", "mean_shift", "annealed_mean_shift"]
@@ -97,10 +97,10 @@ class _Shifter:
     """Runs mean-shift iterations on the active subset of a batch of points."""
 
     def __init__(self, den, x: torch.Tensor, labels, batch_size, device, dtype):
-        self.call = _DenoiserCall(den, device, dtype)
+        self.call = DenoiserCall(den, device, dtype)
         self.x = x.to(self.call.device, torch.float64, copy=True)  # (n, *shape); never the caller's tensor
         self.n = x.shape[0]
-        self.labels = _labels(labels, self.n)
+        self.labels = as_labels(labels, self.n)
         self.bs = self.n if batch_size is None else check_positive_int(batch_size, "batch_size")
         self.iterations = torch.zeros(self.n, dtype=torch.int64)
         self.last_step = torch.full((self.n,), math.inf, dtype=torch.float64)
@@ -145,7 +145,7 @@ def mean_shift(
     max_iter: most iterations per point (>= 1).
     tol: a point has converged when its update ``||D(x) - x||`` (Euclidean, absolute) is
         < tol; from then on it is frozen and no longer sent to the denoiser.
-    labels: per-point class labels for class-conditional denoisers (``D(x, sigma, labels=)``).
+    labels: per-point class labels for class-conditional denoisers (``D(x, sigma, labels)``).
     record: keep ``step_norms`` and the ``trajectory`` of every iteration.
     batch_size: most points per denoiser call.
 
@@ -153,7 +153,7 @@ def mean_shift(
     ``den.nearest`` when the denoiser has it.
     """
     t0 = time.perf_counter()
-    pts = _check_points(den, x, "x")
+    pts = check_points(den, x, "x")
     n = pts.shape[0]
     sig = check_sigma(sigma, n, "sigma")
     max_iter = check_positive_int(max_iter, "max_iter")
@@ -164,7 +164,7 @@ def mean_shift(
     norms, traj = [], [pts.clone()] if record else None
     from tqdm.auto import tqdm
 
-    with tqdm(total=max_iter, desc="mean_shift", unit="it", disable=not _progress_enabled(progress)) as bar:
+    with tqdm(total=max_iter, desc="mean_shift", unit="it", disable=not progress_enabled(progress)) as bar:
         for _ in range(max_iter):
             steps = sh.iterate(active, sig)
             done = steps < tol
@@ -204,7 +204,7 @@ def _levels(sigmas) -> torch.Tensor:
             "sigmas: expected a list of sigmas or a Schedule (build one with "
             f"optden.schedules.get_schedule({sigmas!r}, steps)), got the string {sigmas!r}"
         )
-    return _check_sigma_list(sigmas, "sigmas")[:-1]
+    return check_sigma_list(sigmas, "sigmas")[:-1]
 
 
 def annealed_mean_shift(
@@ -233,7 +233,7 @@ def annealed_mean_shift(
     the points after each level, (levels + 1, n, *shape).
     """
     t0 = time.perf_counter()
-    pts = _check_points(den, x, "x")
+    pts = check_points(den, x, "x")
     n = pts.shape[0]
     levels = _levels(sigmas)
     ips = check_positive_int(iters_per_sigma, "iters_per_sigma")
@@ -244,7 +244,7 @@ def annealed_mean_shift(
     from tqdm.auto import tqdm
 
     with tqdm(total=levels.numel(), desc="annealed_mean_shift", unit="sigma",
-              disable=not _progress_enabled(progress)) as bar:
+              disable=not progress_enabled(progress)) as bar:
         for lvl in levels.tolist():
             sig = torch.full((n,), lvl, dtype=torch.float64)
             active = torch.arange(n)

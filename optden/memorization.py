@@ -1,6 +1,6 @@
 """Memorization of generated samples: nearest and second-nearest training image.
 
-A sample is *memorized* when ``NN1 / NN2 < 1/3`` (DESIGN.md section 1): its nearest
+A sample is *memorized* when ``NN1 / NN2 < 1/3`` (docs/design.md, "The math"): its nearest
 training row is at least three times closer than the second nearest. Distances are the
 exact Euclidean distances in model space from ``OptimalDenoiser.nearest``.
 """
@@ -11,10 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.dataset import Dataset
+from .denoiser import OptimalDenoiser
 from .errors import DtypeError, InputError
-from .validate import check_positive_int
+from .sampling import SampleRun
+from .validate import as_tensor, check_positive_int
 
-__all__ = ["Memorization", "memorization"]
+__all__ = ["Memorization", "memorization", "MEMORIZED_RATIO"]
+
+#: The criterion of memorization studies: NN1 / NN2 below this, the sample is a copy of
+#: its nearest training image.
+MEMORIZED_RATIO = 1.0 / 3.0
 
 
 @dataclass
@@ -58,7 +65,7 @@ class Memorization:
         return f"Memorization(n={self.n}, fraction={self.fraction:.4g}, threshold={self.threshold:.4g})"
 
 
-def memorization(samples, ds_or_den, threshold: float = 1.0 / 3.0, labels=None, batch_size: int = 4096,
+def memorization(samples, ds_or_den, threshold: float = MEMORIZED_RATIO, labels=None, batch_size: int = 4096,
                  device=None) -> Memorization:
     """Nearest and second-nearest training rows of each sample, and the memorized flags.
 
@@ -69,17 +76,12 @@ def memorization(samples, ds_or_den, threshold: float = 1.0 / 3.0, labels=None, 
     labels: per-sample class labels: search only the rows of the sample's class.
     batch_size: samples per ``nearest`` call.
     """
-    from .data import Dataset
-    from .sampling import SampleRun
-
     if isinstance(samples, SampleRun):
         samples = samples.samples
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < float(threshold) <= 1:
         raise InputError(f"threshold: expected a number in (0, 1], got {threshold!r}")
     batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(ds_or_den, Dataset):
-        from .denoiser import OptimalDenoiser
-
         den = OptimalDenoiser(ds_or_den, device="cpu" if device is None else device)
     elif callable(getattr(ds_or_den, "nearest", None)):
         den = ds_or_den
@@ -90,8 +92,6 @@ def memorization(samples, ds_or_den, threshold: float = 1.0 / 3.0, labels=None, 
     M = getattr(den, "M", None)
     if M is not None and M < 2:
         raise InputError("ds_or_den: the NN1/NN2 criterion needs at least 2 training rows, the data set has 1")
-    from .validate import as_tensor
-
     x = as_tensor(samples, "samples")
     if x.dim() < 2 or x.shape[0] == 0:
         raise InputError(f"samples: expected a non-empty batch (n, *shape), got shape {tuple(x.shape)}")

@@ -1,9 +1,15 @@
 """Probability-flow ODE samplers (and EDM's stochastic sampler) for any denoiser.
 
 Every solver takes a denoiser with the EDM / k-diffusion signature ``D(x, sigma)``
-(x: (B, *shape), sigma: a float or a (B,) tensor; returns a tensor like x). The optimal
-denoiser ``optden.OptimalDenoiser`` is one; a trained network wrapped to that signature
-is another.
+(``optden.calling``: x (B, *shape), sigma a (B,) tensor; returns a tensor like x). The
+optimal denoiser ``optden.OptimalDenoiser`` is one; a trained network is another.
+
+Solvers. ``SOLVERS`` maps each name to a :class:`Solver`: its step function (one step
+from sigma to sigma_next, written as EDM writes its algorithms: numbered steps, float64
+state), the options it takes, and whether it first adds EDM's churn noise. One driver,
+:func:`sample`, runs any of them over a schedule, batch by batch, and calls an optional
+``callback`` after every step with k-diffusion's dict (``x``, ``i``, ``sigma``,
+``sigma_hat``, ``denoised``).
 
 Coordinates. Schedules are in EDM's general form ``x = s * (x0 + sigma * n)``
 (``optden.schedules``). The samplers integrate in the *scaled* coordinate
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,60 +40,48 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .calling import Denoise, DenoiserCall, as_labels, check_points, image_shape_of, progress_enabled
 from .errors import DtypeError, InputError
 from .schedules import get_schedule
-from .validate import as_tensor, check_positive_int, check_queries, check_sigma
+from .validate import check_positive_int, check_sigma
 
 __all__ = [
     "SampleRun",
     "sample",
     "ode_jump",
+    "Solver",
+    "SOLVERS",
+    "get_solver",
     "euler_step",
     "heun_step",
     "dpmpp2m_step",
-    "edm_stochastic_step",
-    "SOLVERS",
+    "churn",
+    "churn_gamma",
+    "draw_x_T",
 ]
-
-#: Solver names accepted by ``sample``.
-SOLVERS = ("euler", "heun", "dpmpp2m", "edm_stochastic")
-_SOLVER_ALIASES = {
-    "dpmpp_2m": "dpmpp2m",
-    "dpm++2m": "dpmpp2m",
-    "dpm_solver++2m": "dpmpp2m",
-    "stochastic": "edm_stochastic",
-    "edm_sde": "edm_stochastic",
-}
-_SOLVER_OPTIONS = {
-    "euler": {},
-    "heun": {},
-    "dpmpp2m": {},
-    "edm_stochastic": {"S_churn": 0.0, "S_min": 0.0, "S_max": math.inf, "S_noise": 1.0},
-}
 
 # Samples per block of churn noise: noise of sample j at step i comes from a generator
 # seeded by (base seed, i, j // _NOISE_CHUNK), whatever the batch size.
 _NOISE_CHUNK = 16
 
-Denoise = Callable[[torch.Tensor, float], torch.Tensor]
-
 
 # ---------------------------------------------------------------------------------------
-# Single steps. ``D`` is any callable D(x, sigma) with sigma a Python float; x is the
-# state in the scaled coordinate. Each returns ``(x_next, denoised)`` where ``denoised``
-# is D at the step's starting point (for the stochastic step: at the churned point).
+# Steps. ``D`` is any callable D(x, sigma) with sigma a Python float; x is the state in
+# the scaled coordinate. Every step has the signature ``step(D, x, sigma, sigma_next,
+# prev)`` with ``prev`` None on the first step, else ``(sigma_prev, denoised_prev)`` of
+# the step before, and returns ``(x_next, D(x; sigma))``. With sigma_next = 0 every step
+# returns D exactly (the ODE-jump).
 
 
 def _denoise(D, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.as_tensor(D(x, sigma)).to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
 
-def euler_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float):
+def euler_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float, prev=None):
     """One Euler step of the PF-ODE from sigma to sigma_next (1 NFE).
 
-    ``x' = x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma) (x - D)``;
-    with sigma_next = 0 this is the ODE-jump and returns D exactly.
-    x: (B, *shape). Returns ``(x_next, D(x; sigma))``, both like x.
+    1. ``denoised = D(x; sigma)``; if sigma_next = 0, return it (the ODE-jump).
+    2. ``d = (x - denoised) / sigma`` and ``x' = x + (sigma_next - sigma) d``.
     """
     denoised = _denoise(D, x, sigma)
     if sigma_next == 0:
@@ -97,14 +90,14 @@ def euler_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float):
     return x + (sigma_next - sigma) * d, denoised
 
 
-def heun_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float):
+def heun_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float, prev=None):
     """One step of EDM's Algorithm 1 (Heun's 2nd-order method; 2 NFE, 1 when sigma_next = 0).
 
-    1. ``d = (x - D(x; sigma)) / sigma``; Euler ``x' = x + (sigma_next - sigma) d``.
-    2. If sigma_next != 0: ``d' = (x' - D(x'; sigma_next)) / sigma_next`` and
-       ``x' = x + (sigma_next - sigma) (d + d') / 2``; if sigma_next = 0 the Euler step
-       is kept, and returned exactly as ``D`` (the ODE-jump).
-    Returns ``(x_next, D(x; sigma))``.
+    1. ``denoised = D(x; sigma)``; if sigma_next = 0, return it (the Euler step would be
+       the same point up to rounding; the ODE-jump returns it exactly).
+    2. Euler: ``d = (x - denoised) / sigma``, ``x' = x + (sigma_next - sigma) d``.
+    3. Correction: ``d' = (x' - D(x'; sigma_next)) / sigma_next`` and
+       ``x' = x + (sigma_next - sigma) (d + d') / 2``.
     """
     denoised = _denoise(D, x, sigma)
     if sigma_next == 0:
@@ -115,69 +108,44 @@ def heun_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float):
     return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime), denoised
 
 
-def dpmpp2m_step(
-    D: Denoise,
-    x: torch.Tensor,
-    sigma: float,
-    sigma_next: float,
-    old_denoised: torch.Tensor | None = None,
-    sigma_prev: float | None = None,
-):
+def dpmpp2m_step(D: Denoise, x: torch.Tensor, sigma: float, sigma_next: float, prev=None):
     """One step of DPM-Solver++(2M) in k-diffusion's sigma / log-sigma parametrization (1 NFE).
 
     With ``t = -log sigma`` and ``h = t_next - t``:
-    1. first order (no history, or sigma_next = 0):
-       ``x' = (sigma_next / sigma) x - expm1(-h) D`` (= D when sigma_next = 0);
-    2. otherwise, with ``r = (t - t_prev) / h``,
-       ``D_d = (1 + 1 / (2r)) D - (1 / (2r)) D_prev`` and
+    1. ``denoised = D(x; sigma)``; if sigma_next = 0, return it.
+    2. First order (the first step, ``prev`` None):
+       ``x' = (sigma_next / sigma) x - expm1(-h) denoised``.
+    3. Otherwise, with ``(sigma_prev, denoised_prev) = prev`` and ``r = (t - t_prev) / h``:
+       ``D_d = (1 + 1 / (2r)) denoised - (1 / (2r)) denoised_prev`` and
        ``x' = (sigma_next / sigma) x - expm1(-h) D_d``.
-    old_denoised / sigma_prev: D and sigma of the previous step (None on the first step).
-    Returns ``(x_next, D(x; sigma))``; pass ``denoised`` as ``old_denoised`` next time.
     """
     denoised = _denoise(D, x, sigma)
     if sigma_next == 0:
         return denoised.clone(), denoised
     h = math.log(sigma) - math.log(sigma_next)
     coef = -math.expm1(-h)  # = 1 - sigma_next / sigma
-    if old_denoised is None or sigma_prev is None:
+    if prev is None:
         d_used = denoised
     else:
-        h_last = math.log(sigma_prev) - math.log(sigma)
-        r = h_last / h
+        sigma_prev, old_denoised = prev
+        r = (math.log(sigma_prev) - math.log(sigma)) / h
         d_used = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
     return (sigma_next / sigma) * x + coef * d_used, denoised
 
 
-def edm_stochastic_step(
-    D: Denoise,
-    x: torch.Tensor,
-    sigma: float,
-    sigma_next: float,
-    gamma: float = 0.0,
-    noise: torch.Tensor | None = None,
-    S_noise: float = 1.0,
-):
-    """One step of EDM's Algorithm 2 (stochastic sampler).
+def churn(x: torch.Tensor, sigma: float, gamma: float, noise: torch.Tensor | None, S_noise: float = 1.0):
+    """Step 1 of EDM's Algorithm 2: raise the noise level from sigma to ``sigma_hat = (1 + gamma) sigma``.
 
-    1. Churn: ``sigma_hat = (1 + gamma) sigma``,
-       ``x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps`` (eps = ``noise``, like x).
-    2. Euler from sigma_hat to sigma_next: ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``.
-    3. Second-order correction as in Heun when sigma_next != 0.
-    With gamma = 0 this is exactly ``heun_step``. Returns ``(x_next, D(x_hat; sigma_hat))``.
+    ``x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps`` (eps = ``noise``, like x;
+    needed when gamma > 0). Returns ``(x_hat, sigma_hat)``; the step from sigma_hat to
+    sigma_next is then Heun's (steps 2-3 of Algorithm 2 are Algorithm 1's).
     """
     sigma_hat = sigma * (1.0 + gamma)
-    x_hat = x
-    if gamma > 0:
-        if noise is None:
-            raise InputError("noise: required when gamma > 0")
-        x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * noise.to(device=x.device, dtype=x.dtype)
-    denoised = _denoise(D, x_hat, sigma_hat)
-    if sigma_next == 0:
-        return denoised.clone(), denoised
-    d = (x_hat - denoised) / sigma_hat
-    x_next = x_hat + (sigma_next - sigma_hat) * d
-    d_prime = (x_next - _denoise(D, x_next, sigma_next)) / sigma_next
-    return x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime), denoised
+    if gamma <= 0:
+        return x, sigma_hat
+    if noise is None:
+        raise InputError("noise: required when gamma > 0")
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * noise.to(device=x.device, dtype=x.dtype), sigma_hat
 
 
 def churn_gamma(sigma: float, steps: int, S_churn: float, S_min: float, S_max: float) -> float:
@@ -188,69 +156,73 @@ def churn_gamma(sigma: float, steps: int, S_churn: float, S_min: float, S_max: f
 
 
 # ---------------------------------------------------------------------------------------
-# Calling a user denoiser: device, dtype, labels, shape checks, NFE count.
+# The table of solvers.
 
 
-def _infer_device(den) -> torch.device:
-    dev = getattr(den, "device", None)
-    if isinstance(dev, (torch.device, str)):
-        return torch.device(dev)
-    if isinstance(den, torch.nn.Module):
-        for p in den.parameters():
-            return p.device
-        for b in den.buffers():
-            return b.device
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class Solver:
+    """One entry of ``SOLVERS``.
 
-
-def _infer_dtype(den) -> torch.dtype:
-    if isinstance(den, torch.nn.Module):
-        for p in den.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return torch.float64
-
-
-class _DenoiserCall:
-    """Calls ``den(x, sigma[, labels=...])`` on float64 state and returns float64.
-
-    x: (B, *shape) float64 on ``device``; sigma: a float or a (B,) tensor. The denoiser
-    receives x cast to ``dtype`` and sigma as a (B,) tensor of that dtype on ``device``;
-    ``labels`` (B,) are passed as a keyword only when given. ``calls`` counts batched
-    evaluations.
+    step: ``step(D, x, sigma, sigma_next, prev) -> (x_next, denoised)`` (see the steps above).
+    options: the keyword options ``sample`` accepts for it, with their defaults.
+    churns: add EDM's churn noise (``churn``) before each step (options S_churn, S_min,
+        S_max, S_noise).
+    description: one line for ``--help`` texts.
     """
 
-    def __init__(self, den, device=None, dtype=None):
-        if not callable(den):
-            raise DtypeError(f"den: expected a callable denoiser D(x, sigma), got {type(den).__name__}")
-        self.den = den
-        self.device = torch.device(device) if device is not None else _infer_device(den)
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise DtypeError(f"dtype: expected a floating torch dtype, got {dtype!r}")
-        self.dtype = dtype if dtype is not None else _infer_dtype(den)
-        self.calls = 0
+    step: Callable
+    options: dict = field(default_factory=dict)
+    churns: bool = False
+    description: str = ""
 
-    def __call__(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
-        b = x.shape[0]
-        if isinstance(sigma, torch.Tensor):
-            s = sigma.to(device=self.device, dtype=self.dtype).reshape(-1).expand(b) if sigma.numel() == 1 \
-                else sigma.to(device=self.device, dtype=self.dtype).reshape(b)
-        else:
-            s = torch.full((b,), float(sigma), device=self.device, dtype=self.dtype)
-        xin = x.to(device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            out = self.den(xin, s) if labels is None else self.den(xin, s, labels=labels)
-        self.calls += 1
-        out = torch.as_tensor(out)
-        if out.numel() != x.numel():
-            raise InputError(
-                f"den: returned a tensor of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}"
-            )
-        return out.to(device=x.device, dtype=torch.float64).reshape(x.shape)
 
-    def bind(self, labels: torch.Tensor | None) -> Denoise:
-        """D(x, sigma) with this batch's labels attached."""
-        return lambda x, sigma: self(x, sigma, labels)
+#: Solver names accepted by ``sample`` and what each runs.
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(euler_step, description="Euler (1 NFE per step)"),
+    "heun": Solver(heun_step, description="EDM Algorithm 1: Heun's 2nd-order method (2 NFE per step)"),
+    "dpmpp2m": Solver(dpmpp2m_step, description="DPM-Solver++(2M) (1 NFE per step)"),
+    "edm_stochastic": Solver(
+        heun_step, {"S_churn": 0.0, "S_min": 0.0, "S_max": math.inf, "S_noise": 1.0}, churns=True,
+        description="EDM Algorithm 2: churn noise, then a Heun step (S_churn = 0: Heun)",
+    ),
+}
+_SOLVER_ALIASES = {
+    "dpmpp_2m": "dpmpp2m",
+    "dpm++2m": "dpmpp2m",
+    "dpm_solver++2m": "dpmpp2m",
+    "stochastic": "edm_stochastic",
+    "edm_sde": "edm_stochastic",
+}
+
+
+def get_solver(solver) -> str:
+    """The canonical name of a solver (aliases such as "dpmpp_2m" accepted); InputError otherwise."""
+    if not isinstance(solver, str):
+        raise DtypeError(f"solver: expected a name, one of {', '.join(SOLVERS)}; got {solver!r}")
+    key = solver.strip().lower().replace("-", "_")
+    key = _SOLVER_ALIASES.get(key, key)
+    if key not in SOLVERS:
+        raise InputError(f"solver: unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+    return key
+
+
+def solver_options(solver: str, kw: dict) -> dict:
+    """The options of ``solver`` (a canonical name): its defaults updated with ``kw``, checked."""
+    accepted = SOLVERS[solver].options
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        hint = f"accepted: {', '.join(accepted)}" if accepted else "it takes no options"
+        raise InputError(f"unknown option(s) {', '.join(unknown)} for solver {solver!r}; {hint}")
+    opts = dict(accepted)
+    for k, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(float(v)):
+            raise InputError(f"{k}: expected a number, got {v!r}")
+        opts[k] = float(v)
+    if opts.get("S_churn", 0.0) < 0 or opts.get("S_noise", 1.0) < 0:
+        raise InputError("S_churn and S_noise must be >= 0")
+    if opts.get("S_min", 0.0) > opts.get("S_max", math.inf):
+        raise InputError(f"S_min must be <= S_max, got S_min={opts['S_min']}, S_max={opts['S_max']}")
+    return opts
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,71 +331,31 @@ class SampleRun:
 
 
 # ---------------------------------------------------------------------------------------
-# Public entry points.
+# The driver.
 
 
-def _solver_name(solver) -> str:
-    if not isinstance(solver, str):
-        raise DtypeError(f"solver: expected a name, one of {', '.join(SOLVERS)}; got {solver!r}")
-    key = solver.strip().lower().replace("-", "_")
-    key = _SOLVER_ALIASES.get(key, key)
-    if key not in SOLVERS:
-        raise InputError(f"solver: unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
-    return key
+@dataclass
+class _Plan:
+    """The grid of one run. sig: the schedule's sigmas (floats, ending with 0); gammas:
+    churn per step; steps: N; k_stop: the ODE-jump index (None: integrate to 0);
+    K: the denoising-trajectory entries (N, or k_stop + 1)."""
 
+    sig: list
+    gammas: list
+    steps: int
+    k_stop: int | None
 
-def _solver_options(solver: str, kw: dict) -> dict:
-    accepted = _SOLVER_OPTIONS[solver]
-    unknown = sorted(set(kw) - set(accepted))
-    if unknown:
-        hint = f"accepted: {', '.join(accepted)}" if accepted else "it takes no options"
-        raise InputError(f"unknown option(s) {', '.join(unknown)} for solver {solver!r}; {hint}")
-    opts = dict(accepted)
-    for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(float(v)):
-            raise InputError(f"{k}: expected a number, got {v!r}")
-        opts[k] = float(v)
-    if opts.get("S_churn", 0.0) < 0 or opts.get("S_noise", 1.0) < 0:
-        raise InputError("S_churn and S_noise must be >= 0")
-    if solver == "edm_stochastic" and opts["S_min"] > opts["S_max"]:
-        raise InputError(f"S_min must be <= S_max, got S_min={opts['S_min']}, S_max={opts['S_max']}")
-    return opts
+    @property
+    def K(self) -> int:
+        return self.steps if self.k_stop is None else self.k_stop + 1
 
+    @property
+    def integrated(self) -> int:
+        """Solver steps before the ODE-jump (all N without one)."""
+        return self.steps if self.k_stop is None else self.k_stop
 
-def _image_shape(den, shape) -> tuple:
-    if shape is None:
-        shape = getattr(den, "image_shape", None)
-        if shape is None:
-            raise InputError("shape: required when the denoiser has no image_shape attribute")
-    if isinstance(shape, numbers.Integral):
-        shape = (int(shape),)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 0 or any(s < 1 for s in shape):
-        raise InputError(f"shape: expected a non-empty tuple of positive sizes, got {shape}")
-    return shape
-
-
-def _labels(labels, n: int) -> torch.Tensor | None:
-    if labels is None:
-        return None
-    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
-        return torch.full((n,), int(labels), dtype=torch.int64)
-    t = as_tensor(labels, "labels")
-    if t.is_floating_point():
-        raise DtypeError(f"labels: expected integer class labels, got dtype {t.dtype}")
-    t = t.reshape(-1).to(torch.int64)
-    if t.numel() != n:
-        raise InputError(f"labels: expected one label per sample ({n}), got {t.numel()}")
-    return t
-
-
-def _progress_enabled(progress) -> bool:
-    if progress is None:
-        try:
-            return sys.stderr.isatty()
-        except (AttributeError, ValueError):
-            return False
-    return bool(progress)
+    def sigma_hat(self, i: int) -> float:
+        return self.sig[i] * (1.0 + self.gammas[i])
 
 
 def _stop_index(sigmas: torch.Tensor, sigma_stop) -> int | None:
@@ -439,15 +371,43 @@ def _stop_index(sigmas: torch.Tensor, sigma_stop) -> int | None:
     return None if k == sigmas.numel() - 1 else k
 
 
-def _check_points(den, x, name: str) -> torch.Tensor:
-    """Validate a batch (n, *shape) of points: finite, non-empty, ``den.d`` values each
-    when the denoiser declares ``d``. Returns a float64 CPU tensor."""
-    t = as_tensor(x, name)
-    if t.dim() < 2:
-        raise InputError(f"{name}: expected a batch of shape (n, *shape), got shape {tuple(t.shape)}")
-    d = getattr(den, "d", None)
-    d = d if isinstance(d, numbers.Integral) else int(np.prod(t.shape[1:]))
-    return check_queries(t, int(d), name).detach().to("cpu", torch.float64)
+def _run_batch(D: Denoise, u: torch.Tensor, plan: _Plan, solver: Solver, opts: dict, noise, rows: slice,
+               traj, dens, callback, bar) -> torch.Tensor:
+    """Integrate one batch (rows of the run) from u = x_T / s_0 and return its samples.
+
+    noise(i): this batch's churn noise at step i (None for solvers without churn).
+    traj / dens: the run's recorded trajectories (None unless ``record``), filled at ``rows``.
+    """
+    if traj is not None:
+        traj[0, rows] = u.cpu()
+    prev = None
+    for i in range(plan.integrated):
+        sigma, sigma_next = plan.sig[i], plan.sig[i + 1]
+        # 1. EDM's churn (Algorithm 2, step 1): x_hat at sigma_hat (x, sigma when gamma = 0)
+        x_hat, sigma_hat = u, plan.sigma_hat(i)
+        if solver.churns and plan.gammas[i] > 0:
+            x_hat, sigma_hat = churn(u, sigma, plan.gammas[i], noise(i), opts["S_noise"])
+        # 2. the solver's step from sigma_hat to sigma_next
+        u, den_i = solver.step(D, x_hat, sigma_hat, sigma_next, prev)
+        prev = (sigma, den_i)
+        # 3. record and report
+        if traj is not None:
+            traj[i + 1, rows] = u.cpu()
+            dens[i, rows] = den_i.cpu()
+        if callback is not None:
+            callback({"x": x_hat, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": den_i})
+        bar.update(1)
+    if plan.k_stop is not None:
+        # 4. ODE-jump from the first grid sigma <= sigma_stop straight to 0.
+        sigma = plan.sig[plan.k_stop]
+        x_hat, u = u, D(u, sigma)
+        if traj is not None:
+            traj[plan.K, rows] = u.cpu()
+            dens[plan.K - 1, rows] = u.cpu()
+        if callback is not None:
+            callback({"x": x_hat, "i": plan.k_stop, "sigma": sigma, "sigma_hat": sigma, "denoised": u})
+        bar.update(1)
+    return u
 
 
 def ode_jump(den, x, sigma, labels=None, device=None, dtype=None) -> torch.Tensor:
@@ -456,10 +416,10 @@ def ode_jump(den, x, sigma, labels=None, device=None, dtype=None) -> torch.Tenso
     x: (n, *shape) in the scaled coordinate; sigma: a positive float or (n,).
     Returns (n, *shape) float64 on the CPU.
     """
-    t = _check_points(den, x, "x")
+    t = check_points(den, x, "x")
     s = check_sigma(sigma, t.shape[0], "sigma")
-    call = _DenoiserCall(den, device, dtype)
-    lab = _labels(labels, t.shape[0])
+    call = DenoiserCall(den, device, dtype)
+    lab = as_labels(labels, t.shape[0])
     u = t.to(device=call.device, dtype=torch.float64)
     return call(u, s, None if lab is None else lab.to(call.device)).cpu()
 
@@ -480,6 +440,7 @@ def sample(
     progress: bool | None = None,
     device=None,
     dtype: torch.dtype | None = None,
+    callback: Callable[[dict], None] | None = None,
     **solver_kwargs,
 ) -> SampleRun:
     """Sample with any denoiser ``D(x, sigma)`` by a PF-ODE solver (or EDM's SDE sampler).
@@ -487,9 +448,9 @@ def sample(
     den: the denoiser (``OptimalDenoiser`` or any callable with the EDM signature).
     n: number of samples (ignored when ``x_T`` is given: its batch size is used).
     steps: solver steps N for a named schedule (a list / ``Schedule`` defines its own).
-    solver: ``"euler"``, ``"heun"`` (EDM Algorithm 1), ``"dpmpp2m"`` (DPM-Solver++(2M)),
-        ``"edm_stochastic"`` (EDM Algorithm 2; options S_churn=0, S_min=0, S_max=inf,
-        S_noise=1 through ``solver_kwargs``).
+    solver: a name of ``SOLVERS``: ``"euler"``, ``"heun"`` (EDM Algorithm 1),
+        ``"dpmpp2m"`` (DPM-Solver++(2M)), ``"edm_stochastic"`` (EDM Algorithm 2; options
+        S_churn=0, S_min=0, S_max=inf, S_noise=1 through ``solver_kwargs``).
     schedule: a name (``"edm"``, ``"polynomial"``, ``"loguniform"``, ``"vp"``, ``"flow"``), a
         list of sigmas, or a ``Schedule`` from ``get_schedule`` (to set its options).
     seed: int or CPU ``torch.Generator``: x_T = s_0 sigma_0 randn((n, *shape), float64).
@@ -498,106 +459,83 @@ def sample(
     x_T: (n, *shape) initial points in the original coordinate x (replaces the noise).
     sigma_stop: ODE-jump: integrate down to the first grid sigma <= sigma_stop, then
         return ``D(x; sigma)`` there as the sample.
-    labels: per-sample class labels (n,) (or one int), passed as ``D(x, sigma, labels=...)``.
+    labels: per-sample class labels (n,) (or one int), passed as ``D(x, sigma, labels)``.
     batch_size: samples per batch (default: all n at once).
     progress: tqdm bar (default: only when stderr is a terminal).
     device / dtype: where and in which dtype D is called (default: ``den.device`` or the
         module's parameter device; float64, or a module's parameter dtype).
+    callback: called after every step of every batch with k-diffusion's dict ``{"x": the
+        point D was evaluated at (after EDM's churn), "i": the step, "sigma": sigma_i,
+        "sigma_hat": the sigma D was evaluated at, "denoised": D there}`` (scaled
+        coordinate; a batch's rows; batches run one after another).
 
     Returns a ``SampleRun`` (see its docstring for shapes and coordinates).
     """
     t_start = time.perf_counter()
-    # 1. Arguments.
-    solver = _solver_name(solver)
-    opts = _solver_options(solver, solver_kwargs)
+    # 1. Arguments: solver, schedule, denoiser, starting noise, labels, batches.
+    name = get_solver(solver)
+    slv = SOLVERS[name]
+    opts = solver_options(name, solver_kwargs)
     sched = get_schedule(schedule, steps if isinstance(schedule, str) else None)
     sigmas, scales = sched.sigmas, sched.scales
     N = sched.steps
-    call = _DenoiserCall(den, device, dtype)
+    call = DenoiserCall(den, device, dtype)
+    gen = _generator(seed)
     if x_T is not None:
-        xT = _check_points(den, x_T, "x_T").clone()
+        xT = check_points(den, x_T, "x_T").clone()
         shp = tuple(xT.shape[1:])
-        if shape is not None and _image_shape(den, shape) != shp:
+        if shape is not None and image_shape_of(den, shape) != shp:
             raise InputError(f"x_T: shape {tuple(xT.shape)} does not match shape={tuple(shape)}")
         n = xT.shape[0]
-        gen = _generator(seed)
     else:
         n = check_positive_int(n, "n")
-        shp = _image_shape(den, shape)
-        gen = _generator(seed)
+        shp = image_shape_of(den, shape)
         xT = draw_x_T(n, shp, float(sigmas[0]), float(scales[0]), gen)
-    lab = _labels(labels, n)
+    lab = as_labels(labels, n)
     bs = n if batch_size is None else check_positive_int(batch_size, "batch_size")
-    k_stop = _stop_index(sigmas, sigma_stop)
-    K = N if k_stop is None else k_stop + 1  # entries of the recorded denoising trajectory
-    churn = None
-    if solver == "edm_stochastic" and opts["S_churn"] > 0:
-        base = int(torch.randint(0, 2**62, (1,), generator=gen))
-        churn = _ChurnNoise(base, n, shp)
+    if callback is not None and not callable(callback):
+        raise DtypeError(f"callback: expected a callable taking a dict, got {type(callback).__name__}")
+
+    # 2. The grid: sigmas, EDM's churn per step, the ODE-jump.
     sig = [float(s) for s in sigmas]
-    gammas = [
-        churn_gamma(sig[i], N, opts["S_churn"], opts["S_min"], opts["S_max"]) if solver == "edm_stochastic" else 0.0
-        for i in range(N)
-    ]
+    gammas = [churn_gamma(sig[i], N, opts["S_churn"], opts["S_min"], opts["S_max"]) if slv.churns else 0.0
+              for i in range(N)]
+    plan = _Plan(sig, gammas, N, _stop_index(sigmas, sigma_stop))
+    churn_noise = None
+    if slv.churns and opts["S_churn"] > 0:
+        churn_noise = _ChurnNoise(int(torch.randint(0, 2**62, (1,), generator=gen)), n, shp)
 
-    # 2. Outputs (CPU, float64).
+    # 3. Outputs (CPU, float64), then the batches: state u = x / s in float64 on the denoiser's device.
     samples = torch.empty((n, *shp), dtype=torch.float64)
-    traj = torch.empty((K + 1, n, *shp), dtype=torch.float64) if record else None
-    dens = torch.empty((K, n, *shp), dtype=torch.float64) if record else None
-
-    # 3. Batches: state u = x / s in float64 on the denoiser's device.
+    traj = torch.empty((plan.K + 1, n, *shp), dtype=torch.float64) if record else None
+    dens = torch.empty((plan.K, n, *shp), dtype=torch.float64) if record else None
     from tqdm.auto import tqdm
 
     n_batches = (n + bs - 1) // bs
-    bar = tqdm(total=n_batches * K, desc=f"sample[{solver}]", unit="step", disable=not _progress_enabled(progress))
+    bar = tqdm(total=n_batches * plan.K, desc=f"sample[{name}]", unit="step", disable=not progress_enabled(progress))
     nfe = 0
     try:
         for b0 in range(0, n, bs):
             b1 = min(n, b0 + bs)
             D = call.bind(None if lab is None else lab[b0:b1].to(call.device))
+            noise = None if churn_noise is None else (lambda i, b0=b0, b1=b1: churn_noise(i, b0, b1))
             calls_before = call.calls
             u = (xT[b0:b1] / float(scales[0])).to(call.device)
-            if record:
-                traj[0, b0:b1] = u.cpu()
-            old_den = None
-            for i in range(K if k_stop is None else k_stop):
-                s_cur, s_next = sig[i], sig[i + 1]
-                if solver == "euler":
-                    u, den_i = euler_step(D, u, s_cur, s_next)
-                elif solver == "heun":
-                    u, den_i = heun_step(D, u, s_cur, s_next)
-                elif solver == "dpmpp2m":
-                    u, den_i = dpmpp2m_step(D, u, s_cur, s_next, old_den, sig[i - 1] if i > 0 else None)
-                    old_den = den_i
-                else:
-                    noise = churn(i, b0, b1) if gammas[i] > 0 else None
-                    u, den_i = edm_stochastic_step(D, u, s_cur, s_next, gammas[i], noise, opts["S_noise"])
-                if record:
-                    traj[i + 1, b0:b1] = u.cpu()
-                    dens[i, b0:b1] = den_i.cpu()
-                bar.update(1)
-            if k_stop is not None:
-                # ODE-jump from the first grid sigma <= sigma_stop straight to 0.
-                u = D(u, sig[k_stop])
-                if record:
-                    traj[K, b0:b1] = u.cpu()
-                    dens[K - 1, b0:b1] = u.cpu()
-                bar.update(1)
+            u = _run_batch(D, u, plan, slv, opts, noise, slice(b0, b1), traj, dens, callback, bar)
             samples[b0:b1] = u.cpu()
             nfe = call.calls - calls_before
     finally:
         bar.close()
 
     # 4. The grid actually used.
-    if k_stop is None:
+    if plan.k_stop is None:
         used_sig, used_sc = sigmas.clone(), scales.clone()
-        eval_sig = torch.tensor([sig[i] * (1.0 + gammas[i]) for i in range(N)], dtype=torch.float64)
+        eval_sig = torch.tensor([plan.sigma_hat(i) for i in range(N)], dtype=torch.float64)
     else:
-        used_sig = torch.cat([sigmas[: k_stop + 1], sigmas.new_zeros(1)])
-        used_sc = torch.cat([scales[: k_stop + 1], scales.new_ones(1)])
-        eval_sig = torch.tensor(
-            [sig[i] * (1.0 + gammas[i]) for i in range(k_stop)] + [sig[k_stop]], dtype=torch.float64
-        )
+        k = plan.k_stop
+        used_sig = torch.cat([sigmas[: k + 1], sigmas.new_zeros(1)])
+        used_sc = torch.cat([scales[: k + 1], scales.new_ones(1)])
+        eval_sig = torch.tensor([plan.sigma_hat(i) for i in range(k)] + [sig[k]], dtype=torch.float64)
     return SampleRun(
         samples=samples,
         trajectory=traj,
@@ -608,7 +546,7 @@ def sample(
         x_T=xT,
         nfe=nfe,
         seconds=time.perf_counter() - t_start,
-        solver=solver,
+        solver=name,
         schedule=sched.name,
         sigma_stop=None if sigma_stop is None else float(sigma_stop),
         solver_options=opts,

@@ -1,7 +1,7 @@
 """Noise schedules: the (s, sigma) grids that samplers step along.
 
 EDM's general form writes a noisy sample as ``x = s(t) * (x0 + sigma(t) * n)``
-(DESIGN.md section 1). A schedule is the decreasing grid of ``sigma_i`` a sampler visits,
+(docs/design.md, "The math"). A schedule is the decreasing grid of ``sigma_i`` a sampler visits,
 ending with ``sigma_N = 0``, together with the scale ``s_i`` at each point:
 
 - VE schedules (``"edm"``, ``"polynomial"``, ``"loguniform"``, a user list): ``s = 1``.
@@ -57,7 +57,7 @@ class Schedule:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        sig = _check_sigma_list(self.sigmas, "sigmas")
+        sig = check_sigma_list(self.sigmas, "sigmas")
         object.__setattr__(self, "sigmas", sig)
         if self.scales is None:
             sc = torch.ones_like(sig)
@@ -123,7 +123,7 @@ def _as_float64_vector(values, name: str) -> torch.Tensor:
     return t.clone()
 
 
-def _check_sigma_list(values, name: str) -> torch.Tensor:
+def check_sigma_list(values, name: str) -> torch.Tensor:
     """Validate a user sigma grid; returns (K + 1,) float64 ending with 0.
 
     Accepts finite values, positive and strictly decreasing, optionally ending with a

@@ -117,3 +117,15 @@ def test_bad_values_exit_2(argv, needle, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "error" in err and needle in err
+
+
+def test_every_listed_command_exists(capsys):
+    """``optden --help`` lists exactly the subcommand modules of optden/commands/."""
+    from optden.cli import COMMANDS, build_parser
+
+    lines = build_parser().format_help().split("positional arguments:", 1)[1].splitlines()
+    listed = [ln.split()[0] for ln in lines if ln.startswith("    ") and not ln.startswith("     ")]
+    assert listed == list(COMMANDS)
+    with pytest.raises(SystemExit):
+        main(["bench"])  # never was a command: benchmarks are bench/*.py (make bench)
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

@@ -234,3 +234,28 @@ def test_gaussian_fit_matches_numpy(digits_u8):
     torch.testing.assert_close(g(x, 0.5), g2(x, 0.5), rtol=1e-9, atol=1e-9)
     with pytest.raises(InputError, match="cov"):
         GaussianDenoiser(torch.zeros(3), torch.zeros(2, 2))
+
+
+def test_callback_sees_every_step_of_every_batch(rng):
+    """k-diffusion's callback dict after every step: with EDM's churn, x is the churned point and
+    sigma_hat > sigma where gamma > 0; the recorded denoising trajectory is what it reports."""
+    y = rng.standard_normal((9, 6))
+    den = optden.OptimalDenoiser(float_dataset(y))
+    seen = []
+    run = optden.sample(den, n=5, steps=5, solver="edm_stochastic", seed=2, record=True, batch_size=3,
+                        callback=seen.append, S_churn=2.0, S_min=0.05, S_max=10.0)
+    assert [d["i"] for d in seen] == list(range(5)) * 2  # two batches, five steps each
+    for d in seen:
+        rows = slice(0, 3) if d["x"].shape[0] == 3 else slice(3, 5)
+        i = d["i"]
+        assert d["sigma"] == float(run.sigmas[i]) and d["sigma_hat"] == float(run.eval_sigmas[i])
+        assert torch.equal(d["denoised"], run.denoised[i, rows])
+        churned = 0.05 <= d["sigma"] <= 10.0
+        assert (d["sigma_hat"] > d["sigma"]) == churned
+        assert torch.equal(d["x"], run.trajectory[i, rows]) != churned  # x_hat differs from x_i when churned
+    # sigma_stop: the ODE-jump is the last report, at the stop sigma
+    jumped = []
+    run = optden.sample(den, n=2, steps=8, seed=1, sigma_stop=0.5, callback=jumped.append)
+    assert jumped[-1]["i"] == run.sigmas.numel() - 2 and torch.equal(jumped[-1]["denoised"], run.samples)
+    with pytest.raises(DtypeError, match="callback"):
+        optden.sample(den, n=2, steps=3, callback="print")

@@ -103,7 +103,7 @@ def _fmt_s(t: float) -> str:
 def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
     import torch
 
-    from ..analysis import score_deviation
+    from ..deviation import score_deviation
     from ..gaussian import GaussianDenoiser
     from ..geometry import trajectory_geometry
     from ..meanshift import annealed_mean_shift, mean_shift

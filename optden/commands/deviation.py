@@ -45,7 +45,7 @@ def load_model(spec: str, ds, device: str):
 
 
 def run(args) -> int:
-    from ..analysis import DEVIATION_KINDS, score_deviation
+    from ..deviation import DEVIATION_KINDS, score_deviation
     from ..plot import deviation_curves
 
     ds = open_dataset(args.data, args.max_rows, args.seed)

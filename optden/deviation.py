@@ -6,7 +6,7 @@ form, ...) and the empirical optimal denoiser ``D*``, both started from the same
 
     ||D_theta(x; sigma) - D*(x; sigma)||      and in score units   ||D_theta - D*|| / sigma^2
 
-is measured at each grid sigma in three ways (DESIGN.md section 1):
+is measured at each grid sigma in three ways (docs/design.md, "The math"):
 
 - ``"model"``:   at the points of the model's own sampling trajectory ``x^theta_t``;
 - ``"optimal"``: at the points of the optimal sampling trajectory ``x*_t`` (the model
@@ -30,7 +30,8 @@ import torch
 from .errors import InputError
 from .geometry import TrajectoryGeometry, trajectory_geometry
 from .memorization import Memorization, memorization
-from .sampling import SampleRun, _DenoiserCall, _solver_name, sample
+from .calling import DenoiserCall
+from .sampling import SampleRun, get_solver, sample
 from .schedules import get_schedule
 
 __all__ = [
@@ -141,7 +142,7 @@ def _levels(quantiles) -> torch.Tensor:
     return q
 
 
-def _eval_on(call: _DenoiserCall, run: SampleRun, batch_size: int) -> torch.Tensor:
+def _eval_on(call: DenoiserCall, run: SampleRun, batch_size: int) -> torch.Tensor:
     """The denoiser at every trajectory point x_t of ``run`` (t < K): (K, n, *shape) float64 CPU."""
     K, n = run.steps, run.samples.shape[0]
     out = torch.empty((K, *run.samples.shape), dtype=torch.float64)
@@ -188,7 +189,7 @@ def score_deviation(
     Returns a ``ScoreDeviation`` with the three kinds ``model``, ``optimal``, ``paired``.
     """
     t0 = time.perf_counter()
-    solver = _solver_name(solver)
+    solver = get_solver(solver)
     if solver not in ("euler", "heun", "dpmpp2m"):
         raise InputError(f"solver: the score deviation needs a deterministic ODE solver (euler, heun, dpmpp2m), got {solver!r}")
     if not callable(model):
@@ -210,8 +211,8 @@ def score_deviation(
     mod_run = sample(model, batch_size=batch_size, device=model_device, dtype=model_dtype, **common)
     bs = x_start.shape[0] if batch_size is None else batch_size
 
-    den_call = _DenoiserCall(den)
-    model_call = _DenoiserCall(model, model_device, model_dtype)
+    den_call = DenoiserCall(den)
+    model_call = DenoiserCall(model, model_device, model_dtype)
     dstar_on_model = _eval_on(den_call, mod_run, bs)  # D* at x^theta_t
     model_on_opt = _eval_on(model_call, opt_run, bs)  # D_theta at x*_t
     sig = opt_run.eval_sigmas

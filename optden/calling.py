@@ -1,0 +1,146 @@
+"""How optden calls any denoiser ``D(x, sigma)``: the one adapter of the samplers, mean
+shift, the score deviation and sampling jobs.
+
+The convention is EDM's and k-diffusion's: ``D(x, sigma)`` with x (B, *shape) and sigma a
+(B,) tensor, returning a tensor with x's values; class labels, when there are any, are
+the third positional argument, as EDM's ``net(x, sigma, class_labels)``.
+``optden.OptimalDenoiser`` is such a denoiser, and so is a trained network or any
+closed form (``optden.GaussianDenoiser``).
+
+:class:`DenoiserCall` keeps the caller's state in float64 whatever the denoiser computes
+in: x is cast to the denoiser's dtype (an ``nn.Module``'s parameter dtype, or ``dtype=``)
+on its device, the output comes back as float64 in x's shape, and every batched call is
+counted (the NFE of a sampler).
+"""
+from __future__ import annotations
+
+import numbers
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import DtypeError, InputError
+from .validate import as_tensor, check_queries
+
+__all__ = ["Denoise", "DenoiserCall", "infer_device", "infer_dtype", "as_labels", "check_points",
+           "image_shape_of", "progress_enabled"]
+
+#: A denoiser as the samplers' step functions see it: ``D(x, sigma) -> D(x; sigma)``.
+Denoise = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def infer_device(den) -> torch.device:
+    """Where to call ``den``: its ``device`` attribute, a module's first parameter or
+    buffer, else the CPU."""
+    dev = getattr(den, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    if isinstance(den, torch.nn.Module):
+        for p in den.parameters():
+            return p.device
+        for b in den.buffers():
+            return b.device
+    return torch.device("cpu")
+
+
+def infer_dtype(den) -> torch.dtype:
+    """The dtype to call ``den`` in: a module's floating parameter dtype, else float64."""
+    if isinstance(den, torch.nn.Module):
+        for p in den.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float64
+
+
+class DenoiserCall:
+    """Calls ``den(x, sigma[, class_labels])`` on float64 state and returns float64.
+
+    x: (B, *shape) float64 on ``device``; sigma: a float or a (B,) tensor. The denoiser
+    receives x cast to ``dtype`` and sigma as a (B,) tensor of that dtype on ``device``;
+    class labels (B,) are passed as the third positional argument, only when given.
+    ``calls`` counts batched evaluations.
+    """
+
+    def __init__(self, den, device=None, dtype=None):
+        if not callable(den):
+            raise DtypeError(f"den: expected a callable denoiser D(x, sigma), got {type(den).__name__}")
+        self.den = den
+        self.device = torch.device(device) if device is not None else infer_device(den)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise DtypeError(f"dtype: expected a floating torch dtype, got {dtype!r}")
+        self.dtype = dtype if dtype is not None else infer_dtype(den)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0]
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.to(device=self.device, dtype=self.dtype).reshape(-1).expand(b) if sigma.numel() == 1 \
+                else sigma.to(device=self.device, dtype=self.dtype).reshape(b)
+        else:
+            s = torch.full((b,), float(sigma), device=self.device, dtype=self.dtype)
+        xin = x.to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            out = self.den(xin, s) if labels is None else self.den(xin, s, labels)
+        self.calls += 1
+        out = torch.as_tensor(out)
+        if out.numel() != x.numel():
+            raise InputError(
+                f"den: returned a tensor of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}"
+            )
+        return out.to(device=x.device, dtype=torch.float64).reshape(x.shape)
+
+    def bind(self, labels: torch.Tensor | None) -> Denoise:
+        """D(x, sigma) with this batch's labels attached."""
+        return lambda x, sigma: self(x, sigma, labels)
+
+
+def as_labels(labels, n: int) -> torch.Tensor | None:
+    """Class labels for n points: None, one int for all, or (n,) integers -> int64 (n,) CPU."""
+    if labels is None:
+        return None
+    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        return torch.full((n,), int(labels), dtype=torch.int64)
+    t = as_tensor(labels, "labels")
+    if t.is_floating_point():
+        raise DtypeError(f"labels: expected integer class labels, got dtype {t.dtype}")
+    t = t.reshape(-1).to(torch.int64)
+    if t.numel() != n:
+        raise InputError(f"labels: expected one label per sample ({n}), got {t.numel()}")
+    return t
+
+
+def check_points(den, x, name: str) -> torch.Tensor:
+    """Validate a batch (n, *shape) of points: finite, non-empty, ``den.d`` values each
+    when the denoiser declares ``d``. Returns a float64 CPU tensor."""
+    t = as_tensor(x, name)
+    if t.dim() < 2:
+        raise InputError(f"{name}: expected a batch of shape (n, *shape), got shape {tuple(t.shape)}")
+    d = getattr(den, "d", None)
+    d = d if isinstance(d, numbers.Integral) else int(np.prod(t.shape[1:]))
+    return check_queries(t, int(d), name).detach().to("cpu", torch.float64)
+
+
+def image_shape_of(den, shape=None) -> tuple:
+    """The per-sample shape: ``shape`` when given, else ``den.image_shape``."""
+    if shape is None:
+        shape = getattr(den, "image_shape", None)
+        if shape is None:
+            raise InputError("shape: required when the denoiser has no image_shape attribute")
+    if isinstance(shape, numbers.Integral):
+        shape = (int(shape),)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0 or any(s < 1 for s in shape):
+        raise InputError(f"shape: expected a non-empty tuple of positive sizes, got {shape}")
+    return shape
+
+
+def progress_enabled(progress) -> bool:
+    """Whether to show a progress bar: ``progress`` when given, else when stderr is a terminal."""
+    if progress is None:
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            return False
+    return bool(progress)
