@@ -27,44 +27,16 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from _common import HERE, commit, interleaved_times, machine, rel_err, times
 
 import optden
 from optden import reference as R
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def times(fn, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls after one warm-up call (page faults, thread pools)."""
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
-
-
-def interleaved_times(fns: list, repeats: int) -> list[list[float]]:
-    """Times of each function, called in rounds (one call of each per round), so that a
-    machine shared with other jobs loads every method alike. One warm-up round first."""
-    out = [[] for _ in fns]
-    for f in fns:
-        f()
-    for _ in range(repeats):
-        for j, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            out[j].append(time.perf_counter() - t0)
-    return out
 
 
 def matmul_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -111,31 +83,6 @@ def vector_peaks() -> dict:
         return {}
 
 
-def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        model = info.get("Model name", model).strip()
-        cores = info.get("CPU(s)", "?").strip()
-        return f"{model}, {cores} CPUs, torch threads {torch.get_num_threads()}"
-    except (OSError, subprocess.CalledProcessError):
-        return f"{model}, {os.cpu_count()} CPUs"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(out, dtype=np.float64).reshape(len(ref), -1)
-    return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
-
-
 def errors(raw: np.ndarray, sigmas, n_err: int, m_err: int, chunk: int, rng) -> dict:
     """Max relative error of D* against the float64 oracle on the first m_err rows."""
     sub = optden.Dataset.from_array(raw[:m_err])
@@ -166,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--matmul-n", type=int, default=4096)
     ap.add_argument("--bw-bytes", type=int, default=1 << 30)
     ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out: naive_fp32 torch cpu")
-    ap.add_argument("--csv", default=os.path.join(HERE, "bench_dense.csv"))
+    ap.add_argument("--csv", default=str(HERE / "bench_dense.csv"))
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="uint8", choices=["uint8", "float16", "bfloat16", "float32"],

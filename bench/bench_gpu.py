@@ -33,15 +33,14 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the checkout, when optden is not installed
+from _common import HERE, commit, machine, median_ms
+
 SIZES = {"cifar": (50_000, 3072), "imagenet64": (1_281_167, 12288)}
 # rough rates used only to skip measurements that would exceed the time budget (the cuda
 # backend's dot loop runs on CUDA cores, ~3 TFLOP/s at d = 12288 by a read of the kernel)
@@ -57,12 +56,7 @@ def bench_ms(fn) -> float:
     runs: the first run is the warm-up, then the median of 3 (GPU time is scarce).
     """
     if not torch.cuda.is_available():
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
+        return median_ms(fn)
     import triton.testing
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -312,7 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="skip a measurement estimated to take longer (seconds)")
     p.add_argument("--max-rows", type=int, default=0, help="cap M (quick runs)")
     p.add_argument("--methods", default="optden-triton,optden-cuda,optden-torch64,naive-fp32,blocked-fp32,knn-floor")
-    p.add_argument("--csv", default=os.path.join(HERE, "bench_gpu.csv"), help="CSV output path")
+    p.add_argument("--csv", default=str(HERE / "bench_gpu.csv"), help="CSV output path")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: the plumbing on CPU tensors (dry run; use a small --max-rows)")
     args = p.parse_args(argv)
@@ -329,7 +323,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
     limits = {"bf16_tflops": bf16_matmul_tflops(args.device), "copy_gbs": copy_gbs(args.device)}
-    print(f"device: {dev_name}  torch {torch.__version__}")
+    print(f"# bench_gpu: {machine()}; commit {commit()}; device {dev_name}")
     print(f"measured limits: bf16 matmul {limits['bf16_tflops']:.1f} TFLOP/s, device copy {limits['copy_gbs']:.0f} GB/s")
     print("FLOPs = 4 N M d per dense pass (2 N M d for the k-NN floor); GB/s = one read of the uint8 rows")
     print_header()

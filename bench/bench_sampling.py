@@ -1,4 +1,4 @@
-"""Optimal sampling end to end: certified pruned vs dense (issue 6, DESIGN.md section 7).
+"""Optimal sampling end to end: certified pruned vs dense (issue 6; docs/design.md, "Pruning").
 
 A full EDM Heun run (18 steps = 35 evaluations, ``optden.sample(den, n, steps=18,
 solver="heun")``) with the dense denoiser and with the pruned one, in the same process:
@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import HERE, commit, machine
+
 import optden
 from optden.prune import PruneIndex
 
-HERE = Path(__file__).resolve().parent
 EVALS = 35  # EDM Heun, 18 steps
 
 
@@ -51,26 +49,6 @@ class Recorder:
         self.modes.append(list(ev.mode))
         self.sigmas.append(float(torch.as_tensor(sigma).reshape(-1)[0]))
         return ev.denoised.reshape(x.shape)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 def run_case(name, ds, index, n, seed, dense_run=None):

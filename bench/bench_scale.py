@@ -25,7 +25,6 @@ import csv
 import datetime
 import gc
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import HERE, commit, machine
+
 import optden
 from optden.engine.rows import parse_bytes
 
-HERE = Path(__file__).resolve().parent
 D_IMAGENET64 = 3 * 64 * 64
 
 
@@ -155,27 +155,6 @@ def dense_pass(den, q: torch.Tensor, sigma: float, desc: str) -> tuple[float, li
         bar.close()
     assert not torch.isnan(ev.denoised).any()
     return t, ev.mode
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:

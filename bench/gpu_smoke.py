@@ -18,22 +18,14 @@ import sys
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the checkout, when optden is not installed
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from _common import rel_err
 
 #: The precision contract (tests/tolerances.py): relative error of D* and of log p.
 DENOISE_RTOL = 1e-5
 LOG_DENSITY_RTOL = 1e-6
 SIGMAS = (1e-3, 2e-2, 0.3, 5.0, 1e3)
-
-
-def _rel(out: torch.Tensor, ref: np.ndarray) -> float:
-    out = out.detach().double().cpu().numpy().reshape(len(ref), -1)
-    ref = ref.reshape(len(ref), -1)
-    return float(np.max(np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)))
 
 
 def _datasets(rng: np.random.Generator):
@@ -81,7 +73,7 @@ def check_backends(device: str, backends: list[str], seed: int) -> int:
                 for sigma in SIGMAS:
                     x = _queries(y, sigma, rng)
                     ev = den.denoise_certified(torch.from_numpy(x).to(device), sigma)
-                    worst = max(worst, _rel(ev.denoised, R.denoise(x, y, sigma)))
+                    worst = max(worst, rel_err(ev.denoised, R.denoise(x, y, sigma)))
                     lse_ref = R.log_density(x, y, sigma)
                     ld = den.log_density(torch.from_numpy(x).to(device), sigma).cpu().numpy()
                     worst_ld = max(worst_ld, float(np.max(np.abs(ld - lse_ref) / np.maximum(np.abs(lse_ref), 1.0))))
@@ -123,7 +115,7 @@ def check_nccl(device: str, seed: int) -> int:
         for sigma in SIGMAS:
             x = torch.from_numpy(_queries(y, sigma, rng)).to(dev)
             a, b = sharded(x, sigma), single(x, sigma)
-            worst = max(worst, _rel(a, R.denoise(x.cpu().numpy(), y, sigma)))
+            worst = max(worst, rel_err(a, R.denoise(x.cpu().numpy(), y, sigma)))
             worst_same = max(worst_same, float((a - b).abs().max()))
         ok = worst <= DENOISE_RTOL
         fails += not ok
