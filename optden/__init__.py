@@ -5,7 +5,7 @@
     den = optden.OptimalDenoiser(ds)
     d = den(x, sigma)              # x (B, ...), sigma scalar or (B,)
 
-See README.md for the tour and DESIGN.md for the math.
+See README.md for the tour and docs/design.md for the math, the precision contract and the layout.
 """
 from __future__ import annotations
 

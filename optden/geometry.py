@@ -1,4 +1,4 @@
-"""Geometry of sampling trajectories (Chen et al. 2023, section 3; DESIGN.md section 1).
+"""Geometry of sampling trajectories (Chen et al. 2023, section 3; docs/design.md, "The math").
 
 For each sample, with ``x_T`` the start of the sampling trajectory and ``x_0`` its end
 (the generated sample), ``u = (x_0 - x_T) / ||x_0 - x_T||`` is the direction of the

@@ -4,7 +4,7 @@ Written for clarity, not speed: every backend is tested against these functions.
 All inputs are converted to float64 numpy arrays; nothing here is blocked or pruned,
 so memory is O(N * M) and the functions are meant for small problems (tests, checks).
 
-Notation (DESIGN.md section 1): training rows ``y`` of shape (M, d) in model space,
+Notation (docs/design.md, "The math"): training rows ``y`` of shape (M, d) in model space,
 queries ``u`` of shape (N, d) in the scaled coordinate, ``sigma`` a scalar or (N,).
 """
 from __future__ import annotations

@@ -168,3 +168,21 @@ def test_the_scan_sees_what_it_checks():
     _, bad = _scan("optden.memorization", probe)
     assert [b.split(": ", 1)[1] for b in bad] == [
         "imports _generator from optden.sampling", "reads optden.sampling._generator", "getattr(..., '_x')"]
+
+
+def test_design_references_resolve():
+    """Every reference to a section of docs/design.md in the code (the file name, a comma
+    and the section's title in double quotes) names one of its headings, and no
+    reference points to a design file outside the repository."""
+    import re
+
+    headings = {re.sub(r"^\d+\.\s*", "", ln[3:]).strip()
+                for ln in (ROOT / "docs" / "design.md").read_text().splitlines() if ln.startswith("## ")}
+    refs, stale = set(), []
+    for d in ("optden", "kernels", "tests", "bench"):
+        for f in (ROOT / d).rglob("*.py"):
+            text = f.read_text()
+            refs |= set(re.findall(r'docs/design\.md,\s*"([^"]+)"', text))
+            stale += [str(f.relative_to(ROOT))] if re.search(r"(?<!docs/)DESIGN\.md", text) else []
+    assert refs and refs <= headings, refs - headings
+    assert stale == []

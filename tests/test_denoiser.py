@@ -43,7 +43,7 @@ def test_naive_float32_expansion_fails_where_contract_holds(faces_u8):
     """What most public code does (fp32 expansion) is far off at small sigma; optden is not.
 
     The query sits between the two closest textured patches (flat black patches would make
-    every method exact), the hard case of DESIGN.md section 5.
+    every method exact), the hard case of docs/design.md, "The precision contract".
     """
     ds = optden.Dataset.from_array(faces_u8)
     y = model_rows(ds)

@@ -1,4 +1,4 @@
-"""The precision mechanism (DESIGN.md section 5): the coarse-pass bound, certify's modes, the certificate.
+"""The precision mechanism (docs/design.md, "The precision contract"): the coarse-pass bound, certify's modes, the certificate.
 
 Truth here is computed by direct differences in extended precision (x87 long double, a
 64-bit significand: 2^11 times finer than float64), so that the float64 coarse pass's

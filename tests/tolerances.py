@@ -1,7 +1,7 @@
 """The one table of test tolerances, and the one way errors are measured against them."""
 import numpy as np
 
-# Precision contract (DESIGN.md section 5), default mode.
+# Precision contract (docs/design.md, "The precision contract"), default mode.
 DENOISE_RTOL = 1e-5
 LOG_DENSITY_RTOL = 1e-6
 # Quantities computed with float64 arithmetic throughout (reference-vs-reference checks).

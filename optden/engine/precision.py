@@ -1,4 +1,4 @@
-"""The precision mechanism (docs/design.md, "Precision"): coarse pass, error bound, exact re-score.
+"""The precision mechanism (docs/design.md, "The precision contract"): coarse pass, error bound, exact re-score.
 
 A backend's coarse pass gives, per query, an online softmax over coarse logits, the top
 K coarse logits, and ``delta``: a rigorous bound on |coarse - exact| for every row's
