@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .engine import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .data.storage import STORAGE_DTYPES
 from .engine import dispatch
 from .errors import DatasetError, DtypeError, InputError
 from .prune import Pruner, PruneIndex
@@ -167,7 +167,7 @@ class OptimalDenoiser:
             raise InputError(f"resident: expected True, False or 'auto', got {resident!r}")
         if self.device.type != "cuda":
             return False
-        nbytes = self.M * self.d * np.dtype(np.uint16 if self.dataset.dtype == "bfloat16" else self.dataset.dtype).itemsize
+        nbytes = self.M * self.d * STORAGE_DTYPES[self.dataset.dtype].itemsize
         free, _ = torch.cuda.mem_get_info(self.device)
         return nbytes < free // 2
 

@@ -24,7 +24,8 @@ from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 from ..validate import as_tensor
 from . import demo, format as fmt
 from .images import ImageSource, check_resolution, decode_all, labels_from_dataset_json
-from .storage import DTYPE_NAMES, STORAGE_DTYPES, bf16_bits_to_f32, storage_dtype, to_float64, to_torch
+from .storage import (DTYPE_NAMES, FLOAT_DTYPE_NAMES, STORAGE_DTYPES, bf16_bits_to_f32, by_numpy, storage_dtype,
+                      to_float64, to_torch)
 
 __all__ = ["Dataset", "patches_dataset", "BLOCK_BYTES"]
 
@@ -176,9 +177,8 @@ def _storage_dtype_name(dt: np.dtype, bfloat16: bool, name: str) -> str:
         )
     if dt.kind not in "uif":
         raise DtypeError(f"{name}: expected a numeric array, got dtype {dt}")
-    for n, sdt in (("uint8", np.uint8), ("float16", np.float16), ("float32", np.float32)):
-        if dt == np.dtype(sdt):
-            return n
+    if any(dt == e.numpy for e in STORAGE_DTYPES.values()):  # uint16 (bfloat16's bits) was refused above
+        return by_numpy(dt).name
     return ""  # float64 or non-native float: converted by the caller
 
 
@@ -302,9 +302,7 @@ class Dataset:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self._raw is None:
-            arr = fmt.open_npy(self._mmap_file)
-            if self.dtype == "bfloat16":
-                arr = arr.view(np.uint16)
+            arr = fmt.open_npy(self._mmap_file).view(STORAGE_DTYPES[self.dtype].numpy)
             self._raw = arr.reshape(self.M, self.d)
 
     # ----------------------------------------------------------------- statistics
@@ -745,7 +743,7 @@ class Dataset:
 
 def _convert_float_rows(rows: np.ndarray, src: str, target: str, name: str) -> np.ndarray:
     """Convert float rows (M, d) of any float dtype to a new in-memory array in ``target`` storage, in blocks."""
-    if target not in ("float16", "bfloat16", "float32"):
+    if target not in FLOAT_DTYPE_NAMES:
         raise DtypeError(f"dtype: cannot convert {src} data to {target}")
     M, d = rows.shape
     out = np.empty((M, d), dtype=STORAGE_DTYPES[target].numpy)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DtypeError
 
-__all__ = ["StorageDtype", "STORAGE_DTYPES", "DTYPE_NAMES", "storage_dtype", "by_numpy", "to_torch", "to_numpy",
+__all__ = ["StorageDtype", "STORAGE_DTYPES", "DTYPE_NAMES", "FLOAT_DTYPE_NAMES", "storage_dtype", "by_numpy", "to_torch", "to_numpy",
            "bf16_bits_to_f32", "to_float64"]
 
 
@@ -52,6 +52,8 @@ STORAGE_DTYPES: dict[str, StorageDtype] = {
 
 #: The storage dtype names, in the order of the table.
 DTYPE_NAMES = tuple(STORAGE_DTYPES)
+#: The floating storage dtypes (float data can be stored in any of them).
+FLOAT_DTYPE_NAMES = tuple(n for n in DTYPE_NAMES if n != "uint8")
 
 
 def storage_dtype(name, what: str = "dtype") -> StorageDtype:
