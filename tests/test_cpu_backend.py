@@ -294,9 +294,11 @@ def test_raw_numpy_bfloat16_bits():
     assert torch.equal(torch.from_numpy(a).view(torch.bfloat16), t)
 
 
-def test_bench_quick(tmp_path):
+def test_bench_quick(tmp_path, monkeypatch):
     """bench/bench_dense.py --quick runs end to end and writes its CSV."""
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_dense.py")
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench")
+    monkeypatch.syspath_prepend(bench)  # as `python bench/bench_dense.py` has it: bench/_common.py
+    path = os.path.join(bench, "bench_dense.py")
     spec = importlib.util.spec_from_file_location("bench_dense", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
