@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch pinned here (a CPU wheel); the library itself needs only torch>=2.4.
 TORCH ?= torch==2.13.0
-# k-diffusion's sampling.py and the two modules it imports at the top (tests only)
+# k-diffusion's samplers drive OptimalDenoiser in tests/test_conventions.py, which loads only
+# k_diffusion/sampling.py (its package __init__ pulls ~50 packages, torchvision among them):
+# installed --no-deps with the two modules sampling.py imports at its top
 KDIFFUSION ?= k-diffusion==0.1.1.post1 torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2
 
 .PHONY: setup demo test bench clean
@@ -16,8 +18,6 @@ $(VENV)/.setup-done: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
-	# k-diffusion's samplers drive OptimalDenoiser in a test, which loads only its
-	# k_diffusion/sampling.py (the package __init__ pulls ~50 packages, torchvision among them)
 	$(PY) -m pip install -q --no-deps $(KDIFFUSION)
 	touch $@
 
