@@ -1,0 +1,14 @@
+"""Float64 oracles: every optden result is tested against these.
+
+Written for clarity, not speed: nothing is blocked or pruned, memory is O(N M), and the
+functions are meant for small problems (tests, checks). One file per family of outputs,
+re-exported here so that ``from optden import reference as R; R.denoise(...)`` reads the
+same for all of them:
+
+- ``dense``: the empirical optimal denoiser D*, score, log density, posterior, nearest.
+"""
+from __future__ import annotations
+
+from .dense import denoise, log_density, logits, nearest, posterior, score, weights
+
+__all__ = ["logits", "weights", "denoise", "score", "log_density", "posterior", "nearest"]
