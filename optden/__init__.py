@@ -47,6 +47,7 @@ from .errors import (  # noqa: E402
     DtypeError,
     InputError,
     OptdenError,
+    PrecisionError,
 )
 from . import reference  # noqa: E402
 from .deviation import DeviationStats, ScoreDeviation, score_deviation  # noqa: E402
@@ -70,6 +71,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ChecksumError",
     "BackendUnavailableError",
+    "PrecisionError",
     "sample",
     "ode_jump",
     "SampleRun",

@@ -107,3 +107,19 @@ def check_positive_int(value, name: str, low: int = 1, high: int | None = None) 
         rng = f"{low}..{high}" if high is not None else f">= {low}"
         raise InputError(f"{name}: expected an integer in {rng}, got {v}")
     return v
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """A torch device this build can use: InputError for a malformed name, a CUDA device
+    where torch has no CUDA (or no such GPU), instead of torch's AssertionError later."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{name}: not a torch device: {device!r} (expected e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{name}: {device!r} requested, but this torch build has no usable CUDA "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"{name}: {device!r} requested, but there are {torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -8,6 +8,7 @@
 3. The fp32 GPU passes (Triton and CUDA kernels, ``fp32_pass_delta``); notation below.
 4. FAISS's float32 distances (``dot_rel_err``, ``faiss_distance_interval``): the bounds that
    make a pruned candidate search certified (``optden.prune``).
+5. The exact re-score's squared-distance gaps (``gap_error_factor``, ``optden.engine.gaps``).
 
 The C++ cpu backend computes its own bound in csrc/ (see ``optden.engine.backends.cpu``).
 
@@ -49,9 +50,10 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "EPS64", "U32", "U_GPU32",
+__all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "rescore_budget", "EPS64", "U32", "U_GPU32",
            "U_TF32_IN", "DISTANCE_MARGIN", "gamma", "gemm_delta", "softmax_delta", "fp32_pass_delta",
-           "dot_rel_err", "float32_shift", "faiss_distance_interval"]
+           "dot_rel_err", "float32_shift", "faiss_distance_interval", "gap_error_factor", "GAP_ERR_G",
+           "GAP_ERR_TINY", "QUERY_ERR", "query_delta"]
 
 # ----------------------------------------------------------------------------- 1. the tolerance's shares
 
@@ -72,6 +74,13 @@ def dense_threshold(tol: float) -> float:
 def mass_tolerance(tol: float) -> float:
     """The relative weight a certificate at tolerance tol may leave out."""
     return MASS_FRACTION * tol
+
+
+def rescore_budget(tol: float) -> float:
+    """The misweight (L1 distance of the weights) that the rounding of an exact re-score may
+    add at tolerance tol before it is redone in compensated arithmetic: DENSE_FRACTION * tol,
+    so a RESCORED certificate stays within 2 MASS_FRACTION tol + DENSE_FRACTION tol < tol / 2."""
+    return DENSE_FRACTION * tol
 
 
 # ----------------------------------------------------------------------------- 2. gamma, GEMM passes
@@ -202,3 +211,49 @@ def faiss_distance_interval(D: np.ndarray, x32: np.ndarray, shift: np.ndarray, *
     low = np.clip(np.sqrt(np.clip(low2, 0.0, None)) * (1.0 - DISTANCE_MARGIN) - shift, 0.0, None)
     up = np.sqrt(up2) * (1.0 + DISTANCE_MARGIN) + shift
     return low, up
+
+
+# ----------------------------------------------------------------------------- 5. exact re-scoring by gaps
+
+
+def gap_error_factor(d: int) -> float:
+    """The factor F of the rounding bound ``err <= F W + GAP_ERR_G |g|`` of a squared-distance
+    gap ``g = ||v - q_i||^2 - ||v - q_r||^2`` computed in plain float64 by
+    ``optden.engine.gaps.sq_gaps`` as ``a . b`` with ``a = raw_r - raw_i`` and
+    ``b = 2 v - q_i - q_r`` (q = raw - center), where ``W = sum_j |a_j| (|v_j| + |q_r,j| +
+    |q_i,j|)``. Everything is relative to the float64 query v the pass is given, the stored
+    rows and the float64 center.
+
+    It is taken as ``a . t - a . q_i`` with ``t = 2 v - q_r``: each of a, q_r, q_i, t rounds
+    once (relative u), so ``a_j (t_j - q_i,j)`` is within 4u |a_j| (|v_j| + |q_r,j| + |q_i,j|)
+    (1 + 2u) of the exact product, and the two d-term sums add gamma_d (sum |a| |t| +
+    sum |a| |q_i|) <= 2 gamma_d (1 + u) W: F = 1.01 (2 gamma_d + 6u) (6u for 4u, a margin);
+    the final subtraction is in GAP_ERR_G.
+    (The compensated gaps carry an a-posteriori bound computed from the terms they
+    rounded, in ``sq_gaps`` itself.)
+    """
+    return 1.01 * (2.0 * gamma(max(d, 1), EPS64) + 6.0 * EPS64)
+
+
+#: The part of a gap's bound proportional to |g| itself: the final rounding of a
+#: gap (u), the rounding of coef = scale^2 / (2 sigma^2) (4u) and of the product coef * g (u),
+#: and the online softmax's exp and rescaling of a logit coef * g (4u), with a margin.
+GAP_ERR_G = 11.0 * EPS64
+#: An absolute term for products that underflow to subnormals in the compensated sum (per
+#: component of the dot product).
+GAP_ERR_TINY = 4.0 * 2.0**-1074
+
+#: The double-double conversion of a model-space query to centered raw units
+#: (``gaps.centered_query``) is within QUERY_ERR (|v| + |center| + |offset| / scale) of
+#: the exact one, per component: a handful of u^2 roundings, with a margin.
+QUERY_ERR = 8.0 * EPS64**2
+
+
+def query_delta(coef: torch.Tensor, max_cnorm: float, err_norm) -> torch.Tensor | float:
+    """Bound (N,) on how much the row-dependent part of any logit, ``2 coef q_i . v``, moves
+    between the float64 query v a coarse pass sees and the exact one, ``err_norm`` (N,) away
+    at most: ``2 coef max ||q_i|| err_norm`` (Cauchy-Schwarz), with a margin. Added to a
+    pass's delta, so a DENSE certificate holds for the query the caller gave. 0 for None."""
+    if err_norm is None:
+        return 0.0
+    return 2.02 * coef * float(max_cnorm) * err_norm

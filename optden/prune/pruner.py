@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.bounds import DISTANCE_MARGIN, mass_tolerance
+from ..engine.bounds import DISTANCE_MARGIN, EPS64, gamma, mass_tolerance
 from ..errors import InputError
 from .cache import NeighbourCache
 from .index import PruneIndex, faiss_gpu_available, move_to_shell
@@ -75,8 +75,11 @@ def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Ten
         diff = v[qi[a:b]] - q
         lg[qi[a:b], ci[a:b]] = -coef[qi[a:b]] * (diff * diff).sum(1)
         kept = q if rid.numel() <= per else None
-    lse = torch.logsumexp(lg, dim=1)
-    w = torch.exp(lg - lse[:, None])
+    lmax = lg.max(1, keepdim=True).values
+    e = torch.exp(lg - lmax)
+    s = e.sum(1, keepdim=True)
+    lse = (lmax + torch.log(s))[:, 0]
+    w = e / s  # normalised by the sum: exp(lg - lse) rounds at the size of the logits
     dc = torch.zeros(n, d, dtype=torch.float64, device=v.device)
     for a in range(0, rid.numel(), per):
         b = min(rid.numel(), a + per)
@@ -91,6 +94,20 @@ def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Ten
     kk = min(k_out, K)
     tw, wi = w.topk(kk, dim=1)
     return lse, dc, tw, idx.gather(1, wi), lg
+
+
+def direct_misweight(lg: torch.Tensor, d: int) -> torch.Tensor:
+    """(n,) bound on the L1 misweight of the softmax of direct-difference logits lg (n, K)
+    (-inf: no candidate): each is within gamma_{d+3} |l| (1.01) of the exact one (the
+    differences, their squares and sum, coef), so the true unnormalised weights lie in
+    exp(l -+ that) and the L1 distance of the normalised ones is at most
+    2 sum (hi - lo) / sum lo. Large for a query far from the data at small sigma: the
+    query then runs dense, whose re-score works from gaps (``engine/gaps.py``)."""
+    err = 1.01 * gamma(d + 3, EPS64) * lg.abs()
+    m = lg.max(1, keepdim=True).values
+    lo = torch.exp(lg - err - m)
+    hi = torch.exp(torch.where(torch.isfinite(lg), lg + err, lg) - m)
+    return torch.nan_to_num(2.0 * (hi - lo).sum(1) / lo.sum(1), nan=torch.inf)
 
 
 class Pruner:
@@ -209,7 +226,7 @@ class Pruner:
             lse, dc, tw, ti, lg = exact_candidates(v[sel], coef[sel], self.source, idx, k_out)
             lmax = lg.max(1).values
             self.stats["rows_scored"] += int((idx >= 0).sum())
-            bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse)
+            bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse) + direct_misweight(lg, v.shape[1])
             good = bound <= self.tol_mass
             g = sel[good]
             kk = tw.shape[1]
