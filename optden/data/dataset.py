@@ -235,11 +235,17 @@ class Dataset:
         if offset is None:
             offset = -1.0 if dtype == "uint8" else 0.0
         self._scale = _check_real(scale, "scale", nonzero=True)
+        if not 1e-150 <= abs(self._scale) <= 1e150:  # the logits carry scale^2: it must stay a float64
+            raise InputError(f"scale: {self._scale:g} is outside 1e-150..1e150 in magnitude (the logits' "
+                             "scale^2 / (2 sigma^2) would overflow or vanish in float64); rescale the rows instead")
         self._offset = _check_real(offset, "offset")
         self.labels, self.num_classes = _check_labels(labels, M, num_classes)
         self.path = Path(path) if path is not None else None
         self._source = source
         self._mmap_file = Path(_mmap_file) if _mmap_file is not None else None
+        # what the mapped file looked like when it was opened: a pass checks it (check_unchanged)
+        self._mmap_stamp = fmt.file_stamp(self._mmap_file) if self._mmap_file is not None else None
+        self._reader = None  # (file, data offset) for read_rows_into, opened on first use
         self._stats = None  # (center, centered_sqnorms, sqnorms), computed lazily
         self._label_rows: dict[int, np.ndarray] = {}
         self._rows_sha256: str | None = None  # sha256 of the rows in .npy form (see fingerprint)
@@ -272,6 +278,13 @@ class Dataset:
         """True when the rows are memory-mapped from a file rather than held in memory."""
         return isinstance(self._raw, np.memmap)
 
+    def check_unchanged(self) -> None:
+        """DatasetError naming the file if the memory-mapped rows' file was truncated,
+        rewritten or replaced since the dataset opened it (a no-op for in-memory rows).
+        Every pass calls it before it reads (``optden.engine.rows.RowSource``)."""
+        if self._mmap_stamp is not None:
+            fmt.check_stamp(self._mmap_file, self._mmap_stamp)
+
     @property
     def nbytes(self) -> int:
         """Bytes of raw storage, ``M * d * itemsize``."""
@@ -295,6 +308,7 @@ class Dataset:
     def __getstate__(self):
         # A memmapped set pickles as its file name (reopened on unpickling), never as its data.
         state = self.__dict__.copy()
+        state["_reader"] = None  # an open file: reopened when needed
         if self.is_memmap and self._mmap_file is not None:
             state["_raw"] = None
         return state
@@ -387,6 +401,27 @@ class Dataset:
         if not 0 <= start <= stop <= self.M:
             raise InputError(f"raw_block: need 0 <= start <= stop <= M={self.M}, got start={start}, stop={stop}")
         return to_torch(self._raw[start:stop], self.dtype)
+
+    def read_rows_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy rows ``start:stop`` into ``out`` ((stop - start, d), the storage dtype).
+
+        For rows memory-mapped from a file, the copy is a ``pread`` of the file, not a read
+        of the mapping: a file truncated while a pass runs is then a short read and a
+        ``DatasetError`` naming it, where touching the mapping past the file's end would kill
+        the process with SIGBUS."""
+        if self._mmap_file is None or not (out.flags.c_contiguous and self._raw.shape == (self.M, self.d)):
+            np.copyto(out, self._raw[start:stop])
+            return
+        if self._reader is None:
+            offset = fmt.read_npy_header(self._mmap_file)[3]
+            self._reader = (open(self._mmap_file, "rb", buffering=0), offset)
+        f, offset = self._reader
+        row_bytes = self.d * self._raw.itemsize
+        want = (stop - start) * row_bytes
+        got = os.preadv(f.fileno(), [memoryview(out).cast("B")[:want]], offset + start * row_bytes)
+        if got != want:
+            raise DatasetError(f"{self._mmap_file}: truncated while in use: rows {start}..{stop - 1} need bytes up to "
+                               f"{offset + stop * row_bytes}, the file ends before; load the dataset again")
 
     def iter_blocks(self, block_rows: int | None = None):
         """Yield ``(start, stop, raw_block(start, stop))`` over all rows, ``block_rows`` at a time."""
@@ -735,6 +770,11 @@ class Dataset:
                                               self._offset, self.labels, self.num_classes, self._get_stats())
         if self.path is None:
             self.path = dir
+        data = dir / "data.npy"
+        if self._mmap_file is not None and self._mmap_file.resolve() == data.resolve():
+            # saved over the file it maps (a re-save): map the new one, the same rows
+            self._raw = fmt.open_npy(data).view(STORAGE_DTYPES[self.dtype].numpy).reshape(self.M, self.d)
+            self._mmap_stamp = fmt.file_stamp(data)
         return dir
 
 
