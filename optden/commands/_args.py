@@ -88,7 +88,8 @@ def open_dataset(spec: str, max_rows: int | None = None, seed: int = 0, split: s
             raise InputError(f"data: unknown demo {spec!r}; expected one of {', '.join('demo:' + d for d in DEMO_NAMES)}")
         ds = Dataset.demo(name, max_rows=max_rows if name == "patches" else None)
     elif not path.exists():
-        raise InputError(f"data: {spec!r} does not exist and is not a demo name ({', '.join(DEMO_NAMES)})")
+        raise InputError(f"data: {spec!r} is not a dataset directory or data file (it does not exist), nor a "
+                         f"demo name ({', '.join(DEMO_NAMES)})")
     else:
         if kind_of(path) == "images":
             raise InputError(f"data: {spec!r} holds image files, not a data set; decode them once with "

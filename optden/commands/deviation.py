@@ -26,15 +26,19 @@ from ._args import add_common_arguments, add_data_argument, make_denoiser, open_
 from ..errors import InputError
 
 
-def load_model(spec: str, ds, device: str, batch_size: int | None = None):
-    """``gaussian`` -> ``GaussianDenoiser.fit(ds)``; a folder -> a diffusers model
+def load_model(spec: str, ds, device: str, batch_size: int | None = None, label: int | None = None):
+    """``gaussian`` -> ``GaussianDenoiser.fit(ds)`` (of the rows of class ``label``, when
+    given: called as ``D(x, sigma, labels)`` like the class-conditional D*); a folder -> a diffusers model
     (``optden.integrations.diffusers.load_denoiser``); a file -> a saved module
     (``optden.integrations.export.load_module``: ``.pt2`` or TorchScript)."""
     from ..gaussian import GaussianDenoiser
     from ..integrations.export import load_module
 
     if spec == "gaussian":
-        return GaussianDenoiser.fit(ds, device=device)
+        if label is None:
+            return GaussianDenoiser.fit(ds, device=device)
+        gauss = GaussianDenoiser.fit(ds.subset(ds.rows_with_label(label)), device=device)
+        return lambda x, sigma, labels=None: gauss(x, sigma)
     path = Path(spec)
     if path.is_dir():
         from ..integrations.diffusers import load_denoiser
@@ -52,7 +56,7 @@ def run(args) -> int:
 
     ds = open_dataset(args.data, args.max_rows, args.seed, args.split, args.layout)
     den = make_denoiser(ds, args.device, args.backend)
-    model = load_model(args.model, ds, args.device, args.batch_size)
+    model = load_model(args.model, ds, args.device, args.batch_size, args.label)
     out = out_dir(args.out)
     t0 = time.perf_counter()
     res = score_deviation(model, den, n=args.n, steps=args.steps, solver=args.solver, schedule=args.schedule,

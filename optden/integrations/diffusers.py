@@ -100,7 +100,7 @@ def noise_level(scheduler, family: str, value: torch.Tensor):
         ones = torch.ones_like(v)
         c_in = torch.as_tensor(scheduler.precondition_inputs(ones, v), dtype=torch.float64)
         return v, c_in, c_in * v
-    if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):  # DPM-Solver, UniPC, ...: their formula (VP or flow)
+    if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):  # private: DPM-Solver, UniPC, ...: their formula (VP or flow)
         alpha, sigma_t = scheduler._sigma_to_alpha_sigma_t(v)  # private: diffusers' own conversion
         alpha, sigma_t = torch.as_tensor(alpha, dtype=torch.float64), torch.as_tensor(sigma_t, dtype=torch.float64)
     elif family == "flow":
