@@ -8,6 +8,11 @@ drops below the float64 torch backend and ``backend="auto"`` never takes it, whi
 On a GPU the kernel is autotuned once per (query-count bucket, d, dtype path);
 OPTDEN_TRITON_AUTOTUNE=0 uses one fixed configuration instead (no tuning delay).
 
+Two passes: ``fused`` (``optden.kernels.dense``, any storage dtype) and ``gemm``
+(``optden.kernels.dense_gemm`` with ``optden.backends.gpu_gemm_pass``: exact int8
+tensor-core logits, a weighted sum only where it can be DENSE; uint8 rows, d <= 131072).
+OPTDEN_TRITON_PASS = auto (default: gemm where it runs, else fused) | fused | gemm.
+
 The pass is coarse (fp32 accumulation): its rigorous error bound ``delta``
 (``optden.kernels.bounds``) lets ``optden.precision.certify`` re-score the top-k rows in
 float64, or send the query to the float64 torch pass when the bound is too wide.
@@ -24,9 +29,22 @@ import torch
 
 from .. import dispatch
 from ..dispatch import Backend, Partial
+from ..errors import InputError
 
 _DTYPES = ("uint8", "float16", "bfloat16", "float32")
 _KERNEL_MODULE = "optden.kernels.dense"
+_PASSES = ("auto", "fused", "gemm")
+_GEMM_MAX_D = 131072  # optden.kernels.dense_gemm.MAX_D (not imported here: that imports Triton)
+
+
+def pass_name(dtype: str, d: int) -> str:
+    """The pass OPTDEN_TRITON_PASS selects for rows of ``dtype`` and width ``d``: "fused" or "gemm"."""
+    want = os.environ.get("OPTDEN_TRITON_PASS", "auto").strip().lower() or "auto"
+    if want not in _PASSES:
+        raise InputError(f"OPTDEN_TRITON_PASS: expected one of {_PASSES}, got {want!r}")
+    if want == "auto":
+        return "gemm" if dtype == "uint8" and d <= _GEMM_MAX_D else "fused"
+    return want
 
 
 def interpret_mode() -> bool:
@@ -43,7 +61,8 @@ def interpret_mode() -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
-    description = "fused Triton pass (TF32 tensor cores, exact products; fp32 accumulation, certified); CUDA, or TRITON_INTERPRET=1 on CPU"
+    description = ("Triton passes (gemm: exact int8 tensor-core logits for uint8 rows; fused: TF32 tensor cores, "
+                   "exact products, fp32 accumulation; certified); CUDA, or TRITON_INTERPRET=1 on CPU")
 
     @property
     def priority(self) -> int:  # type: ignore[override]
@@ -70,15 +89,21 @@ class TritonBackend(Backend):
             why.append(f"runs on CUDA devices only (got device {device}; TRITON_INTERPRET=1 allows CPU tensors)")
         if d > 1 << 20:
             why.append(f"d = {d} exceeds the 2^20 columns the fp32 error bound covers")
+        if pass_name(dtype, d) == "gemm" and (dtype != "uint8" or d > _GEMM_MAX_D):
+            why.append(f"OPTDEN_TRITON_PASS=gemm runs uint8 rows of d <= {_GEMM_MAX_D} (got {dtype}, d = {d})")
         return why
 
     def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
         """See ``Backend.partial``. v: (N, d) float64, coef: (N,) float64."""
         from optden.kernels.host import plan_splits, run_pass
 
-        K = importlib.import_module(_KERNEL_MODULE)
         n, d = v.shape
         dtype = source.dtype
+        if pass_name(dtype, d) == "gemm":
+            from .gpu_gemm_pass import gemm_partial
+
+            return gemm_partial(v, coef, source, k)
+        K = importlib.import_module(_KERNEL_MODULE)
         on_gpu = v.is_cuda and not K.INTERPRETED
         tf32 = dtype != "float32" and (not on_gpu or torch.cuda.get_device_capability(v.device)[0] >= 8)
         hi, lo, resid = K.split_query_tf32(v) if tf32 else K.split_query_fp32(v)

@@ -1,0 +1,172 @@
+"""Host side of the GEMM pass (``optden.kernels.dense_gemm``): query pieces, chunks, merges, top-k, bound.
+
+The ``triton`` backend runs this pass for uint8 rows (``OPTDEN_TRITON_PASS``, see
+``optden.backends.triton``). Per call:
+
+1. the centered queries ``v`` (N, d) are split into P int8 pieces (``split_query_int8``):
+   P = 3 for N <= 64 (the pass is bandwidth bound there: a third piece costs little),
+   else P = 2 unless the bound of 2 pieces exceeds ``PIECES2_DELTA_MAX`` (small sigma);
+2. per chunk of rows, the logits kernel writes the row-dependent fp32 logits and per
+   row tile their max and sum of exp; the host merges the tile statistics in float64
+   (``m``, ``s``) and keeps the exact top k of the coarse logits;
+3. the weighted sum runs only for the queries whose bound (logits and weighted sum) is
+   at most ``ACC_DELTA_MAX``: only those can be certified DENSE at the tolerances this
+   pass serves (``optden.precision.certify`` uses ``acc`` of a query only when its
+   ``delta <= tol / 4``). For every other query ``acc`` is NaN and its ``delta`` is
+   raised to at least ``NO_ACC_DELTA`` = 0.25, more than ``tol / 4`` for any tol < 1: it is
+   never DENSE, and certify re-scores its top k in float64 or hands it to the fallback.
+   At tol = 1e-6 no fp32 weighted sum is ever DENSE (its own bound is ~1e-5), so the
+   default path reads the rows once and does no weighted sum at all.
+
+Returns an ``optden.dispatch.Partial`` in float64 with the bound of
+``optden.backends.gpu_gemm_bounds``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from ..dispatch import Partial
+from .gpu_gemm_bounds import gemm_logits_delta, split_query_int8, wsum_delta
+from .torch_blocked import merge_topk
+
+_KERNEL_MODULE = "optden.kernels.dense_gemm"
+
+#: Queries whose bound with the weighted sum is at most this get a weighted sum (DENSE at tol >= 1e-3).
+ACC_DELTA_MAX = 2.5e-4
+#: The bound reported for a query without a weighted sum: never DENSE (tol / 4 < 0.25 for tol < 1).
+NO_ACC_DELTA = 0.25
+#: With more than 64 queries, 2 pieces are used unless their bound exceeds this (logit units).
+PIECES2_DELTA_MAX = 1.0
+#: Steps of BLOCK_K rows per weighted-sum split (its bound grows with the steps).
+WSUM_STEPS = 64
+#: Bytes of the per-split fp32 weighted sums (S x N x d) of one chunk.
+WSUM_BYTES = 1 << 28
+
+
+def kernels():
+    """The Triton kernel module (imported on first use: importing it imports Triton)."""
+    return importlib.import_module(_KERNEL_MODULE)
+
+
+def wsum_rows_per_split(rows: int, n: int, d: int, block_k: int) -> int:
+    """Rows per weighted-sum split for a chunk of ``rows`` rows: WSUM_STEPS steps, more if the partials exceed WSUM_BYTES."""
+    per = block_k * WSUM_STEPS
+    most_splits = max(1, WSUM_BYTES // max(1, n * d * 4))
+    if math.ceil(rows / per) > most_splits:
+        per = math.ceil(math.ceil(rows / most_splits) / block_k) * block_k
+    return per
+
+
+def _largest_chunk(source, n: int) -> int:
+    """The most rows one chunk of ``optden.kernels.host.chunks`` can hold for n queries."""
+    from optden.kernels.host import LOGIT_BYTES, SPLIT_ALIGN
+
+    if getattr(source, "_raw", None) is not None and getattr(source, "_csq", None) is not None:
+        return min(source.M, max(SPLIT_ALIGN, LOGIT_BYTES // max(1, 4 * n)))
+    return min(source.M, max(1, int(getattr(source, "block_rows", source.M))))
+
+
+def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces: int | None = None,
+                 logits_config=None, wsum_config=None, info: dict | None = None) -> Partial:
+    """One GEMM pass over ``source`` (uint8 rows); returns a float64 ``Partial`` (see the module docstring).
+
+    v: (N, d) float64 centered queries on the source's device; coef: (N,) float64; k: top
+    logits to keep (1 <= k <= M). pieces: force 2 or 3 query pieces (None: the rule of
+    the module docstring); logits_config / wsum_config: force a kernel configuration
+    (names of ``LOGITS_CONFIGS`` / ``WSUM_CONFIGS``); info: a dict that receives what
+    the pass chose (pieces, configurations, how many queries got a weighted sum).
+    """
+    from optden.kernels.host import chunks
+
+    K = kernels()
+    n, d = v.shape
+    if source.dtype != "uint8":
+        raise ValueError(f"the GEMM pass runs uint8 rows only (got {source.dtype})")
+    if d > K.MAX_D:
+        raise ValueError(f"the GEMM pass runs d <= {K.MAX_D} (got {d})")
+    dev = v.device
+    on_gpu = v.is_cuda and not K.INTERPRETED
+    center = source.center.to(dev, torch.float64)
+    q_norm = float(source.max_cnorm)
+    x_norm = (q_norm + float((center - 128.0).norm())) * (1.0 + 1e-12)
+    zeros = torch.zeros(n, dtype=torch.float64, device=dev)
+
+    def logits_bound(split, p, top):
+        bm = K.logits_tiles(1, n, p, on_gpu, logits_config)[0]
+        return gemm_logits_delta(v, split[2], split[3], split[4], coef, pieces=p, x_norm=x_norm, q_norm=q_norm,
+                                 block_m_max=bm, top=top)
+
+    # 1. query pieces
+    split = None
+    if pieces is None:
+        if n <= 64:
+            pieces = 3
+        else:
+            split = split_query_int8(v, 2)
+            pieces = 2 if float(logits_bound(split, 2, zeros).max()) <= PIECES2_DELTA_MAX else 3
+    if pieces not in (2, 3):
+        raise ValueError(f"pieces: expected 2 or 3, got {pieces}")
+    if split is None or pieces != 2:
+        split = split_query_int8(v, pieces)
+    qp, scales = split[0], split[1]
+    coef32 = coef.to(torch.float32).contiguous()
+
+    # which queries get a weighted sum (decided before the pass: it needs no top logit)
+    bk = K.wsum_block_k(n, on_gpu, wsum_config)
+    largest = _largest_chunk(source, n)
+    steps = math.ceil(min(largest, wsum_rows_per_split(largest, n, d, bk)) / bk)
+    d_ws = wsum_delta(bk, steps)
+    acc_idx = ((logits_bound(split, pieces, zeros) + d_ws) <= ACC_DELTA_MAX).nonzero().flatten()
+    n_a = int(acc_idx.numel())
+
+    # 2., 3. the chunks
+    m_rd = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
+    s = torch.zeros(n, dtype=torch.float64, device=dev)
+    top_val = torch.full((n, k), -math.inf, dtype=torch.float64, device=dev)
+    top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
+    if n_a:
+        m_a = torch.full((n_a,), -math.inf, dtype=torch.float64, device=dev)
+        s_a = torch.zeros(n_a, dtype=torch.float64, device=dev)
+        acc_a = torch.zeros(n_a, d, dtype=torch.float64, device=dev)
+    for off, raw, csq in chunks(source, n):
+        rows = raw.shape[0]
+        logits, tmax, tsum = K.gemm_logits(raw, qp, scales, csq.to(dev, torch.float32).contiguous(), coef32,
+                                           config=logits_config)
+        tm = tmax.double()
+        cm = tm.max(0).values  # the exact max of this chunk's fp32 logits, per query
+        new_m = torch.maximum(m_rd, cm)
+        s = s * torch.exp(m_rd - new_m) + (torch.exp(tm - new_m[None, :]) * tsum.double()).sum(0)
+        m_rd = new_m
+        bv, bi = logits.topk(min(k, rows), dim=1)
+        top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+        if n_a:
+            mc = cm[acc_idx]
+            rps = wsum_rows_per_split(rows, n_a, d, bk)
+            accs, ss = K.gemm_wsum(raw, logits.index_select(0, acc_idx), mc.to(torch.float32), rps,
+                                   config=wsum_config)
+            new_ma = torch.maximum(m_a, mc)
+            alpha, w = torch.exp(m_a - new_ma), torch.exp(mc - new_ma)
+            acc_a = acc_a * alpha[:, None] + accs.sum(0, dtype=torch.float64) * w[:, None]
+            s_a = s_a * alpha + ss.sum(0, dtype=torch.float64) * w
+            m_a = new_ma
+
+    # the part of every logit common to all rows, in float64:
+    # -coef ||v - (raw - c)||^2 = coef (2 v.(raw - 128) - csq) - coef (||v||^2 - 2 v.(128 - c))
+    common = -coef * ((v * v).sum(1) - 2.0 * (v @ (128.0 - center)))
+    m = m_rd + common
+    top_val = top_val + common[:, None]
+    delta = logits_bound(split, pieces, top_val[:, 0])
+    acc = torch.full((n, d), math.nan, dtype=torch.float64, device=dev)
+    raised = torch.clamp(delta, min=NO_ACC_DELTA)
+    if n_a:
+        acc[acc_idx] = acc_a - s_a[:, None] * center[None, :]  # raw-space sums -> centered space
+        s[acc_idx] = s_a
+        raised[acc_idx] = delta[acc_idx] + d_ws
+    if info is not None:
+        info.update(pieces=pieces, weighted_sums=n_a, wsum_steps=steps,
+                    logits_config=logits_config or (K.logits_config_name(n, pieces) if on_gpu else "interpreter"),
+                    wsum_config=wsum_config or (K.wsum_config_name(n) if on_gpu else "interpreter"))
+    return Partial(m=m, s=s, acc=acc, top_val=top_val, top_idx=top_idx, delta=raised)
