@@ -2,7 +2,7 @@
 
 No GPU is needed: ``triton.compile`` lowers each configuration of
 ``optden.kernels.dense_gemm`` (``LOGITS_CONFIGS`` with 2 and 3 query pieces,
-``WSUM_CONFIGS``) to a cubin for the target (default sm_90, H100), as a launch would
+``WSUM_CONFIGS``, the query split) to a cubin for the target (default sm_90, H100), as a launch would
 specialize it: pointers, strides and d divisible by 16 ("aligned", d = 3072 or 12288),
 or d and the row stride not ("odd", e.g. d = 3075). ``cuobjdump -res-usage`` (Triton's
 own copy, else the CUDA toolkit's) gives registers and stack (spills); Triton's metadata
@@ -82,12 +82,19 @@ def compile_all(arch: int = 90) -> list[dict]:
         const = dict(BF16_DOT=True, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd)
         aligned = ["X", "stride_x", "LOGITS", "stride_l", "MREF", "ACC", "stride_as", "stride_an", "SOUT", "D"]
         jobs.append(("wsum", wf, name, 0, sig, const, aligned, warps, stages))
+    sf = K._split_kernel
+    for p in (2, 3):
+        sig = {"V": "*fp64", "C128": "*fp64", "QP": "*i8", "SC": "*fp32", "STATS": "*fp64"}
+        const = dict(PIECES=p, BLOCK_D=K.SPLIT_BLOCK_D)
+        aligned = ["V", "stride_v", "C128", "QP", "stride_qp", "stride_qn", "SC", "STATS", "D"]
+        jobs.append(("split", sf, f"bd{K.SPLIT_BLOCK_D}", p, sig, const, aligned, 4, 2))
     out = []
     for kernel, fn, name, p, ptrs, const, aligned, warps, stages in jobs:
         names = fn.arg_names
         sig = {a: ptrs.get(a, "constexpr" if a in const else "i32") for a in names}
         for align in ("aligned", "odd"):
-            div = aligned if align == "aligned" else [a for a in aligned if not (a.startswith("stride_x") or a == "D")]
+            odd = ("stride_x", "stride_v", "stride_qn", "stride_qp", "D")
+            div = aligned if align == "aligned" else [a for a in aligned if a not in odd]
             attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div}
             src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                             attrs=attrs)

@@ -64,6 +64,8 @@ WSUM_CONFIGS = {
     "n16": (16, 64, 64, 4, 3),
     "n64": (64, 64, 64, 4, 3),
 }
+#: Columns per step of the query split on GPUs (one program per query, 4 warps).
+SPLIT_BLOCK_D = 512
 #: Configurations in the interpreter (small tiles: it runs numpy per tile).
 INTERP_LOGITS = (32, 16, 32, 1, 1, 3)
 INTERP_WSUM = (16, 16, 32, 1, 1)
@@ -93,6 +95,96 @@ def logits_config_name(n: int, pieces: int) -> str:
 
 def wsum_config_name(n: int) -> str:
     return "n16" if n <= 16 else "n64"
+
+
+# ----------------------------------------------------------------------------- query pieces
+@triton.jit
+def _split_kernel(
+    V, stride_v,  # (N, d) float64 centered queries, unit stride along d
+    C128,  # (d,) float64: 128 - center
+    QP, stride_qp, stride_qn,  # out (P, N, d) int8 pieces
+    SC,  # out (P, N) fp32 scales (contiguous)
+    STATS,  # out (N, 5) float64: ||v||^2, v.(128 - c), ||residual||, sum_p ||s_p q_p||, valid (1.0 / 0.0)
+    N, D,
+    PIECES: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per query, two sweeps over it: the pieces of ``gpu_gemm_bounds.split_query_int8``."""
+    n = tl.program_id(0)
+    vrow = V + n.to(tl.int64) * stride_v
+    amax_v = tl.zeros([BLOCK_D], tl.float64)
+    vsq_v = tl.zeros([BLOCK_D], tl.float64)
+    vc_v = tl.zeros([BLOCK_D], tl.float64)
+    for k in range(0, D, BLOCK_D):
+        offs = k + tl.arange(0, BLOCK_D)
+        m = offs < D
+        v = tl.load(vrow + offs, mask=m, other=0.0)
+        c = tl.load(C128 + offs, mask=m, other=0.0)
+        amax_v = tl.maximum(amax_v, tl.abs(v))
+        vsq_v += v * v
+        vc_v += v * c
+    amax = tl.max(amax_v, 0)
+    # scales s_p = s_1 2^(-7 (p - 1)), s_1 = fl32(amax / 127 (1 + 2^-20)) >= amax / 127: every |q_p| <= 127
+    s1 = tl.where(amax > 0, ((amax / 127.0) * (1.0 + 2.0**-20)).to(tl.float32), 1.0).to(tl.float64)
+    valid = (s1 <= 2.0**90) & (s1 * 2.0 ** (-7 * (PIECES - 1)) >= 2.0**-100)
+    s1 = tl.where(valid, s1, 1.0)
+    q0_v = tl.zeros([BLOCK_D], tl.float64)
+    q1_v = tl.zeros([BLOCK_D], tl.float64)
+    q2_v = tl.zeros([BLOCK_D], tl.float64)
+    r_v = tl.zeros([BLOCK_D], tl.float64)
+    for k in range(0, D, BLOCK_D):
+        offs = k + tl.arange(0, BLOCK_D)
+        m = offs < D
+        r = tl.load(vrow + offs, mask=m, other=0.0)
+        qrow = QP + n.to(tl.int64) * stride_qn + offs
+        for p in tl.static_range(PIECES):
+            sp = s1 * 2.0 ** (-7 * p)  # exact: a power of two
+            q = tl.minimum(tl.maximum(tl.floor(r / sp + 0.5), -127.0), 127.0)
+            r = r - sp * q  # exact (Sterbenz): sp q has 31 bits and |r - sp q| <= sp / 2
+            tl.store(qrow + p * stride_qp.to(tl.int64), q.to(tl.int8), mask=m)
+            if p == 0:
+                q0_v += q * q
+            elif p == 1:
+                q1_v += q * q
+            else:
+                q2_v += q * q
+        r_v += r * r
+    absum = s1 * tl.sqrt(tl.sum(q0_v, 0)) + s1 * 2.0**-7 * tl.sqrt(tl.sum(q1_v, 0))
+    if PIECES >= 3:
+        absum += s1 * 2.0**-14 * tl.sqrt(tl.sum(q2_v, 0))
+    for p in tl.static_range(PIECES):
+        tl.store(SC + p * N + n, (s1 * 2.0 ** (-7 * p)).to(tl.float32))
+    tl.store(STATS + n * 5 + 0, tl.sum(vsq_v, 0))
+    tl.store(STATS + n * 5 + 1, tl.sum(vc_v, 0))
+    tl.store(STATS + n * 5 + 2, tl.sqrt(tl.sum(r_v, 0)))
+    tl.store(STATS + n * 5 + 3, absum)
+    tl.store(STATS + n * 5 + 4, tl.where(valid, 1.0, 0.0).to(tl.float64))
+
+
+def gemm_split(v, c128, pieces: int):
+    """Query pieces in one launch: v (N, d) float64, c128 = 128 - center (d,) float64.
+
+    Returns ``(qp (P, N, d) int8, scales (P, N) fp32, stats (N, 5) float64)`` with stats
+    columns ``||v||^2``, ``v.(128 - center)``, ``||v - sum_p s_p q_p||``, ``sum_p ||s_p q_p||``
+    and valid (1.0 / 0.0): the values of ``split_query_int8`` (same roundings).
+    """
+    N, D = v.shape
+    if pieces not in (2, 3):
+        raise ValueError(f"pieces: expected 2 or 3, got {pieces}")
+    if v.dtype != torch.float64 or c128.dtype != torch.float64:
+        raise TypeError("gemm_split: v and c128 must be float64")
+    if v.stride(1) != 1:
+        v = v.contiguous()
+    dev = v.device
+    qp = torch.empty(pieces, N, D, dtype=torch.int8, device=dev)
+    sc = torch.empty(pieces, N, dtype=torch.float32, device=dev)
+    stats = torch.empty(N, 5, dtype=torch.float64, device=dev)
+    on_gpu = v.is_cuda and not INTERPRETED
+    meta = dict(PIECES=pieces, BLOCK_D=SPLIT_BLOCK_D if on_gpu else 32)
+    if on_gpu:
+        meta.update(num_warps=4, num_stages=2)
+    _split_kernel[(N,)](v, v.stride(0), c128.contiguous(), qp, qp.stride(0), qp.stride(1), sc, stats, N, D, **meta)
+    return qp, sc, stats
 
 
 # ----------------------------------------------------------------------------- logits

@@ -42,6 +42,7 @@ def test_every_configuration_compiles_for_sm90_without_spills(report):
     want = {(name, p) for name, cfg in K.LOGITS_CONFIGS.items() for p in range(2, cfg[5] + 1)}
     assert logits == want
     assert {x["config"] for x in rows if x["kernel"] == "wsum"} == set(K.WSUM_CONFIGS)
+    assert {x["pieces"] for x in rows if x["kernel"] == "split"} == {2, 3}
     for x in rows:
         assert "error" not in x, x
         assert x["smem"] <= 227 * 1024, x
@@ -56,5 +57,5 @@ def test_tensor_cores_are_used(report):
     for x in rows:
         if x["kernel"] == "logits":
             assert x["wgmma"] > 0, x
-        else:
+        elif x["kernel"] == "wsum":
             assert x["wgmma"] + x["mma_sync"] > 0, x

@@ -53,6 +53,26 @@ def _stats(x):
 
 
 @pytest.mark.parametrize("pieces", [2, 3])
+def test_split_kernel_matches_the_reference_split(K, pieces, rng):
+    """``gemm_split`` (one launch) gives the pieces of ``split_query_int8`` bit for bit, and the
+    norms the host needs; a zero query, a spike and a query too small for fp32 scales included."""
+    N, d = 5, 77
+    v = torch.from_numpy(rng.standard_normal((N, d))) * 100.0
+    v[1] = 0.0
+    v[2, 5] = 1e6
+    v[3] *= 1e-40
+    c = torch.from_numpy(rng.integers(0, 256, d).astype(np.float64))
+    qp, sc, st = K.gemm_split(v, 128.0 - c, pieces)
+    q, s, resid, absum, valid = split_query_int8(v, pieces)
+    assert torch.equal(qp, q) and torch.equal(sc, s)
+    torch.testing.assert_close(st[:, 2], resid, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(st[:, 3], absum, rtol=1e-12, atol=1e-300)
+    assert (st[:, 4] > 0).tolist() == valid.tolist() == [True, True, True, False, True]
+    torch.testing.assert_close(st[:, 0], (v * v).sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(st[:, 1], v @ (128.0 - c), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
 def test_logits_kernel_against_float64_ref(K, pieces, rng):
     """Logits and row-tile statistics (poisoned first) within the rigorous bound of float64.
 

@@ -44,37 +44,34 @@ _SCALE_MAX = 2.0**90  # times |I_p| < 2^31 stays below fp32's 2^128
 def split_query_int8(v: torch.Tensor, pieces: int):
     """v (N, d) float64 -> int8 pieces ``q`` (P, N, d), fp32 scales ``s`` (P, N) and their errors.
 
-    ``v ~ sum_p s_p q_p`` with ``|q_p| <= 127``: each piece takes the residual of the
-    previous ones at the scale ``max|residual| / 127`` (so every piece gains ~7 bits).
-    Returns ``(q, s, resid, absum, valid)``: resid (N,) = ``||v - sum_p s_p q_p||`` (float64;
-    ``s_p q_p`` and their sum are exact in float64), absum (N,) = ``sum_p ||s_p q_p||``, valid
-    (N,) bool: False where a scale falls outside [2^-100, 2^90] (the kernel's fp32
-    products could under- or overflow; those queries get an infinite bound).
+    The reference of ``optden.kernels.dense_gemm.gemm_split`` (one launch on the device).
+    ``v ~ sum_p s_p q_p`` with ``s_1 = fl32(max|v| / 127 (1 + 2^-20)) >= max|v| / 127`` and
+    ``s_p = s_1 2^(-7 (p - 1))``: each piece rounds the residual of the previous ones
+    (``|r_p| <= s_p / 2``), so ``|q_p| <= 64`` for p > 1 and every piece gains 7 bits; the
+    subtractions are exact (Sterbenz), the scales powers-of-two apart (two sweeps over the
+    query on the device instead of one per piece). Returns ``(q, s, resid, absum, valid)``:
+    resid (N,) = ``||v - sum_p s_p q_p||`` (float64, the exact residual's norm), absum (N,) =
+    ``sum_p ||s_p q_p||``, valid (N,) bool: False where a scale falls outside
+    [2^-100, 2^90] (the kernel's fp32 products could under- or overflow; those queries get
+    an infinite bound).
     """
     if pieces < 1:
         raise ValueError(f"pieces: expected >= 1, got {pieces}")
+    amax = v.abs().amax(1)
+    s1 = torch.where(amax > 0, (amax / 127.0 * (1.0 + 2.0**-20)).to(torch.float32).double(), torch.ones_like(amax))
+    valid = (s1 <= _SCALE_MAX) & (s1 * 2.0 ** (-7 * (pieces - 1)) >= _SCALE_MIN)
+    s1 = torch.where(valid, s1, torch.ones_like(s1))
     r = v.clone()
     qs, ss = [], []
-    valid = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
     absum = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
-    for _ in range(pieces):
-        amax = r.abs().amax(1)
-        # 1 + 2^-20 keeps fl32(s) >= amax / 127 (fp32 rounds by at most 2^-24): |r / s| <= 127
-        s = torch.where(amax > 0, amax * ((1.0 + 2.0**-20) / 127.0), torch.ones_like(amax)).to(torch.float32)
-        s64 = s.double()
-        valid &= (s64 >= _SCALE_MIN) & (s64 <= _SCALE_MAX)
-        s64 = torch.where((s64 >= _SCALE_MIN) & (s64 <= _SCALE_MAX), s64, torch.ones_like(s64))
-        q = torch.round(r / s64[:, None]).clamp_(-127, 127)
-        part = q * s64[:, None]  # exact: a 24-bit scale times a 7-bit integer
-        r = r - part
-        absum += part.norm(dim=1)
+    for p in range(pieces):
+        s = s1 * 2.0 ** (-7 * p)
+        q = torch.floor(r / s[:, None] + 0.5).clamp_(-127, 127)  # as the kernel rounds
+        r = r - q * s[:, None]  # exact (Sterbenz): s q has 31 bits and |r - s q| <= s / 2
+        absum += s * q.norm(dim=1)
         qs.append(q.to(torch.int8))
-        ss.append(s64.to(torch.float32))
-    approx = torch.zeros_like(v)
-    for q, s in zip(qs, ss):
-        approx += q.double() * s.double()[:, None]
-    resid = (v - approx).norm(dim=1)
-    return torch.stack(qs).contiguous(), torch.stack(ss).contiguous(), resid, absum, valid
+        ss.append(s.to(torch.float32))
+    return torch.stack(qs).contiguous(), torch.stack(ss).contiguous(), r.norm(dim=1), absum, valid
 
 
 def wsum_delta(block_k: int, steps: int) -> float:

@@ -3,8 +3,8 @@
 The ``triton`` backend runs this pass for uint8 rows (``OPTDEN_TRITON_PASS``, see
 ``optden.backends.triton``). Per call:
 
-1. the centered queries ``v`` (N, d) are split into P int8 pieces (``split_query_int8``):
-   P = 3 for N <= 64 (the pass is bandwidth bound there: a third piece costs little),
+1. the centered queries ``v`` (N, d) are split into P int8 pieces in one launch
+   (``gemm_split``, the values of ``gpu_gemm_bounds.split_query_int8``): P = 3 for N <= 64 (the pass is bandwidth bound there: a third piece costs little),
    else P = 2 unless the bound of 2 pieces exceeds ``PIECES2_DELTA_MAX`` (small sigma);
 2. per chunk of rows, the logits kernel writes the row-dependent fp32 logits and per
    row tile their max and sum of exp; the host merges the tile statistics in float64
@@ -29,7 +29,7 @@ import math
 import torch
 
 from ..dispatch import Partial
-from .gpu_gemm_bounds import gemm_logits_delta, split_query_int8, wsum_delta
+from .gpu_gemm_bounds import gemm_logits_delta, wsum_delta
 from .torch_blocked import merge_topk
 
 _KERNEL_MODULE = "optden.kernels.dense_gemm"
@@ -69,6 +69,20 @@ def _largest_chunk(source, n: int) -> int:
     return min(source.M, max(1, int(getattr(source, "block_rows", source.M))))
 
 
+def _x_norm(source, center: torch.Tensor) -> float:
+    """X = Q + ||center - 128||, a bound on ||raw_i - 128|| (cached per source: no device sync per call)."""
+    key = id(source)
+    hit = _X_NORMS.get(key)
+    if hit is not None and hit[0] is source.center:
+        return hit[1]
+    x = (float(source.max_cnorm) + float((center - 128.0).norm())) * (1.0 + 1e-12)
+    _X_NORMS[key] = (source.center, x)
+    return x
+
+
+_X_NORMS: dict = {}
+
+
 def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces: int | None = None,
                  logits_config=None, wsum_config=None, info: dict | None = None) -> Partial:
     """One GEMM pass over ``source`` (uint8 rows); returns a float64 ``Partial`` (see the module docstring).
@@ -77,8 +91,12 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
     logits to keep (1 <= k <= M). pieces: force 2 or 3 query pieces (None: the rule of
     the module docstring); logits_config / wsum_config: force a kernel configuration
     (names of ``LOGITS_CONFIGS`` / ``WSUM_CONFIGS``); info: a dict that receives what
-    the pass chose (pieces, configurations, how many queries got a weighted sum).
+    the pass chose (pieces, configurations, how many queries got a weighted sum) and the
+    bound of the logits alone (``logits_delta`` (N,), before the raise to NO_ACC_DELTA).
+    Few host operations (a call at small N is bound by them): one launch splits the
+    queries, one device sync decides the weighted sums.
     """
+    from optden.kernels.bounds import EPS64
     from optden.kernels.host import chunks
 
     K = kernels()
@@ -91,57 +109,65 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
     on_gpu = v.is_cuda and not K.INTERPRETED
     center = source.center.to(dev, torch.float64)
     q_norm = float(source.max_cnorm)
-    x_norm = (q_norm + float((center - 128.0).norm())) * (1.0 + 1e-12)
-    zeros = torch.zeros(n, dtype=torch.float64, device=dev)
+    x_norm = _x_norm(source, center)
+    c128 = 128.0 - center
 
-    def logits_bound(split, p, top):
+    def split(p):
+        qp, sc, st = K.gemm_split(v, c128, p)
         bm = K.logits_tiles(1, n, p, on_gpu, logits_config)[0]
-        return gemm_logits_delta(v, split[2], split[3], split[4], coef, pieces=p, x_norm=x_norm, q_norm=q_norm,
-                                 block_m_max=bm, top=top)
+        # the bound without its top-logit term (added when the top logit is known)
+        bound = gemm_logits_delta(v, st[:, 2], st[:, 3], st[:, 4] > 0, coef, pieces=p, x_norm=x_norm, q_norm=q_norm,
+                                  block_m_max=bm, top=torch.zeros_like(coef))
+        return qp, sc, st, bound
 
     # 1. query pieces
-    split = None
     if pieces is None:
-        if n <= 64:
+        pieces = 3 if n <= 64 else 2
+        parts = split(pieces)
+        if pieces == 2 and float(parts[3].max()) > PIECES2_DELTA_MAX:  # small sigma: a third piece
             pieces = 3
-        else:
-            split = split_query_int8(v, 2)
-            pieces = 2 if float(logits_bound(split, 2, zeros).max()) <= PIECES2_DELTA_MAX else 3
-    if pieces not in (2, 3):
+            parts = split(3)
+    elif pieces in (2, 3):
+        parts = split(pieces)
+    else:
         raise ValueError(f"pieces: expected 2 or 3, got {pieces}")
-    if split is None or pieces != 2:
-        split = split_query_int8(v, pieces)
-    qp, scales = split[0], split[1]
-    coef32 = coef.to(torch.float32).contiguous()
+    qp, scales, st, bound = parts
+    coef32 = coef.to(torch.float32)
 
     # which queries get a weighted sum (decided before the pass: it needs no top logit)
     bk = K.wsum_block_k(n, on_gpu, wsum_config)
     largest = _largest_chunk(source, n)
     steps = math.ceil(min(largest, wsum_rows_per_split(largest, n, d, bk)) / bk)
     d_ws = wsum_delta(bk, steps)
-    acc_idx = ((logits_bound(split, pieces, zeros) + d_ws) <= ACC_DELTA_MAX).nonzero().flatten()
+    acc_idx = (bound + d_ws <= ACC_DELTA_MAX).nonzero().flatten()  # the one device sync
     n_a = int(acc_idx.numel())
 
     # 2., 3. the chunks
-    m_rd = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
-    s = torch.zeros(n, dtype=torch.float64, device=dev)
-    top_val = torch.full((n, k), -math.inf, dtype=torch.float64, device=dev)
-    top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
-    if n_a:
-        m_a = torch.full((n_a,), -math.inf, dtype=torch.float64, device=dev)
-        s_a = torch.zeros(n_a, dtype=torch.float64, device=dev)
-        acc_a = torch.zeros(n_a, d, dtype=torch.float64, device=dev)
+    m_rd = s = top_val = top_idx = None
     for off, raw, csq in chunks(source, n):
         rows = raw.shape[0]
-        logits, tmax, tsum = K.gemm_logits(raw, qp, scales, csq.to(dev, torch.float32).contiguous(), coef32,
+        logits, tmax, tsum = K.gemm_logits(raw, qp, scales, csq.to(dev, torch.float32), coef32,
                                            config=logits_config)
         tm = tmax.double()
         cm = tm.max(0).values  # the exact max of this chunk's fp32 logits, per query
-        new_m = torch.maximum(m_rd, cm)
-        s = s * torch.exp(m_rd - new_m) + (torch.exp(tm - new_m[None, :]) * tsum.double()).sum(0)
-        m_rd = new_m
         bv, bi = logits.topk(min(k, rows), dim=1)
-        top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+        if m_rd is None:  # the first chunk (the only one for resident rows at small N)
+            m_rd, s = cm, (torch.exp(tm - cm) * tsum).sum(0)
+            if rows >= k:
+                top_val, top_idx = bv.double(), bi.to(torch.int64) + off
+            else:
+                top_val = torch.full((n, k), -math.inf, dtype=torch.float64, device=dev)
+                top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
+                top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+            if n_a:
+                m_a = torch.full((n_a,), -math.inf, dtype=torch.float64, device=dev)
+                s_a = torch.zeros(n_a, dtype=torch.float64, device=dev)
+                acc_a = torch.zeros(n_a, d, dtype=torch.float64, device=dev)
+        else:
+            new_m = torch.maximum(m_rd, cm)
+            s = s * torch.exp(m_rd - new_m) + (torch.exp(tm - new_m) * tsum).sum(0)
+            m_rd = new_m
+            top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
         if n_a:
             mc = cm[acc_idx]
             rps = wsum_rows_per_split(rows, n_a, d, bk)
@@ -155,10 +181,11 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
 
     # the part of every logit common to all rows, in float64:
     # -coef ||v - (raw - c)||^2 = coef (2 v.(raw - 128) - csq) - coef (||v||^2 - 2 v.(128 - c))
-    common = -coef * ((v * v).sum(1) - 2.0 * (v @ (128.0 - center)))
+    common = coef * (2.0 * st[:, 1] - st[:, 0])
     m = m_rd + common
     top_val = top_val + common[:, None]
-    delta = logits_bound(split, pieces, top_val[:, 0])
+    delta = bound + 4.0 * EPS64 * top_val[:, 0].abs()  # the top-logit term of fp32_pass_delta
+    delta = torch.where(torch.isfinite(delta), delta, math.inf)
     acc = torch.full((n, d), math.nan, dtype=torch.float64, device=dev)
     raised = torch.clamp(delta, min=NO_ACC_DELTA)
     if n_a:
@@ -166,7 +193,7 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
         s[acc_idx] = s_a
         raised[acc_idx] = delta[acc_idx] + d_ws
     if info is not None:
-        info.update(pieces=pieces, weighted_sums=n_a, wsum_steps=steps,
+        info.update(pieces=pieces, weighted_sums=n_a, wsum_steps=steps, logits_delta=delta,
                     logits_config=logits_config or (K.logits_config_name(n, pieces) if on_gpu else "interpreter"),
                     wsum_config=wsum_config or (K.wsum_config_name(n) if on_gpu else "interpreter"))
     return Partial(m=m, s=s, acc=acc, top_val=top_val, top_idx=top_idx, delta=raised)

@@ -80,6 +80,24 @@ def test_gemm_logits_kernel_every_config_vs_float64(config, pieces, rng):
     assert ((tsum.log() - rs.log()).abs() <= 3 * delta[None, :]).all()
 
 
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_gemm_split_kernel_matches_the_reference_split(pieces, rng):
+    """The query pieces of one launch equal ``split_query_int8``'s bit for bit at ImageNet-64 width."""
+    from optden.backends.gpu_gemm_bounds import split_query_int8
+    from optden.kernels import dense_gemm as K
+
+    v = torch.randn(70, 12288, dtype=torch.float64, device="cuda") * 90.0
+    v[0] = 0.0
+    v[1, 3] = 1e7
+    c128 = 128.0 - torch.randint(0, 256, (12288,), device="cuda").double()
+    qp, sc, st = K.gemm_split(v, c128, pieces)
+    q, s, resid, absum, valid = split_query_int8(v, pieces)
+    assert torch.equal(qp, q) and torch.equal(sc, s) and bool(((st[:, 4] > 0) == valid).all())
+    torch.testing.assert_close(st[:, 2], resid, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(st[:, 3], absum, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(st[:, 1], v @ c128, rtol=1e-10, atol=1e-6)
+
+
 @pytest.mark.parametrize("config", ["n16", "n64"])
 def test_gemm_wsum_kernel_every_config_vs_float64(config, rng):
     """Per-split weighted sums (bf16 tensor cores; poisoned first) within ``wsum_delta``."""
