@@ -231,7 +231,8 @@ def test_gemm_fewer_rows_than_a_tile(K, gemm_pass, M, rng):
 
 
 def test_gemm_pass_reports_its_choices(K, rng):
-    """info: 3 pieces for few queries, weighted sums only where the bound allows DENSE."""
+    """info: 3 pieces for few queries, 2 for many unless their bound is loose; weighted sums
+    only where the bound allows DENSE."""
     from optden.backends.gpu_gemm_pass import gemm_partial
 
     ds = optden.Dataset.from_array(rng.integers(0, 256, (50, 24), dtype=np.uint8))
@@ -242,6 +243,11 @@ def test_gemm_pass_reports_its_choices(K, rng):
         p = gemm_partial(v, torch.full((2,), coef, dtype=torch.float64), src, 4, info=info)
         assert info["pieces"] == 3 and info["weighted_sums"] == n_acc
         assert bool(torch.isfinite(p.acc).all()) == (n_acc == 2)
+    many = torch.from_numpy(rng.standard_normal((20, 24))) * 30.0
+    for coef, pieces in ((1e-6, 2), (1e3, 3)):
+        info = {}
+        gemm_partial(many, torch.full((20,), coef, dtype=torch.float64), src, 4, info=info)
+        assert info["pieces"] == pieces
     with pytest.raises(ValueError, match="uint8"):
         gemm_partial(v, torch.ones(2, dtype=torch.float64),
                      RowSource(optden.Dataset.from_array(rng.standard_normal((5, 24)).astype(np.float32)),

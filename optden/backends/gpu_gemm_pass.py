@@ -4,8 +4,9 @@ The ``triton`` backend runs this pass for uint8 rows (``OPTDEN_TRITON_PASS``, se
 ``optden.backends.triton``). Per call:
 
 1. the centered queries ``v`` (N, d) are split into P int8 pieces in one launch
-   (``gemm_split``, the values of ``gpu_gemm_bounds.split_query_int8``): P = 3 for N <= 64 (the pass is bandwidth bound there: a third piece costs little),
-   else P = 2 unless the bound of 2 pieces exceeds ``PIECES2_DELTA_MAX`` (small sigma);
+   (``gemm_split``, the values of ``gpu_gemm_bounds.split_query_int8``): P = 3 for N <= 16
+   (the pass is bandwidth bound there: a third piece costs nothing), else P = 2 unless
+   the bound of 2 pieces exceeds ``PIECES2_DELTA_MAX`` (small sigma; one device sync);
 2. per chunk of rows, the logits kernel writes the row-dependent fp32 logits and per
    row tile their max and sum of exp; the host merges the tile statistics in float64
    (``m``, ``s``) and keeps the exact top k of the coarse logits;
@@ -38,7 +39,9 @@ _KERNEL_MODULE = "optden.kernels.dense_gemm"
 ACC_DELTA_MAX = 2.5e-4
 #: The bound reported for a query without a weighted sum: never DENSE (tol / 4 < 0.25 for tol < 1).
 NO_ACC_DELTA = 0.25
-#: With more than 64 queries, 2 pieces are used unless their bound exceeds this (logit units).
+#: Up to this many queries the pass is bandwidth bound: 3 pieces cost nothing there.
+SMALL_N = 16
+#: With more queries, 2 pieces are used unless their bound exceeds this (logit units).
 PIECES2_DELTA_MAX = 1.0
 #: Steps of BLOCK_K rows per weighted-sum split (its bound grows with the steps).
 WSUM_STEPS = 64
@@ -76,6 +79,8 @@ def _x_norm(source, center: torch.Tensor) -> float:
     if hit is not None and hit[0] is source.center:
         return hit[1]
     x = (float(source.max_cnorm) + float((center - 128.0).norm())) * (1.0 + 1e-12)
+    if len(_X_NORMS) > 256:
+        _X_NORMS.clear()
     _X_NORMS[key] = (source.center, x)
     return x
 
@@ -122,7 +127,7 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
 
     # 1. query pieces
     if pieces is None:
-        pieces = 3 if n <= 64 else 2
+        pieces = 3 if n <= SMALL_N else 2
         parts = split(pieces)
         if pieces == 2 and float(parts[3].max()) > PIECES2_DELTA_MAX:  # small sigma: a third piece
             pieces = 3
@@ -132,7 +137,7 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
     else:
         raise ValueError(f"pieces: expected 2 or 3, got {pieces}")
     qp, scales, st, bound = parts
-    coef32 = coef.to(torch.float32)
+    coef32 = coef.to(torch.float32).contiguous()
 
     # which queries get a weighted sum (decided before the pass: it needs no top logit)
     bk = K.wsum_block_k(n, on_gpu, wsum_config)
@@ -146,7 +151,7 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
     m_rd = s = top_val = top_idx = None
     for off, raw, csq in chunks(source, n):
         rows = raw.shape[0]
-        logits, tmax, tsum = K.gemm_logits(raw, qp, scales, csq.to(dev, torch.float32), coef32,
+        logits, tmax, tsum = K.gemm_logits(raw, qp, scales, csq.to(dev, torch.float32).contiguous(), coef32,
                                            config=logits_config)
         tm = tmax.double()
         cm = tm.max(0).values  # the exact max of this chunk's fp32 logits, per query
