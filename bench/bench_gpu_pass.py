@@ -10,6 +10,8 @@ DENSE at tol >= 1e-3; at tol 1e-6 certify still falls back). Rows of the table, 
 * ``gemm-pass``: ``gemm_partial`` (pieces, logits kernel, tile merges, top-64, bound; a
   weighted sum only where the bound allows DENSE), the note says what it chose;
 * ``gemm-kernel``: the logits kernel alone (the pass less its host work and top-k);
+  ``gemm-split`` (the query pieces, one launch) and ``gemm-topk`` (torch.topk of the
+  logits): two more parts of the pass; the ``gemm-pass`` note gives its host time per call;
 * ``gemm-certified``: the pass and ``optden.precision.certify`` (float64 re-score of the
   top 64, the float64 torch pass as fallback): the exact certified result;
 * ``fused-pass``: the triton backend's fused pass (OPTDEN_TRITON_PASS=fused);
@@ -94,6 +96,25 @@ def _model_dc(dc, center):
     return (dc + center) / 127.5 - 1.0
 
 
+def host_ms(fn, dev, reps: int = 7) -> float:
+    """Median host milliseconds of one call, the device idle at its start (Python, launches and
+    the call's own syncs): when it is close to the device time, the call is host bound."""
+    import statistics
+
+    import torch
+
+    ts = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return statistics.median(ts)
+
+
 def check_case(run, case, src, v, coef, part, cert, n_check, logits_delta):
     """D* of the certified result against float64 direct differences; coarse logits against exact
     within the bound of the logits alone (``logits_delta`` (N,), tighter than the reported delta)."""
@@ -155,8 +176,10 @@ def run_case(run, name, n, sigma, data, knn):
     try:
         part = gemm_partial(v, coef, src, 64, pieces=force, info=info)
         ms = bench_ms(lambda: gemm_partial(v, coef, src, 64, pieces=force))
+        host = host_ms(lambda: gemm_partial(v, coef, src, 64, pieces=force), dev)
         run.emit(case, "gemm-pass", ms, f"pieces {info['pieces']}, logits config {info['logits_config']}, "
-                                        f"weighted sums {info['weighted_sums']}/{n}", flops, nbytes)
+                                        f"weighted sums {info['weighted_sums']}/{n}, host {host:.3f} ms per call",
+                 flops, nbytes)
     except Exception as exc:  # noqa: BLE001 (report, go on)
         run.fail(case, "gemm-pass", exc)
         part = None
@@ -170,6 +193,13 @@ def run_case(run, name, n, sigma, data, knn):
         try:
             ms = bench_ms(lambda: K.gemm_logits(raw, qp, sc, csq32, coef32))
             run.emit(case, "gemm-kernel", ms, f"config {info['logits_config']}", flops, nbytes)
+            lg = K.gemm_logits(raw, qp, sc, csq32, coef32)[0]
+            c128 = 128.0 - src.center
+            parts = {"gemm-split": lambda: K.gemm_split(v, c128, info["pieces"]),
+                     "gemm-topk": lambda: lg.topk(min(64, M), dim=1)}
+            for label, fn in parts.items():
+                run.emit(case, label, bench_ms(fn), "a part of gemm-pass")
+            del lg
         except Exception as exc:  # noqa: BLE001
             run.fail(case, "gemm-kernel", exc)
         precise = dispatch.get("torch")

@@ -244,10 +244,11 @@ def test_gemm_pass_reports_its_choices(K, rng):
         assert info["pieces"] == 3 and info["weighted_sums"] == n_acc
         assert bool(torch.isfinite(p.acc).all()) == (n_acc == 2)
     many = torch.from_numpy(rng.standard_normal((20, 24))) * 30.0
-    for coef, pieces in ((1e-6, 2), (1e3, 3)):
+    for coef, pieces, n_acc in ((1e-6, 2, 20), (1e3, 3, 0)):
         info = {}
-        gemm_partial(many, torch.full((20,), coef, dtype=torch.float64), src, 4, info=info)
-        assert info["pieces"] == pieces
+        p = gemm_partial(many, torch.full((20,), coef, dtype=torch.float64), src, 4, info=info)
+        assert info["pieces"] == pieces and info["weighted_sums"] == n_acc
+        assert bool(torch.isfinite(p.acc).all()) == (n_acc == 20)
     with pytest.raises(ValueError, match="uint8"):
         gemm_partial(v, torch.ones(2, dtype=torch.float64),
                      RowSource(optden.Dataset.from_array(rng.standard_normal((5, 24)).astype(np.float32)),
