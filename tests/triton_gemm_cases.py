@@ -249,6 +249,11 @@ def test_gemm_pass_reports_its_choices(K, rng):
         p = gemm_partial(many, torch.full((20,), coef, dtype=torch.float64), src, 4, info=info)
         assert info["pieces"] == pieces and info["weighted_sums"] == n_acc
         assert bool(torch.isfinite(p.acc).all()) == (n_acc == 20)
+    # 600 rows in tiles of 32: the top 3 come from the 3 tiles with the largest maxima
+    big = RowSource(optden.Dataset.from_array(rng.integers(0, 256, (600, 24), dtype=np.uint8)), torch.device("cpu"), 600)
+    c1 = torch.full((2,), 1e-3, dtype=torch.float64)
+    few, every = gemm_partial(v, c1, big, 3), gemm_partial(v, c1, big, 600)
+    assert torch.equal(few.top_val, every.top_val[:, :3])
     with pytest.raises(ValueError, match="uint8"):
         gemm_partial(v, torch.ones(2, dtype=torch.float64),
                      RowSource(optden.Dataset.from_array(rng.standard_normal((5, 24)).astype(np.float32)),

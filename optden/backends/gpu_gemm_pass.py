@@ -9,7 +9,8 @@ The ``triton`` backend runs this pass for uint8 rows (``OPTDEN_TRITON_PASS``, se
    the bound of 2 pieces exceeds ``PIECES2_DELTA_MAX`` (small sigma; one device sync);
 2. per chunk of rows, the logits kernel writes the row-dependent fp32 logits and per
    row tile their max and sum of exp; the host merges the tile statistics in float64
-   (``m``, ``s``) and keeps the exact top k of the coarse logits;
+   (``m``, ``s``) and keeps the exact top k of the coarse logits, read from the k row
+   tiles with the largest maxima only (``tile_topk``);
 3. the weighted sum runs only for the queries whose bound (logits and weighted sum) is
    at most ``ACC_DELTA_MAX``: only those can be certified DENSE at the tolerances this
    pass serves (``optden.precision.certify`` uses ``acc`` of a query only when its
@@ -72,6 +73,27 @@ def _largest_chunk(source, n: int) -> int:
     if getattr(source, "_raw", None) is not None and getattr(source, "_csq", None) is not None:
         return min(source.M, max(SPLIT_ALIGN, LOGIT_BYTES // max(1, 4 * n)))
     return min(source.M, max(1, int(getattr(source, "block_rows", source.M))))
+
+
+def tile_topk(logits: torch.Tensor, tmax: torch.Tensor, k: int, block_m: int):
+    """Exact top k of each row of ``logits`` (n, B), reading only k row tiles per query.
+
+    tmax: (T, n) the max of each tile of ``block_m`` rows (the logits kernel's). At least k
+    rows reach the k-th largest tile max t_k, so every row of the top k (logit >= the k-th
+    largest >= t_k) lies in a tile whose max is >= t_k: the k tiles with the largest maxima
+    hold the top k values (ties may pick other rows of the same value). Returns (values
+    (n, k), positions (n, k) int64); a plain ``topk`` when the tiles are few.
+    """
+    n, B = logits.shape
+    T = tmax.shape[0]
+    if T <= 4 * k:
+        v, i = logits.topk(min(k, B), dim=1)
+        return v, i.to(torch.int64)
+    tiles = tmax.T.topk(k, dim=1).indices  # (n, k)
+    rows = (tiles[:, :, None] * block_m + torch.arange(block_m, device=logits.device)).reshape(n, k * block_m)
+    vals = logits.gather(1, rows.clamp(max=B - 1)).masked_fill_(rows >= B, -math.inf)
+    v, j = vals.topk(k, dim=1)
+    return v, rows.gather(1, j)
 
 
 def _x_norm(source, center: torch.Tensor) -> float:
@@ -154,6 +176,7 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
     else:
         raise ValueError(f"pieces: expected 2 or 3, got {pieces}")
     qp, scales, st, bound = parts
+    block_m = K.logits_tiles(1, n, pieces, on_gpu, logits_config)[0]
     coef32 = coef.to(torch.float32).contiguous()
     n_a = int(acc_idx.numel())
 
@@ -165,15 +188,15 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
                                            config=logits_config)
         tm = tmax.double()
         cm = tm.max(0).values  # the exact max of this chunk's fp32 logits, per query
-        bv, bi = logits.topk(min(k, rows), dim=1)
+        bv, bi = tile_topk(logits, tmax, k, block_m)
         if m_rd is None:  # the first chunk (the only one for resident rows at small N)
             m_rd, s = cm, (torch.exp(tm - cm) * tsum).sum(0)
             if rows >= k:
-                top_val, top_idx = bv.double(), bi.to(torch.int64) + off
+                top_val, top_idx = bv.double(), bi + off
             else:
                 top_val = torch.full((n, k), -math.inf, dtype=torch.float64, device=dev)
                 top_idx = torch.zeros(n, k, dtype=torch.int64, device=dev)
-                top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+                top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi + off, k)
             if n_a:
                 m_a = torch.full((n_a,), -math.inf, dtype=torch.float64, device=dev)
                 s_a = torch.zeros(n_a, dtype=torch.float64, device=dev)
@@ -182,7 +205,7 @@ def gemm_partial(v: torch.Tensor, coef: torch.Tensor, source, k: int, *, pieces:
             new_m = torch.maximum(m_rd, cm)
             s = s * torch.exp(m_rd - new_m) + (torch.exp(tm - new_m) * tsum).sum(0)
             m_rd = new_m
-            top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi.to(torch.int64) + off, k)
+            top_val, top_idx = merge_topk(top_val, top_idx, bv.double(), bi + off, k)
         if n_a:
             mc = cm[acc_idx]
             rps = wsum_rows_per_split(rows, n_a, d, bk)
