@@ -98,7 +98,7 @@ def wsum_config_name(n: int) -> str:
 
 
 # ----------------------------------------------------------------------------- query pieces
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _split_kernel(
     V, stride_v,  # (N, d) float64 centered queries, unit stride along d
     C128,  # (d,) float64: 128 - center
@@ -188,7 +188,7 @@ def gemm_split(v, c128, pieces: int):
 
 
 # ----------------------------------------------------------------------------- logits
-@triton.jit
+@triton.jit(do_not_specialize=["N", "B"])  # one compile for every N and M (not per value class)
 def _logits_kernel(
     X, stride_x,  # (B, d) uint8 rows, unit stride along d
     QP, stride_qp, stride_qn,  # (P, N, d) int8 query pieces, unit stride along d
@@ -341,7 +341,7 @@ def gemm_logits_ref(x, center, csq, v, coef, block_m):
 
 
 # ----------------------------------------------------------------------------- weighted sum
-@triton.jit
+@triton.jit(do_not_specialize=["N", "B", "rows_per_split"])
 def _wsum_kernel(
     X, stride_x,  # (B, d) uint8 rows, unit stride along d
     LOGITS, stride_l,  # (N, B) fp32 row-dependent logits, unit stride along B
