@@ -87,7 +87,7 @@ def compile_all(arch: int = 90) -> list[dict]:
         sig = {"V": "*fp64", "C128": "*fp64", "QP": "*i8", "SC": "*fp32", "STATS": "*fp64"}
         const = dict(PIECES=p, BLOCK_D=K.SPLIT_BLOCK_D)
         aligned = ["V", "stride_v", "C128", "QP", "stride_qp", "stride_qn", "SC", "STATS", "D"]
-        jobs.append(("split", sf, f"bd{K.SPLIT_BLOCK_D}", p, sig, const, aligned, 4, 2))
+        jobs.append(("split", sf, f"bd{K.SPLIT_BLOCK_D}", p, sig, const, aligned, K.SPLIT_WARPS, 2))
     out = []
     for kernel, fn, name, p, ptrs, const, aligned, warps, stages in jobs:
         names = fn.arg_names

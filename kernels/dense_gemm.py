@@ -64,8 +64,10 @@ WSUM_CONFIGS = {
     "n16": (16, 64, 64, 4, 3),
     "n64": (64, 64, 64, 4, 3),
 }
-#: Columns per step of the query split on GPUs (one program per query, 4 warps).
-SPLIT_BLOCK_D = 512
+#: Columns per step and warps of the query split on GPUs (one program per query: at N = 1 its
+#: two sweeps over d are serial, so wide steps keep them short).
+SPLIT_BLOCK_D = 1024
+SPLIT_WARPS = 8
 #: Configurations in the interpreter (small tiles: it runs numpy per tile).
 INTERP_LOGITS = (32, 16, 32, 1, 1, 3)
 INTERP_WSUM = (16, 16, 32, 1, 1)
@@ -182,7 +184,7 @@ def gemm_split(v, c128, pieces: int):
     on_gpu = v.is_cuda and not INTERPRETED
     meta = dict(PIECES=pieces, BLOCK_D=SPLIT_BLOCK_D if on_gpu else 32)
     if on_gpu:
-        meta.update(num_warps=4, num_stages=2)
+        meta.update(num_warps=SPLIT_WARPS, num_stages=2)
     _split_kernel[(N,)](v, v.stride(0), c128.contiguous(), qp, qp.stride(0), qp.stride(1), sc, stats, N, D, **meta)
     return qp, sc, stats
 
