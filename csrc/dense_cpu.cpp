@@ -1,7 +1,7 @@
 // The CPU dense pass of the optimal denoiser: one fused pass over blocks of rows that
 // computes coarse logits, an online softmax, the weighted sum and the top-K logits, with
 // a rigorous per-query bound `delta` on the logit error (see optden/backends/cpu.py for
-// the derivation). Also the exact re-score of gathered rows and a top-k selection.
+// the derivation).
 //
 // Logits: l_i = -coef ||v - q_i||^2 = -coef ((||v||^2 - 2 v.q_i) + ||q_i||^2), with v the
 // centered query (float64) and q_i = raw_i - center the centered row.
@@ -138,9 +138,6 @@ DType parse_dtype(const std::string& s) {
 }
 
 size_t itemsize(DType t) { return t == DType::U8 ? 1 : t == DType::F32 ? 4 : 2; }
-
-// one stored value as a double (exact); the scalar reference of center_row's conversions
-inline double raw_value(const void* base, DType t, size_t idx) { return k_portable::raw_value(base, (int)t, idx); }
 
 // Whether x[0..n) are all finite. A double is NaN or inf when its exponent bits are all
 // ones, and exactly then does (bits & exponent mask) + 2^52 reach bit 63; an OR of those
@@ -1029,96 +1026,6 @@ class DensePass {
   std::vector<TopHeap> top_;
 };
 
-// Exact logits -coef ||v_n - (rows[idx[n, t]] - center)||^2 by float64 direct differences.
-py::array_t<double> rescore(py::array_t<double, py::array::c_style | py::array::forcecast> v,
-                            py::array_t<double, py::array::c_style | py::array::forcecast> coef, py::array rows,
-                            py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx,
-                            py::array_t<double, py::array::c_style | py::array::forcecast> center,
-                            const std::string& dtype) {
-  const DType dt = parse_dtype(dtype);
-  if (v.ndim() != 2) throw std::invalid_argument("v: expected a 2-D (n, d) float64 array");
-  const int64_t n = v.shape(0), d = v.shape(1);
-  if (coef.ndim() != 1 || coef.shape(0) != n) throw std::invalid_argument("coef: expected shape (n,)");
-  if (rows.ndim() != 2 || rows.shape(1) != d) throw std::invalid_argument("rows: expected a 2-D (R, d) array");
-  if (!(rows.flags() & py::array::c_style)) throw std::invalid_argument("rows: expected a C-contiguous array");
-  if ((size_t)rows.itemsize() != itemsize(dt)) throw std::invalid_argument("rows: item size does not match dtype");
-  if (idx.ndim() != 2 || idx.shape(0) != n) throw std::invalid_argument("idx: expected shape (n, K)");
-  if (center.ndim() != 1 || center.shape(0) != d) throw std::invalid_argument("center: expected shape (d,)");
-  const int64_t K = idx.shape(1), R = rows.shape(0);
-  const int64_t* ip = idx.data();
-  for (int64_t t = 0; t < n * K; ++t)
-    if (ip[t] < 0 || ip[t] >= R) throw std::invalid_argument("idx: row index " + std::to_string(ip[t]) + " out of range 0.." + std::to_string(R - 1));
-  py::array_t<double> out({(py::ssize_t)n, (py::ssize_t)K});
-  double* o = out.mutable_data();
-  const double *vp = v.data(), *cp = coef.data(), *ctr = center.data();
-  const void* base = rows.data();
-  {
-    py::gil_scoped_release nogil;
-#pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t t = 0; t < n * K; ++t) {
-      const int64_t q = t / K;
-      const size_t row = (size_t)ip[t] * d;
-      double acc = 0.0;
-      for (int64_t j = 0; j < d; ++j) {
-        const double diff = vp[q * d + j] - (raw_value(base, dt, row + j) - ctr[j]);
-        acc += diff * diff;
-      }
-      o[t] = -cp[q] * acc;
-    }
-  }
-  return out;
-}
-
-// rows (B, w) in dtype, centered in float64 by the float path's center_row kernel of `path`:
-// the kernel's own entry point, for the tests of its conversions
-py::array_t<double> center_rows(py::array rows, py::array_t<double, py::array::c_style | py::array::forcecast> center,
-                                const std::string& dtype, const std::string& path) {
-  const DType dt = parse_dtype(dtype);
-  const Kernels& kern = pick_kernels(path);
-  if (rows.ndim() != 2) throw std::invalid_argument("rows: expected a 2-D (B, w) array");
-  if (!(rows.flags() & py::array::c_style)) throw std::invalid_argument("rows: expected a C-contiguous array");
-  if ((size_t)rows.itemsize() != itemsize(dt)) throw std::invalid_argument("rows: item size does not match dtype");
-  const int64_t B = rows.shape(0), w = rows.shape(1);
-  if (center.ndim() != 1 || center.shape(0) != w) throw std::invalid_argument("center: expected shape (w,)");
-  py::array_t<double> out({(py::ssize_t)B, (py::ssize_t)w});
-  const char* base = static_cast<const char*>(rows.data());
-  for (int64_t i = 0; i < B; ++i)
-    kern.center_row((int)dt, base + (size_t)i * w * itemsize(dt), (int)w, center.data(), out.mutable_data() + i * w);
-  return out;
-}
-
-// The k largest entries of each row of vals (n, M), descending (ties: smaller index first).
-py::tuple topk(py::array_t<double, py::array::c_style | py::array::forcecast> vals, int64_t k) {
-  if (vals.ndim() != 2) throw std::invalid_argument("vals: expected a 2-D (n, M) array");
-  const int64_t n = vals.shape(0), M = vals.shape(1);
-  if (k < 1 || k > M) throw std::invalid_argument("k: expected 1 <= k <= " + std::to_string(M));
-  py::array_t<double> tv({(py::ssize_t)n, (py::ssize_t)k});
-  py::array_t<int64_t> ti({(py::ssize_t)n, (py::ssize_t)k});
-  const double* vp = vals.data();
-  double* tvp = tv.mutable_data();
-  int64_t* tip = ti.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t q = 0; q < n; ++q) {
-      const double* row = vp + q * M;
-      std::vector<int64_t> order(M);
-      for (int64_t i = 0; i < M; ++i) order[i] = i;
-      auto better = [row](int64_t a, int64_t b) {
-        const bool na = std::isnan(row[a]), nb = std::isnan(row[b]);
-        if (na != nb) return nb;  // NaN ranks last
-        return row[a] > row[b] || (!(row[a] < row[b]) && a < b);
-      };
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), better);
-      for (int64_t t = 0; t < k; ++t) {
-        tvp[q * k + t] = row[order[t]];
-        tip[q * k + t] = order[t];
-      }
-    }
-  }
-  return py::make_tuple(tv, ti);
-}
-
 py::dict cpu_features() {
   py::dict f;
   __builtin_cpu_init();
@@ -1162,15 +1069,6 @@ void register_dense(py::module_& m) {
       .def_property_readonly("arith", &DensePass::arith)
       .def_property_readonly("limbs", &DensePass::limbs)
       .def_property_readonly("refined", &DensePass::refined);
-  m.def("rescore", &rescore, py::arg("v"), py::arg("coef"), py::arg("rows"), py::arg("idx"), py::arg("center"),
-        py::arg("dtype"),
-        "Exact logits (n, K) float64: -coef_n ||v_n - (rows[idx[n, t]] - center)||^2 by direct differences. "
-        "v (n, d) float64, rows (R, d) in dtype (bfloat16 as uint16 bits), idx (n, K) int64.");
-  m.def("topk", &topk, py::arg("vals"), py::arg("k"),
-        "The k largest of each row of vals (n, M) float64 -> (values (n, k) descending, indices (n, k) int64).");
-  m.def("center_rows", &center_rows, py::arg("rows"), py::arg("center"), py::arg("dtype"), py::arg("path") = "auto",
-        "rows (B, w) in dtype (bfloat16 as uint16 bits) minus center (w,), in float64 by the float path's kernel "
-        "of `path` (every conversion exact: one rounding, the subtraction).");
   m.def("cpu_features", &cpu_features, "CPU features seen at run time and the dense pass's kernel paths.");
 }
 }  // namespace optden

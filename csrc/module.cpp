@@ -5,7 +5,6 @@
 namespace py = pybind11;
 
 namespace optden {
-void register_norms(py::module_& m);
 void register_dense(py::module_& m);  // csrc/dense_cpu.cpp: the cpu backend's dense pass
 void register_peaks(py::module_& m);  // csrc/peak_cpu.cpp: vector-unit peak rates for the benchmarks
 py::dict build_info();
@@ -16,7 +15,6 @@ void register_cuda(py::module_& m);  // csrc/cuda/*.cu, built when nvcc and a CU
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "optden compiled kernels (C++ CPU; CUDA when built with it)";
-  optden::register_norms(m);
   optden::register_dense(m);
   optden::register_peaks(m);
 #ifdef OPTDEN_WITH_CUDA
