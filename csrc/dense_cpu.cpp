@@ -20,7 +20,6 @@
 // Work is split over sub-blocks of rows (OpenMP, static: each thread takes every T-th, so
 // results are the same on every run); each thread keeps its own
 // (max, sumexp, weighted sum, top-K) and the threads are merged by log-sum-exp.
-#include <immintrin.h>
 #include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -29,42 +28,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
-// ---- the kernels, once per instruction set (see dense_kernels.h)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
-#define OPTDEN_KNS k_avx512
-#define OPTDEN_ISA 2
-#include "dense_kernels.h"
-#include "wsum_kernels.h"
-#undef OPTDEN_KNS
-#undef OPTDEN_ISA
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define OPTDEN_KNS k_avx2
-#define OPTDEN_ISA 1
-#include "dense_kernels.h"
-#include "wsum_kernels.h"
-#undef OPTDEN_KNS
-#undef OPTDEN_ISA
-#pragma GCC pop_options
-
-#define OPTDEN_KNS k_portable
-#define OPTDEN_ISA 0
-#include "dense_kernels.h"
-#include "wsum_kernels.h"
-#undef OPTDEN_KNS
-#undef OPTDEN_ISA
+#include "cpu_dispatch.h"
 
 namespace py = pybind11;
 
@@ -73,60 +44,7 @@ namespace {
 
 constexpr double kU = 1.1102230246251565e-16;  // unit roundoff of float64, 2^-53
 
-struct Kernels {
-  const char* name;
-  void (*dot_u8)(const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int, const uint8_t**,
-                 const uint8_t*);
-  void (*dot_q0)(const int8_t* const*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*, int,
-                 const uint8_t**, const uint8_t*);
-  void (*dot_f64)(const double*, int, int, const double*, int, int, double*, int);
-  void (*acc_f64)(const double*, int, int, const double*, int, double*, int, const int*, int, int);
-  void (*wsum_u8)(const int16_t*, int, int, const double*, const int*, const uint8_t*, int, const int*, int, int,
-                  double*, int, int16_t*, const uint8_t**, const uint8_t*);
-  int (*ws_scratch)(int);
-  int (*classify)(const double*, int, double, double, double, char, int*, char*, int*, double*);
-  void (*dot_fused1)(const int8_t*, const int16_t*, const int16_t* const*, int, const uint8_t*, int, int, int64_t*,
-                     int64_t*, int, const uint8_t**, const uint8_t*);
-  void (*center_row)(int, const void*, int, const double*, double*);
-  void (*dot_raw)(int, const double*, int, int, const void*, size_t, int, int, const double*, double*, int);
-  void (*acc_raw)(int, const double*, int, int, const void*, size_t, const int*, int, int, const double*, double*, int);
-};
-
-const Kernels kAvx512{"avx512", k_avx512::dot_u8, k_avx512::dot_q0, k_avx512::dot_f64, k_avx512::acc_f64, k_avx512::wsum_u8, k_avx512::ws_scratch_elems, k_avx512::classify, k_avx512::dot_fused1, k_avx512::center_row, k_avx512::dot_raw, k_avx512::acc_raw};
-const Kernels kAvx2{"avx2", k_avx2::dot_u8, k_avx2::dot_q0, k_avx2::dot_f64, k_avx2::acc_f64, k_avx2::wsum_u8, k_avx2::ws_scratch_elems, k_avx2::classify, k_avx2::dot_fused1, k_avx2::center_row, k_avx2::dot_raw, k_avx2::acc_raw};
-const Kernels kPortable{"portable", k_portable::dot_u8, k_portable::dot_q0, k_portable::dot_f64, k_portable::acc_f64, k_portable::wsum_u8, k_portable::ws_scratch_elems, k_portable::classify, k_portable::dot_fused1, k_portable::center_row, k_portable::dot_raw, k_portable::acc_raw};
-
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-// The kernel set for `path`: "auto" (best the CPU has; env OPTDEN_CPU_PATH overrides),
-// "avx512", "avx2" or "portable". A path the CPU lacks is an error, never a crash.
-const Kernels& pick_kernels(std::string path) {
-  if (path == "auto") {
-    const char* env = std::getenv("OPTDEN_CPU_PATH");
-    if (env && *env) path = env;
-  }
-  if (path == "auto") return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kPortable;
-  if (path == "avx512") {
-    if (!cpu_has_avx512()) throw std::invalid_argument("path: this CPU lacks AVX-512 (F, BW, VL, DQ, VNNI)");
-    return kAvx512;
-  }
-  if (path == "avx2") {
-    if (!cpu_has_avx2()) throw std::invalid_argument("path: this CPU lacks AVX2 + FMA + F16C");
-    return kAvx2;
-  }
-  if (path == "portable") return kPortable;
-  throw std::invalid_argument("path: expected 'auto', 'avx512', 'avx2' or 'portable', got '" + path + "'");
-}
-
+// the storage types, numbered as the kernels take them (cpu_dispatch.h)
 enum class DType { U8, F16, BF16, F32 };
 
 DType parse_dtype(const std::string& s) {
@@ -1026,25 +944,6 @@ class DensePass {
   std::vector<TopHeap> top_;
 };
 
-py::dict cpu_features() {
-  py::dict f;
-  __builtin_cpu_init();
-  f["avx2"] = (bool)__builtin_cpu_supports("avx2");
-  f["fma"] = (bool)__builtin_cpu_supports("fma");
-  f["avx512f"] = (bool)__builtin_cpu_supports("avx512f");
-  f["avx512bw"] = (bool)__builtin_cpu_supports("avx512bw");
-  f["avx512vnni"] = (bool)__builtin_cpu_supports("avx512vnni");
-  f["f16c"] = (bool)__builtin_cpu_supports("f16c");
-  // the kernel paths this CPU runs (pick_kernels refuses the others)
-  std::vector<std::string> paths;
-  if (cpu_has_avx512()) paths.push_back("avx512");
-  if (cpu_has_avx2()) paths.push_back("avx2");
-  paths.push_back("portable");
-  f["dense_paths"] = paths;
-  f["dense_default_path"] = std::string(pick_kernels("auto").name);
-  return f;
-}
-
 }  // namespace
 
 void register_dense(py::module_& m) {
@@ -1069,6 +968,5 @@ void register_dense(py::module_& m) {
       .def_property_readonly("arith", &DensePass::arith)
       .def_property_readonly("limbs", &DensePass::limbs)
       .def_property_readonly("refined", &DensePass::refined);
-  m.def("cpu_features", &cpu_features, "CPU features seen at run time and the dense pass's kernel paths.");
 }
 }  // namespace optden

@@ -17,9 +17,9 @@ from optden.precision import EXACT, certify
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
 
 C = _ext.C
-# the kernel paths this CPU runs (cpu_features lists them; not only the default, which
+# the kernel paths this CPU runs (build_info lists them; not only the default, which
 # OPTDEN_CPU_PATH may lower)
-PATHS = ["portable"] + [p for p in ("avx2", "avx512") if p in C.cpu_features()["dense_paths"]]
+PATHS = ["portable"] + [p for p in ("avx2", "avx512") if p in C.build_info()["cpu"]["dense_paths"]]
 
 
 def make_ds(dtype: str, M: int, d: int, rng) -> optden.Dataset:
