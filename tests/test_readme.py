@@ -6,9 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Use it from k-diffusion, EDM and diffusers"
+
+# diffusers' schedulers call np.array on tensors in a way numpy 2 deprecates (not ours to fix)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 def snippets() -> list[str]:
@@ -26,7 +30,7 @@ def test_the_section_has_its_three_snippets():
 
 
 @pytest.mark.parametrize("i", range(3))
-def test_snippet_runs(i, monkeypatch, capsys):
+def test_snippet_runs(i, monkeypatch, request):
     code = snippets()[i]
     if "k_diffusion" in code:
         from test_conventions import _k_diffusion_sampling  # its released sampling.py, loaded by file
@@ -36,6 +40,11 @@ def test_snippet_runs(i, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, "k_diffusion.sampling", sampling)
     if "diffusers" in code:
         pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+        # a tiny UNet's ops are too small to share: on a busy 2-core machine two OpenMP
+        # threads made them ~70x slower (tests/test_diffusers.py, one_thread)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     scope: dict = {}
     exec(compile(code, f"README.md snippet {i + 1}", "exec"), scope)
     if i == 0:

@@ -62,12 +62,12 @@ class Rows:
 def image_layout(shape, channels_last=None, name: str = "x") -> bool:
     """Whether a 4-D array (N, a, b, c) holds channels-last images (N, H, W, C).
 
-    ``channels_last`` True / False is taken as given. Otherwise three clues vote: square
-    images (``a != b == c``: NCHW, ``a == b != c``: NHWC), grayscale or RGB at one end only
-    (``a`` in {1, 3} and ``c`` not: NCHW; the reverse: NHWC), and a channel-sized axis (at
-    most 4 values, latents included) at one end only (``a <= 4 < c``: NCHW, ``c <= 4 < a``:
-    NHWC). Clues that agree (or a single clue) decide; none or a contradiction is an
-    InputError asking for ``channels_last``, so NHWC data is never read as NCHW by accident.
+    ``channels_last`` True / False is taken as given. Otherwise two clues vote: square
+    images (``a != b == c``: NCHW, ``a == b != c``: NHWC) and a channel-sized axis (at most
+    4 values, latents included) at one end only (``a <= 4 < c``: NCHW, ``c <= 4 < a``:
+    NHWC); when both are silent, grayscale or RGB at one end only decides (``a`` in {1, 3}
+    and ``c`` not: NCHW; the reverse: NHWC). A contradiction, or no clue, is an InputError
+    asking for ``channels_last``, so NHWC data is never read as NCHW by accident.
     """
     if channels_last is not None:
         return bool(channels_last)
@@ -79,12 +79,12 @@ def image_layout(shape, channels_last=None, name: str = "x") -> bool:
         votes.add(False)
     if a == b != c:
         votes.add(True)
-    if (a in (1, 3)) != (c in (1, 3)):
-        votes.add(c in (1, 3))
     if a <= 4 < c:
         votes.add(False)
     if c <= 4 < a:
         votes.add(True)
+    if not votes and (a in (1, 3)) != (c in (1, 3)):
+        votes.add(c in (1, 3))
     if len(votes) != 1:
         raise InputError(
             f"{name}: cannot tell whether images of shape {tuple(shape)} are (N, C, H, W) or (N, H, W, C); "
