@@ -144,6 +144,7 @@ class OptimalDiffusersModel(torch.nn.Module):
             raise InputError(f"den: a UNet stand-in needs images (C, H, W); the denoiser's image_shape is {shape}")
         c, h, w = shape
         self._dtype = dtype
+        self._output = require("diffusers.models.unets.unet_2d", EXTRA).UNet2DOutput
         self.config = frozen(sample_size=h if h == w else (h, w), in_channels=c, out_channels=c,
                              num_class_embeds=getattr(den, "label_dim", 0) or None)
 
@@ -160,9 +161,9 @@ class OptimalDiffusersModel(torch.nn.Module):
         t = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
         if t.numel() not in (1, b):
             raise InputError(f"timestep: expected a number or one per sample ({b}), got {t.numel()} values")
-        t = t.expand(b)
-        table = {v: _table_value(self.scheduler, self.family, v) for v in t.unique().tolist()}
-        level = torch.tensor([table[v] for v in t.tolist()], dtype=torch.float64)
+        steps = t.expand(b).tolist()
+        table = {v: _table_value(self.scheduler, self.family, v) for v in set(steps)}
+        level = torch.tensor([table[v] for v in steps], dtype=torch.float64)
         ve, alpha, sigma_t = noise_level(self.scheduler, self.family, level)
         x = sample.detach().to("cpu", torch.float64)
         a, st = _bcast(alpha, x), _bcast(sigma_t, x)
@@ -170,9 +171,7 @@ class OptimalDiffusersModel(torch.nn.Module):
         d = torch.as_tensor(self.den(u, ve, class_labels), dtype=torch.float64).cpu().reshape(x.shape)
         out = self._prediction(x, u, d, a, st, _bcast(level, x))
         out = out.to(device=sample.device, dtype=sample.dtype)
-        if not return_dict:
-            return (out,)
-        return require("diffusers.models.unets.unet_2d", EXTRA).UNet2DOutput(sample=out)
+        return self._output(sample=out) if return_dict else (out,)
 
     def _prediction(self, x, u, d, a, st, level):
         """What the scheduler reads back: from D (float64, like x) at x_in = x."""
