@@ -131,7 +131,7 @@ for path in ("portable", "avx2", "avx512", "torch"):
         ds = optden.Dataset.from_array(np.concatenate([u, u])); y = ds.model_rows(np.arange(8)).numpy()
         den = optden.OptimalDenoiser(ds, backend="torch" if {path!r} == "torch" else "cpu")
         if {path!r} != "torch":
-            if {path!r} not in optden._ext.C.cpu_features()["dense_paths"]: report("skipped", "no such path here")
+            if {path!r} not in optden._ext.C.build_info()["cpu"]["dense_paths"]: report("skipped", "no such path here")
             den.backend = CpuBackend(path={path!r})
         x = np.stack([g.standard_normal(70000), y[2] + 1e-3 * g.standard_normal(70000), 0.5 * (y[0] + y[1])])
         ev = den.denoise_certified(torch.from_numpy(x), 1e-3)

@@ -19,7 +19,7 @@ from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, model_rows, rel_err
 
 from optden import _ext
 
-PATHS = ["portable"] + [p for p in ("avx2", "avx512") if _ext.C is not None and p in _ext.C.cpu_features()["dense_paths"]]
+PATHS = ["portable"] + [p for p in ("avx2", "avx512") if _ext.C is not None and p in _ext.C.build_info()["cpu"]["dense_paths"]]
 
 
 def tied_rows(rng, m: int = 20, d: int = 48):

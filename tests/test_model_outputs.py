@@ -59,8 +59,8 @@ class Broken(torch.nn.Module):
 CASES = [("nan", optden.InputError, "1 NaN or inf value"), ("inf", optden.InputError, "NaN or inf"),
          ("flat", optden.InputError, r"returned shape \(4, 64\) for an input of shape \(4, 1, 8, 8\)"),
          ("transposed", optden.InputError, r"returned shape \(4, 8, 8, 1\)"),
-         ("none", optden.DtypeError, "returned NoneType"),
-         ("tuple", optden.DtypeError, r"returned tuple; .*\(return only the denoised tensor"),
+         ("none", optden.InputError, "Broken returned None; expected a tensor"),
+         ("tuple", optden.InputError, "Broken returned a tuple, not a tensor"),
          ("int", optden.DtypeError, "returned dtype torch.int64")]
 
 

@@ -58,10 +58,11 @@ def datasets(draw):
     copies = draw(st.integers(0, 3))  # duplicated rows: ties that split weight
     if copies:
         rows = np.concatenate([rows, rows[g.integers(0, m, copies)]])
+    space = {} if dtype == "uint8" else {"scale": 1.0, "offset": 0.0}  # float rows are model space as given
     if dtype == "bfloat16":
-        ds = optden.Dataset.from_array(torch.from_numpy(rows).to(torch.bfloat16))
+        ds = optden.Dataset.from_array(torch.from_numpy(rows).to(torch.bfloat16), **space)
     else:
-        ds = optden.Dataset.from_array(rows.astype(np.float16) if dtype == "float16" else rows)
+        ds = optden.Dataset.from_array(rows.astype(np.float16) if dtype == "float16" else rows, **space)
     raw = ds.raw_rows(np.arange(ds.M)).double().numpy()
     return ds, raw
 

@@ -40,7 +40,7 @@ from ..fileio import fsync_dir, no_space, remove_stale_temporaries, sha256_file,
 from .storage import DTYPE_NAMES, STORAGE_DTYPES
 
 __all__ = ["FORMAT_VERSION", "Stored", "read_npy_header", "open_npy", "npy_sha256", "write_dataset", "read_dataset",
-           "meta_sha256", "file_stamp", "check_stamp"]
+           "meta_sha256", "file_stamp", "check_stamp", "MappedRows"]
 
 FORMAT_VERSION = 2
 """Version of the directory format written by :func:`write_dataset`."""
@@ -126,6 +126,36 @@ def check_stamp(path, stamp: tuple) -> None:
         what = [name for name, a, b in zip(("size", "modification time", "inode", "device"), stamp, now) if a != b]
         raise DatasetError(f"{path}: the data file changed on disk since the dataset was loaded ({', '.join(what)} "
                            "differ): its rows and cached norms no longer agree; load the dataset again")
+
+
+class MappedRows:
+    """The file behind memory-mapped rows: its stamp when opened, and reads that cannot fault.
+
+    ``check()`` raises DatasetError naming the file when it was truncated, rewritten or
+    replaced since (``file_stamp``); ``read_into(start, stop, row_bytes, out)`` copies rows
+    with ``pread`` (a short read of a truncated file is a DatasetError, where touching the
+    mapping past the file's end would kill the process with SIGBUS)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.stamp = file_stamp(self.path)
+        self._file = None  # (open file, data offset), on first read
+
+    def __getstate__(self):
+        return {"path": self.path, "stamp": self.stamp, "_file": None}  # an open file does not pickle
+
+    def check(self) -> None:
+        check_stamp(self.path, self.stamp)
+
+    def read_into(self, start: int, stop: int, row_bytes: int, out: np.ndarray) -> None:
+        if self._file is None:
+            self._file = (open(self.path, "rb", buffering=0), read_npy_header(self.path)[3])
+        f, offset = self._file
+        want = (stop - start) * row_bytes
+        got = os.preadv(f.fileno(), [memoryview(out).cast("B")[:want]], offset + start * row_bytes)
+        if got != want:
+            raise DatasetError(f"{self.path}: truncated while in use: rows {start}..{stop - 1} need bytes up to "
+                               f"{offset + stop * row_bytes}, the file ends before; load the dataset again")
 
 
 def open_npy(path: Path) -> np.ndarray:

@@ -71,8 +71,8 @@ class Certified:
 
 
 def exact_logits(v: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """Float64 logits by direct differences (what the C++ ``rescore`` mirrors; not used to
-    certify: their rounding, (d + 2) u |logit|, is not bounded here; see ``rescore_softmax``).
+    """Float64 logits by direct differences, for tests and references (not used to certify:
+    their rounding, (d + 2) u |logit|, is not bounded here; see ``rescore_softmax``).
 
     v: (n, d) float64; coef: (n,); rows: (n, K, d) raw rows gathered per query.
     Returns (n, K) float64 ``-coef ||v - (rows - center)||^2``.
@@ -85,15 +85,6 @@ def _query_chunks(n: int, k: int, d: int, chunk_bytes: int):
     """Slices of n queries whose (k, d) float64 candidate rows take about chunk_bytes each."""
     per_query = max(1, chunk_bytes // max(1, k * d * 8))
     return [slice(a, min(n, a + per_query)) for a in range(0, n, per_query)]
-
-
-def rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
-    """Direct-difference logits (n, K) of the K candidate rows top_idx (n, K) of each query
-    (``exact_logits``), chunked over queries."""
-    n, k = top_idx.shape
-    d = v.shape[1]
-    return torch.cat([exact_logits(v[c], coef[c], _gathered(source, top_idx[c], d), source.center)
-                      for c in _query_chunks(n, k, d, chunk_bytes)])
 
 
 def gap_softmax(g: torch.Tensor, err: torch.Tensor, coef: torch.Tensor):
