@@ -31,8 +31,9 @@ from optden.reference import mp as MP  # noqa: E402
 OLD_COMMIT = "ab4b9c1"
 
 
-def from_main(path: str, module: str, package: str):
-    """The module at ``path`` as main had it, loaded from git into this tree's package."""
+def from_main(path: str, module: str, package: str, swap: dict | None = None):
+    """The module at ``path`` as main had it, loaded from git into this tree's package
+    (``swap``: modules it imports that stand in for this tree's while it loads)."""
     src = subprocess.run(["git", "show", f"{OLD_COMMIT}:{path}"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     file = Path(tempfile.mkdtemp()) / Path(path).name
@@ -41,7 +42,13 @@ def from_main(path: str, module: str, package: str):
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = package
     sys.modules[module] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    saved = {name: sys.modules.get(name) for name in swap or {}}
+    sys.modules.update(swap or {})
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        for name, m in saved.items():
+            sys.modules[name] = m
     return mod
 
 
@@ -51,9 +58,12 @@ def old_certify():
 
 
 def old_denoiser_class():
-    """``OptimalDenoiser`` as main had it (no query residual, no final check), on this tree's
-    engine: the A/B of what the denoiser adds around a pass."""
-    return from_main("optden/denoiser.py", "optden.denoiser_main", "optden").OptimalDenoiser
+    """``OptimalDenoiser`` as main had it (no query residual, no final check), with main's
+    ``precision`` module and this tree's passes: the A/B of what the denoiser adds around a pass."""
+    old_precision = sys.modules.get("optden.engine.precision_main") or from_main(
+        "optden/engine/precision.py", "optden.engine.precision_main", "optden.engine")
+    return from_main("optden/denoiser.py", "optden.denoiser_main", "optden",
+                     swap={"optden.engine.precision": old_precision}).OptimalDenoiser
 
 
 def faces() -> np.ndarray:
@@ -111,9 +121,10 @@ def main() -> None:
         def run_new():
             return precision.certify(fresh(), v, coef, src, precision.DEFAULT_TOL, query=q)
 
-        t_old, t_new = interleaved_times([run_old, run_new], 15)
         den = optden.OptimalDenoiser(ds, backend="torch")
-        (t_all,) = interleaved_times([lambda: den.denoise_certified(u, sigma)], 5)
+        den.denoise_certified(u, sigma)  # its row source and norms, built once
+        # the whole call interleaved with the two certify calls: the share is of one moment's load
+        t_old, t_new, t_all = interleaved_times([run_old, run_new, lambda: den.denoise_certified(u, sigma)], 15)
         mo, mn = statistics.median(t_old), statistics.median(t_new)
         truth = MP.denoise(x, raw, sigma, scale=ds.scale, offset=ds.offset)
         errs = []

@@ -171,9 +171,14 @@ scenario("posterior at sigma 1e-3 between two rows", "result", """
     y = ds.model_rows(np.arange(200)).numpy(); x = 0.5 * (y[3:4] + y[7:8])
     w, i = den.posterior(torch.from_numpy(x), 1e-3, k=3); wt = MP.weights(x, raw, 1e-3, scale=ds.scale, offset=ds.offset)
     correct() if np.abs(w.numpy() - np.take_along_axis(wt, i.numpy(), 1)).max() <= 1e-6 else wrong((w, wt.max()))""")
+scenario("sigma = inf (a noise level since issue 18: the rows' mean)", "result", """
+    raw = digits()[:200]; ds = optden.Dataset.from_array(raw); den = optden.OptimalDenoiser(ds)
+    x = torch.zeros(2, 64, dtype=torch.float64); mean = ds.model_rows(np.arange(200)).mean(0)
+    ev = den.denoise_certified(x, float('inf'))
+    correct() if torch.allclose(ev.denoised, mean.expand(2, -1), rtol=1e-12, atol=1e-15) else wrong(ev.denoised)""")
 # --- argument errors
 for label, call in (("sigma 0", "den(x, 0.0)"), ("sigma -1", "den(x, -1.0)"), ("sigma nan", "den(x, float('nan'))"),
-                    ("sigma inf", "den(x, float('inf'))"), ("sigma wrong shape", "den(x, torch.ones(5))"),
+                    ("sigma wrong shape", "den(x, torch.ones(5))"),
                     ("sigma True", "den(x, True)"), ("sigma string", "den(x, '0.5')"),
                     ("x NaN", "x[0, 0] = float('nan'); den(x, 0.5)"), ("x wrong d", "den(torch.zeros(2, 65), 0.5)"),
                     ("x empty", "den(torch.zeros(0, 64), 0.5)"), ("x complex", "den(x.to(torch.complex64), 0.5)"),
