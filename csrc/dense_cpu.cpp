@@ -227,8 +227,9 @@ __attribute__((target_clones("arch=x86-64-v4", "default"))) double coarse_logits
 struct ThreadState {
   // m running max, s normaliser, xs bound on the weight left out, es weight error of the
   // quantized weights (int path), acc centered weighted sum (float path), accr raw weighted
-  // sum and ps the sum of its weights (int path); all but m relative to exp(m)
-  std::vector<double> m, s, xs, es, ps, acc, accr;
+  // sum and ps the sum of its weights (int path); all but m relative to exp(m). With pass
+  // statistics: s2 = sum exp(2 (l - m)) and e1 = sum exp(l - m) (l - m) (see optden/engine/partial.py)
+  std::vector<double> m, s, xs, es, ps, acc, accr, s2, e1;
   int64_t refined = 0;
   int dense_run = 0;  // one query: how many sub-blocks in a row needed every limb of every row
   std::vector<TopHeap> top;
@@ -239,8 +240,8 @@ class DensePass {
   DensePass(py::array_t<double, py::array::c_style | py::array::forcecast> v,
             py::array_t<double, py::array::c_style | py::array::forcecast> coef,
             py::array_t<double, py::array::c_style | py::array::forcecast> center, double max_cnorm, int64_t k,
-            const std::string& dtype, const std::string& path, double target_delta, int limbs)
-      : kern_(&pick_kernels(path)), dtype_(parse_dtype(dtype)), target_(target_delta) {
+            const std::string& dtype, const std::string& path, double target_delta, int limbs, bool stats)
+      : kern_(&pick_kernels(path)), dtype_(parse_dtype(dtype)), target_(target_delta), stats_(stats) {
     if (v.ndim() != 2) throw std::invalid_argument("v: expected a 2-D (N, d) float64 array");
     N_ = (int)v.shape(0);
     d_ = (int)v.shape(1);
@@ -268,6 +269,8 @@ class DensePass {
     s_.assign(N_, 0.0);
     xs_.assign(N_, 0.0);
     es_.assign(N_, 0.0);
+    s2_.assign(N_, 0.0);
+    e1_.assign(N_, 0.0);
     acc_.assign((size_t)N_ * d_, 0.0);
     top_.assign(N_, TopHeap());
   }
@@ -318,6 +321,20 @@ class DensePass {
     std::memcpy(s.mutable_data(), s_.data(), N_ * sizeof(double));
     std::memcpy(acc.mutable_data(), acc_.data(), acc_.size() * sizeof(double));
     return py::make_tuple(m, s, acc, tv, ti, delta);
+  }
+
+  // The pass statistics after finish(): (s2 (N,), e1 (N,), left_out (N,)), s2 and e1 relative
+  // to m like s, left_out the relative weight of the rows left out of s, s2 and e1.
+  py::tuple stats() const {
+    if (!stats_) throw std::runtime_error("DensePass: constructed without stats=True");
+    if (!finished_) throw std::runtime_error("DensePass: stats() before finish()");
+    py::array_t<double> s2(N_), e1(N_), out(N_);
+    for (int n = 0; n < N_; ++n) {
+      s2.mutable_data()[n] = s2_[n];
+      e1.mutable_data()[n] = e1_[n];
+      out.mutable_data()[n] = s_[n] > 0.0 ? 1.01 * xs_[n] / s_[n] : 0.0;
+    }
+    return py::make_tuple(s2, e1, out);
   }
 
   std::string path() const { return kern_->name; }
@@ -728,6 +745,7 @@ class DensePass {
       st.m.assign(N_, -std::numeric_limits<double>::infinity());
       st.s.assign(N_, 0.0);
       st.xs.assign(N_, 0.0);
+      if (stats_) st.s2.assign(N_, 0.0), st.e1.assign(N_, 0.0);
       // the float path sums into acc (centered rows), the int path into accr (raw rows)
       if (!int_path_) st.acc.assign((size_t)N_ * d_, 0.0);
       st.top.assign(N_, TopHeap());
@@ -805,6 +823,10 @@ class DensePass {
           if (bm > st.m[n]) {
             if (std::isfinite(st.m[n])) {
               const double a = std::exp(st.m[n] - bm);
+              if (stats_) {  // e1 moves from m to bm: + (m - bm) s, before s is rescaled
+                st.e1[n] = a * (st.e1[n] + (st.m[n] - bm) * st.s[n]);
+                st.s2[n] *= a * a;
+              }
               st.s[n] *= a;
               st.xs[n] *= a;
               st.es[n] *= a;
@@ -815,7 +837,7 @@ class DensePass {
             st.m[n] = bm;
           }
           const double mn = st.m[n];
-          double sum = 0.0, dropped = 0.0;
+          double sum = 0.0, dropped = 0.0, sum2 = 0.0, sum1 = 0.0;
           if (c < nb) {  // gather the listed logits so the rest of P can be zeroed
             for (int t = 0; t < c; ++t) Dl[t] = Pn[ln[t]];
             std::fill(Pn, Pn + nb, 0.0);
@@ -826,6 +848,7 @@ class DensePass {
             heap_push(st.top[n], K_, l, offset + r0 + i);
             const double p = std::exp(l - mn);
             sum += p;
+            if (stats_) sum2 += p * p, sum1 += p * (l - mn);
             // weights below 2^-80 of the running max are left out of the weighted sum
             // (float path: they stay in the normaliser, at most M 2^-80 relative; int path:
             // counted in the weight error es)
@@ -837,6 +860,7 @@ class DensePass {
             }
           }
           st.s[n] += sum;
+          if (stats_) st.s2[n] += sum2, st.e1[n] += sum1;
           if (int_path_) st.es[n] += dropped;  // missing from the int path's weighted sum
           if (nskip[n]) st.xs[n] += nskip[n] * std::exp(skmax[n] - mn);
         }
@@ -978,6 +1002,10 @@ class DensePass {
       for (auto& st : ts) mm = std::max(mm, st.m[n]);
       if (!std::isfinite(mm)) continue;
       const double a0 = s_[n] > 0.0 ? std::exp(m_[n] - mm) : 0.0;
+      if (stats_) {
+        e1_[n] = s_[n] > 0.0 ? a0 * (e1_[n] + (m_[n] - mm) * s_[n]) : 0.0;
+        s2_[n] *= a0 * a0;
+      }
       s_[n] *= a0;
       xs_[n] *= a0;
       es_[n] *= a0;
@@ -986,6 +1014,10 @@ class DensePass {
       for (auto& st : ts) {
         if (!(st.s[n] > 0.0)) continue;
         const double a = std::exp(st.m[n] - mm);
+        if (stats_) {
+          e1_[n] += a * (st.e1[n] + (st.m[n] - mm) * st.s[n]);
+          s2_[n] += a * a * st.s2[n];
+        }
         s_[n] += st.s[n] * a;
         xs_[n] += st.xs[n] * a;
         es_[n] += st.es[n] * a;
@@ -1006,6 +1038,7 @@ class DensePass {
   const Kernels* kern_;
   DType dtype_;
   double target_;
+  bool stats_ = false;
   int N_ = 0, d_ = 0, dp_ = 0, Rr_ = 0;
   size_t K_ = 1;
   bool int_path_ = false, finished_ = false;
@@ -1026,6 +1059,7 @@ class DensePass {
   std::vector<double> es_;  // per query: sum |p - p_hat| of the quantized weights (scaled like s_)
   int64_t refined_ = 0, pairs_ = 0;
   std::vector<double> m_, s_, acc_;
+  std::vector<double> s2_, e1_;  // pass statistics (stats_), scaled like s_
   std::vector<TopHeap> top_;
 };
 
@@ -1147,17 +1181,21 @@ void register_dense(py::module_& m) {
       .def(py::init<py::array_t<double, py::array::c_style | py::array::forcecast>,
                     py::array_t<double, py::array::c_style | py::array::forcecast>,
                     py::array_t<double, py::array::c_style | py::array::forcecast>, double, int64_t, const std::string&,
-                    const std::string&, double, int>(),
+                    const std::string&, double, int, bool>(),
            py::arg("v"), py::arg("coef"), py::arg("center"), py::arg("max_cnorm"), py::arg("k"), py::arg("dtype"),
-           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0,
+           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0, py::arg("stats") = false,
            "v (N, d) float64 centered queries; coef (N,) > 0; center (d,); max_cnorm >= max_i ||raw_i - center||; "
            "k top logits kept; dtype of the rows; path 'auto'|'avx512'|'avx2'|'portable'; target_delta the logit "
-           "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path).")
+           "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path); stats: also accumulate the "
+           "pass statistics s2 and e1 (see stats()).")
       .def("update", &DensePass::update, py::arg("raw"), py::arg("csq"), py::arg("offset"),
            "raw (B, d) rows in the pass dtype (bfloat16 as uint16 bits), csq (B,) float64 ||raw_i - center||^2, "
            "offset = source position of raw[0]. Releases the GIL.")
       .def("finish", &DensePass::finish,
            "-> (m (N,), s (N,), acc (N, d) centered, top_val (N, K) descending, top_idx (N, K) int64, delta (N,))")
+      .def("stats", &DensePass::stats,
+           "-> (s2 (N,), e1 (N,), left_out (N,)) after finish(), for a pass built with stats=True: "
+           "s2 = sum exp(2 (l - m)), e1 = sum exp(l - m) (l - m), left_out the relative weight left out of s")
       .def_property_readonly("path", &DensePass::path)
       .def_property_readonly("arith", &DensePass::arith)
       .def_property_readonly("limbs", &DensePass::limbs)
