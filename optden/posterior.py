@@ -244,6 +244,12 @@ def _finish(acc, q_top) -> _Products:
 #: Rows whose weight is below e^-SELECT_NATS of the largest... (see ``PosteriorCov``): the
 #: support keeps every row within log(M / (tol * SELECT_MASS)) nats of log-sum-exp.
 SELECT_MASS = 1e-3
+#: The covariance's target is COV_TOL_FACTOR times the denoiser's tol: 1e-5 (the contract
+#: of matvecs and Jacobian products) at the default tol 1e-6, as D*'s contract is 10 tol.
+COV_TOL_FACTOR = 10.0
+#: How many more nats of rows a support whose left-out weight keeps it from being
+#: certified takes in its second (last) selection pass.
+WIDEN_NATS = 40.0
 #: Bytes of float64 temporaries one streamed block may hold (rows x queries x vectors).
 BLOCK_BYTES = 1 << 25
 
@@ -284,6 +290,23 @@ class _Support:
         self.eta = err[top] + float((err + 2.0 * EPS64 * x).max()) + accumulation_eta(lam.numel())
         self.eps, self.n_out = eps, n_out
 
+    def eig(self, k: int):
+        """The k largest eigenpairs (raw units) of this support's C = A^T A, A = sqrt(w) (b - m1):
+        (values (k,), vectors (d, k)); beyond the rank, 0 and an orthonormal completion."""
+        w = torch.softmax(self.lam, 0)
+        A = torch.sqrt(w)[:, None] * (self.b - w @ self.b)
+        _, sv, Vh = torch.linalg.svd(A, full_matrices=False)
+        vals = torch.zeros(k, dtype=torch.float64, device=A.device)
+        r = min(k, sv.numel())
+        vals[:r] = sv[:r] ** 2
+        Q = Vh[:r].T
+        if r < k:  # complete with directions orthogonal to the rows' span (eigenvalue 0)
+            g = torch.Generator(device="cpu").manual_seed(0)
+            extra = torch.randn(A.shape[1], k - r, generator=g, dtype=torch.float64).to(A.device)
+            basis = torch.linalg.qr(torch.cat([Vh.T, extra], 1)).Q
+            Q = torch.cat([Q, basis[:, Vh.shape[0]:Vh.shape[0] + k - r]], 1)
+        return vals, Q
+
     def products(self, V: torch.Tensor) -> _Products:
         """V: (d, J) raw-space vectors -> products of this one query."""
         acc = _new_moments(1, self.b.shape[1], V.shape[1], V.device)
@@ -320,8 +343,9 @@ class PosteriorCov:
         self._streams: list = []  # (positions, src, v, coef, lse_ref, l_top, q_top, eta, qmax)
         self.bound = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
         self._bound_t = torch.full_like(self.bound, torch.nan)  # per unit ||v||, raw units, of Cov_w(v.q, x)
-        #: (N,) bool: ``bound <= tol * ||C||_2`` guaranteed (a lower bound on ||C||_2: the
-        #: computed trace over the rank, less the bound); rel_bound: bound / that lower bound.
+        #: (N,) bool: ``bound <= COV_TOL_FACTOR tol ||C||_2`` guaranteed (a lower bound on
+        #: ||C||_2: the computed trace over the rank, less the bound); rel_bound: bound / that
+        #: lower bound (inf where C underflows float64: a posterior on one row, ESS - 1 < 1e-300).
         self.certified = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.rel_bound = torch.full_like(self.bound, torch.inf)
 
@@ -355,15 +379,24 @@ class PosteriorCov:
         w2 = cert.top_w[todo, 1] if cert.top_w.shape[1] > 1 else torch.zeros(len(todo), dtype=torch.float64)
         l2 = st.lse[todo] + torch.log(w2.to(self.device).clamp(min=1e-300))
         cut = l2 - math.log(src.M / (tol * SELECT_MASS))
-        pick = self._select(src, v[todo], coef[todo], cut, max_rows)
         streamed = []
-        for a, j in enumerate(todo):
-            if pick[a] is None:
-                streamed.append(j)
-                continue
-            idx, out_max = pick[a]
-            eps = ((src.M - idx.numel()) * torch.exp(out_max - st.lse_lo[j])).clamp(max=1.0)
-            self._add_support(pos[j], src, v, coef, st, shift, j, idx, eps, tol, force=True)
+        for extra in (0.0, WIDEN_NATS):
+            pick = self._select(src, v[todo], coef[todo], cut - extra, max_rows)
+            again = []
+            for a, j in enumerate(todo):
+                if pick[a] is None:
+                    streamed.append(j)
+                    continue
+                idx, out_max = pick[a]
+                eps = ((src.M - idx.numel()) * torch.exp(out_max - st.lse_lo[j])).clamp(max=1.0)
+                self._add_support(pos[j], src, v, coef, st, shift, j, idx, eps, tol, force=True)
+                if not bool(self.certified[pos[j]]) and float(eps) > 0:
+                    again.append(a)
+            # far from the data the rows left out weigh more against C than against the total
+            # (their distance enters): those queries once more with a wider support
+            todo, cut = [todo[a] for a in again], cut[again]
+            if not todo:
+                break
         if streamed:
             self._add_stream([pos[j] for j in streamed], src, v[streamed], coef[streamed], cert, streamed, shift, tol)
 
@@ -408,7 +441,8 @@ class PosteriorCov:
         w = torch.softmax(sup.lam, 0)
         S2 = (w * (sup.b * sup.b).sum(1)).sum()
         m1 = w @ sup.b
-        trace = ((w * ((sup.b - m1) ** 2).sum(1)).sum())
+        # tr C = S2 - ||m1||^2 (a lower bound, less the rounding of both)
+        trace = (S2 - (m1 * m1).sum()) - 4.0 * gamma(sup.lam.numel() + d + 4, EPS64) * S2
         Exx = (w * (sup.l_top - sup.lam) ** 2).sum()
         eta = torch.as_tensor(sup.eta, dtype=torch.float64, device=self.device)
         g = gamma(sup.lam.numel() + d + 8, EPS64)
@@ -422,12 +456,13 @@ class PosteriorCov:
         self._bound_t[p] = bt
 
     def _certify(self, p, bound_raw, trace_lo, rank: int, tol: float) -> None:
-        """Record a query's bound and whether it is within tol of ||C||_2 >= tr C / rank - bound."""
+        """Record a query's bound and whether it is within COV_TOL_FACTOR * tol of
+        ||C||_2 >= tr C / rank - bound."""
         self.bound[p] = bound_raw * self.scale**2
         lam_lo = trace_lo / max(rank, 1) - bound_raw
         rel = torch.where(lam_lo > 0, bound_raw / lam_lo.clamp(min=1e-300), torch.full_like(lam_lo, math.inf))
         self.rel_bound[p] = rel
-        self.certified[p] = rel <= tol
+        self.certified[p] = rel <= COV_TOL_FACTOR * tol
 
     def _add_stream(self, pos, src, v, coef, cert, rows, shift, tol):
         d = v.shape[1]
@@ -527,9 +562,16 @@ class PosteriorCov:
         return pr.cv * self.scale**2, pr.t * f[:, None], pr.u * f[:, None], self._bound_t * f
 
     def eig(self, k: int = 4, tol: float = 0.0) -> CovEig:
-        """The k largest eigenvalues (descending) and eigenvectors of each query's C, by
-        Lanczos (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator`` over ``matvec``; the
-        dense symmetric solver when d <= 2k + 1), with the residual of each pair."""
+        """The k largest eigenvalues (descending) and eigenvectors of each query's C, with the
+        residual ``||C' x - lambda x||`` of each pair (one batched ``matvec``).
+
+        Lanczos (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator`` over the certified
+        product, tolerance ``tol``, 0: machine precision); for a query whose support holds
+        at most d rows, C = A^T A with A = sqrt(w) (b - m1) has rank below d and its
+        singular value decomposition (``torch.linalg.svd``) gives the pairs exactly (the
+        missing ones are 0, with vectors completing an orthonormal basis); the dense
+        symmetric solver when d <= 2k + 1.
+        """
         import numpy as np
         from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -542,17 +584,21 @@ class PosteriorCov:
                 X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(d, -1)).to(self.device)
                 return self._one(p, X).cpu().numpy().reshape(x.shape)
 
+            sup = self._support[p]
             if d <= 2 * k + 1:
                 C = torch.from_numpy(mv(np.eye(d)))
                 w, Q = torch.linalg.eigh(0.5 * (C + C.T))
                 w, Q = w.flip(0)[:k], Q.flip(1)[:, :k]
+            elif sup is not None and sup.b.shape[0] <= d:
+                w, Q = sup.eig(k)
+                w = w * self.scale**2
             else:
                 op = LinearOperator((d, d), matvec=mv, matmat=mv, dtype=np.float64)
-                v0 = np.ones(d) / math.sqrt(d)
+                v0 = np.random.default_rng(p).standard_normal(d)
                 w_np, Q_np = eigsh(op, k=k, which="LA", v0=v0, tol=tol)
                 order = np.argsort(-w_np)
                 w, Q = torch.from_numpy(w_np[order]), torch.from_numpy(Q_np[:, order])
-            vals[p], vecs[p] = w, Q.T
+            vals[p], vecs[p] = w.cpu(), Q.T.cpu()
         V = vecs.transpose(1, 2).to(self.device)
         res = (self.matvec(V) - V * vals.to(self.device)[:, None, :]).norm(dim=1)
         return CovEig(values=vals.to(self.device), vectors=vecs.to(self.device), residuals=res, bound=self.bound.clone())
