@@ -247,6 +247,8 @@ SELECT_MASS = 1e-3
 #: The covariance's target is COV_TOL_FACTOR times the denoiser's tol: 1e-5 (the contract
 #: of matvecs and Jacobian products) at the default tol 1e-6, as D*'s contract is 10 tol.
 COV_TOL_FACTOR = 10.0
+#: Power steps of the lower bound on ||C||_2 that ``certified`` compares the bound with.
+POWER_STEPS = 8
 #: How many more nats of rows a support whose left-out weight keeps it from being
 #: certified takes in its second (last) selection pass.
 WIDEN_NATS = 40.0
@@ -344,13 +346,19 @@ class PosteriorCov:
         self.bound = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
         self._bound_t = torch.full_like(self.bound, torch.nan)  # per unit ||v||, raw units, of Cov_w(v.q, x)
         #: (N,) bool: ``bound <= COV_TOL_FACTOR tol ||C||_2`` guaranteed (a lower bound on
-        #: ||C||_2: the computed trace over the rank, less the bound); rel_bound: bound / that
+        #: ||C||_2: a Rayleigh quotient of C' after POWER_STEPS power steps, or for a streamed
+        #: query the computed trace over d, less the bound); rel_bound: bound / that
         #: lower bound (inf where C underflows float64: a posterior on one row, ESS - 1 < 1e-300).
         self.certified = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.rel_bound = torch.full_like(self.bound, torch.inf)
 
     def __len__(self) -> int:
         return self.sigma.shape[0]
+
+    @property
+    def support_rows(self) -> list:
+        """Per query, the rows held explicitly (None: the query streams its rows)."""
+        return [None if sp is None else sp.b.shape[0] for sp in self._support]
 
     # ------------------------------------------------------------------ construction
     def add_group(self, pos: list, src, v, coef, cert, tol: float, memory_budget: int) -> None:
@@ -379,8 +387,26 @@ class PosteriorCov:
         w2 = cert.top_w[todo, 1] if cert.top_w.shape[1] > 1 else torch.zeros(len(todo), dtype=torch.float64)
         l2 = st.lse[todo] + torch.log(w2.to(self.device).clamp(min=1e-300))
         cut = l2 - math.log(src.M / (tol * SELECT_MASS))
+        # a pass's top K that already reaches below the cut (every other row's logit, at most
+        # the K-th + delta, is under it) is the support: no selection pass
+        K = cert.top_w.shape[1]
+        if K < src.M:
+            kth = st.lse[todo] + torch.log(cert.top_w[todo, K - 1].to(self.device).clamp(min=1e-300))
+            out_max = kth + cert.delta[todo] + shifted_logit_error(v[todo].norm(dim=1) + src.max_cnorm,
+                                                                    coef[todo], shift[todo])
+            covered = (out_max < cut).tolist()
+            left = []
+            for a, j in enumerate(todo):
+                if covered[a]:
+                    eps = ((src.M - K) * torch.exp(out_max[a] - st.lse_lo[j])).clamp(max=1.0)
+                    if self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], eps, tol):
+                        continue
+                left.append(a)
+            todo, cut = [todo[a] for a in left], cut[left]
         streamed = []
         for extra in (0.0, WIDEN_NATS):
+            if not todo:
+                break
             pick = self._select(src, v[todo], coef[todo], cut - extra, max_rows)
             again = []
             for a, j in enumerate(todo):
@@ -452,7 +478,15 @@ class PosteriorCov:
         b = covariance_error(S2, eta, sup.eps, coef, n_out, lse_lo, A_hi, rnd)
         bt = gap_covariance_error(S2, Exx, eta, 8.0 * g * torch.sqrt(S2) * (torch.sqrt(Exx) + 1.0))
         bt = bt + _outside_gap_error(sup.eps, S2, Exx, coef, n_out, lse_lo, lse_hi, A_hi, sup.l_top)
-        self._certify(p, b, trace * (1.0 - sup.eps), min(d, sup.lam.numel() - 1), tol)
+        # ||C'||_2 from below: the trace over the rank, or a Rayleigh quotient of a few power steps
+        A = torch.sqrt(w)[:, None] * (sup.b - m1)
+        x = A[int((A * A).sum(1).argmax())]
+        for _ in range(POWER_STEPS):
+            x = A.T @ (A @ x)
+            x = x / x.norm().clamp(min=1e-300)
+        rq = ((A @ x).norm() ** 2 / (x @ x).clamp(min=1e-300)) * (1.0 - 4.0 * g)
+        rank = min(d, sup.lam.numel() - 1)
+        self._certify(p, b, torch.maximum(trace, rq * rank) * (1.0 - sup.eps), rank, tol)
         self._bound_t[p] = bt
 
     def _certify(self, p, bound_raw, trace_lo, rank: int, tol: float) -> None:
