@@ -530,12 +530,13 @@ class OptimalDenoiser:
         avail = min(self.source(c).M for c, _ in groups)
         k = min(10, avail) if k is None else check_positive_int(k, "k", 1, avail)
         coef_all = self._coef(sig)
-        out = Diagnostics.empty(n, self.d, k, self.device)
+        out = None if lab is None else Diagnostics.empty(n, self.d, k, self.device)
         for label, qi in groups:
             src = self.source(label)
             kk = min(max(k, self.topk), src.M)
-            idx = list(range(n)) if qi is None else qi.tolist()
-            qd = torch.tensor(idx, dtype=torch.int64, device=self.device)
+            # one group of all queries (no labels): slices, and its Diagnostics is the result
+            idx = None if qi is None else qi.tolist()
+            qd = slice(None) if qi is None else qi.to(self.device)
             v = (u[qd] - ds.offset) / ds.scale - src.center
             coef, sg = coef_all[qd], sig[qd]
             rows = torch.full_like(sg, float(src.M))
@@ -554,6 +555,8 @@ class OptimalDenoiser:
                 sub = diagnostics_from(st, (ex.mean() + src.center) * ds.scale + ds.offset, sg[j], rows[j], self.d, k,
                                        src.global_index(ex.top_idx[:, 0]), ["exact"] * j.numel(), self.tol)
                 diag.put(redo[a:a + 8], sub)
+            if out is None:
+                return diag
             out.put(idx, diag)
         return out
 

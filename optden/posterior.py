@@ -374,11 +374,12 @@ class PosteriorCov:
         n, d = v.shape
         st = cert.stats
         shift = query_shift(v, src.center)
-        max_rows = max(1, memory_budget // max(1, n) // (8 * d))
+        max_rows = memory_budget // max(1, n) // (8 * d)  # 0: every query streams
         rescored = (cert.mode == RESCORED).tolist()
         todo = []
         for j in range(n):
-            if rescored[j] and self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], st.eps[j], tol):
+            if rescored[j] and self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], st.eps[j], tol,
+                                                 max_rows):
                 continue
             todo.append(j)
         if not todo:
@@ -399,7 +400,7 @@ class PosteriorCov:
             for a, j in enumerate(todo):
                 if covered[a]:
                     eps = ((src.M - K) * torch.exp(out_max[a] - st.lse_lo[j])).clamp(max=1.0)
-                    if self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], eps, tol):
+                    if self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], eps, tol, max_rows):
                         continue
                 left.append(a)
             todo, cut = [todo[a] for a in left], cut[left]
@@ -415,7 +416,7 @@ class PosteriorCov:
                     continue
                 idx, out_max = pick[a]
                 eps = ((src.M - idx.numel()) * torch.exp(out_max - st.lse_lo[j])).clamp(max=1.0)
-                self._add_support(pos[j], src, v, coef, st, shift, j, idx, eps, tol, force=True)
+                self._add_support(pos[j], src, v, coef, st, shift, j, idx, eps, tol, max_rows, force=True)
                 if not bool(self.certified[pos[j]]) and float(eps) > 0:
                     again.append(a)
             # far from the data the rows left out weigh more against C than against the total
@@ -426,10 +427,12 @@ class PosteriorCov:
         if streamed:
             self._add_stream([pos[j] for j in streamed], src, v[streamed], coef[streamed], cert, streamed, shift, tol)
 
-    def _add_support(self, p, src, v, coef, st, shift, j, idx, eps, tol, force=False) -> bool:
-        """Hold query j's rows ``idx`` explicitly; False (nothing kept) when the bound is not
-        within tol of the covariance's size and ``force`` is off."""
+    def _add_support(self, p, src, v, coef, st, shift, j, idx, eps, tol, max_rows, force=False) -> bool:
+        """Hold query j's rows ``idx`` explicitly; False (nothing kept) when they are more than
+        ``max_rows``, or the bound is not within tol of the covariance's size and ``force`` is off."""
         d = v.shape[1]
+        if idx.numel() > max_rows:
+            return False
         raw = src.gather(idx).reshape(idx.numel(), d)
         lam = exact_logits(v[j:j + 1], coef[j:j + 1], raw[None], src.center)[0]
         sup = _Support(raw.to(torch.float64) - src.center, lam, coef[j], shift[j], src.max_cnorm, d, eps,

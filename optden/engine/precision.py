@@ -124,9 +124,8 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
     mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
     stats = None
     if p.has_stats:  # DENSE statistics for all; the other modes overwrite theirs below
-        stats = PassStats.empty(n, k, v.device)
         vnorm, shift, qmax, d = v.norm(dim=1), query_shift(v, source.center), source.max_cnorm, v.shape[1]
-        stats.put(slice(None), from_partial(p, M, coef, vnorm, shift, qmax, d))
+        stats = from_partial(p, M, coef, vnorm, shift, qmax, d)
 
     need = ~(p.delta <= dense_threshold(tol))  # a NaN bound (overflowing input) is never DENSE
     if bool(need.any()):
