@@ -6,7 +6,8 @@ Rows M x d uint8 (random, CIFAR-10 size by default, as bench_dense), N queries
 of each per round, so that load from other jobs falls on all alike), median ms and the
 median over rounds of the ratio to D* in the same round:
 
-- ``D*``: ``den(x, sigma)``; ``diagnostics``: ``den.diagnostics(x, sigma)`` (D* and the
+- ``D*``: ``den(x, sigma)`` (cpu backend); ``D* torch backend``: the same on the float64
+  torch backend (the arithmetic a streamed product runs); ``diagnostics``: ``den.diagnostics(x, sigma)`` (D* and the
   certified statistics from one pass); ``naive stats fp32``: what users write (fp32
   expansion logits, softmax, then ESS / entropy / log p from the weights);
 - ``cov build``: ``den.posterior_cov`` (the certified pass, then each query's support);
@@ -137,7 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out (names as in the table)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch (and OpenMP) threads; 1 keeps small ops from waiting on a busy shared machine")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.M, args.d, args.N, args.repeats, args.J = 600, 75, [1, 3], 2, [1, 4]
         args.err_sigmas, args.err_rows, args.bw_bytes = [0.3, 3.0], 300, 1 << 22
@@ -152,6 +157,7 @@ def main(argv=None) -> int:
     print(f"# read bandwidth {bw:.1f} GB/s: one read of the rows {nbytes / bw / 1e6:.1f} ms")
     ds = optden.Dataset.from_array(raw)
     den = optden.OptimalDenoiser(ds, backend="cpu")
+    den_torch = optden.OptimalDenoiser(ds, backend="torch")  # the float64 pass the streamed products run
     chunk = max(1, (1 << 26) // (4 * ds.d))
     Y = ds.model_rows(np.arange(ds.M)).float()
     ysq = (Y * Y).sum(1)
@@ -168,6 +174,7 @@ def main(argv=None) -> int:
             stream = den.posterior_cov(x, s, memory_budget=0)
             g = torch.from_numpy(rng.standard_normal(x.shape))
             runs = [("D*", None, lambda: den(x, s)),
+                    ("D* torch backend", None, lambda: den_torch(x, s)),
                     ("diagnostics", None, lambda: den.diagnostics(x, s)),
                     ("naive stats fp32", None, lambda: naive_stats(xf, Y, ysq, s, chunk)),
                     ("cov build", None, lambda: den.posterior_cov(x, s))]

@@ -29,6 +29,11 @@ from torch.autograd import forward_ad
 __all__ = ["needs_autograd", "denoise", "log_density"]
 
 
+# torch.func's wrapped tensors (vmap, grad, jvp levels): torch has no public test for them
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",  # private: as said
+                                lambda t: False)
+
+
 def needs_autograd(*values) -> bool:
     """Whether any of the tensors among ``values`` takes part in autograd: reverse mode
     (``requires_grad`` with grad enabled), forward mode (a dual tensor's tangent) or a
@@ -38,7 +43,7 @@ def needs_autograd(*values) -> bool:
             continue
         if t.requires_grad and torch.is_grad_enabled():
             return True
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):  # private: torch has no public test for it
+        if _is_functorch_wrapped(t):
             return True
         if forward_ad.unpack_dual(t).tangent is not None:
             return True

@@ -14,7 +14,7 @@ import torch
 
 from .engine.bounds import (EPS64, accumulation_eta, covariance_error, float64_logit_error, gamma, gap_covariance_error,
                             gemm_delta, query_shift, shifted_logit_error)
-from .engine.precision import RESCORED, exact_logits
+from .engine.precision import RESCORED, exact_logits, rescore
 from .errors import InputError
 from .validate import check_positive_int
 
@@ -247,6 +247,8 @@ SELECT_MASS = 1e-3
 #: The covariance's target is COV_TOL_FACTOR times the denoiser's tol: 1e-5 (the contract
 #: of matvecs and Jacobian products) at the default tol 1e-6, as D*'s contract is 10 tol.
 COV_TOL_FACTOR = 10.0
+#: A second-heaviest row this many nats below the top puts C below float64's range.
+UNDERFLOW_NATS = 700.0
 #: Power steps of the lower bound on ||C||_2 that ``certified`` compares the bound with.
 POWER_STEPS = 8
 #: How many more nats of rows a support whose left-out weight keeps it from being
@@ -333,8 +335,10 @@ class PosteriorCov:
 
     matvec(v): C v for v (N, d) or (N, d, J) (J vectors per query, one pass);
     eig(k): the top k eigenpairs (Lanczos, ``scipy.sparse.linalg.eigsh``, over matvec);
-    bound: (N,) certified ``||C' - C||_2`` (``bounds.covariance_error``): every product is
-    within ``bound * ||v||`` of the truth. sigma, denoised (N, d), mode as evaluated.
+    bound: (N,) certified ``||C' - C||_2`` (model units; ``bounds.covariance_error`` with
+    ||C|| at most its trace): every product is within ``bound * ||v||`` of the truth;
+    rel_bound (N,): within ``rel_bound * ||C||_2 * ||v||`` (the tight one); certified (N,):
+    rel_bound within the contract. sigma, denoised (N, d), mode as evaluated.
     """
 
     def __init__(self, d: int, scale: float, sigma: torch.Tensor, denoised: torch.Tensor, mode: list):
@@ -345,10 +349,11 @@ class PosteriorCov:
         self._streams: list = []  # (positions, src, v, coef, lse_ref, l_top, q_top, eta, qmax)
         self.bound = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
         self._bound_t = torch.full_like(self.bound, torch.nan)  # per unit ||v||, raw units, of Cov_w(v.q, x)
-        #: (N,) bool: ``bound <= COV_TOL_FACTOR tol ||C||_2`` guaranteed (a lower bound on
-        #: ||C||_2: a Rayleigh quotient of C' after POWER_STEPS power steps, or for a streamed
-        #: query the computed trace over d, less the bound); rel_bound: bound / that
-        #: lower bound (inf where C underflows float64: a posterior on one row, ESS - 1 < 1e-300).
+        #: rel_bound: (N,) every product within ``rel_bound ||C||_2 ||v||`` of the truth (the
+        #: relative part of ``bounds.covariance_error`` plus its absolute part over a lower
+        #: bound on ||C||_2: a Rayleigh quotient of C' after POWER_STEPS power steps, or for a
+        #: streamed query the computed trace over d; inf where C underflows float64, a
+        #: posterior on one row with ESS - 1 < 1e-300); certified: rel_bound <= COV_TOL_FACTOR tol.
         self.certified = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.rel_bound = torch.full_like(self.bound, torch.inf)
 
@@ -384,23 +389,28 @@ class PosteriorCov:
             todo.append(j)
         if not todo:
             return
-        # the second-heaviest row's logit: lse + log w_2 (coarse weights within the pass's bound)
-        w2 = cert.top_w[todo, 1] if cert.top_w.shape[1] > 1 else torch.zeros(len(todo), dtype=torch.float64)
-        l2 = st.lse[todo] + torch.log(w2.to(self.device).clamp(min=1e-300))
+        # the top K's exact logits (K d work): the second-heaviest row's logit sets the cut
+        # (C lives on the rows other than the top); every row outside the top K is below
+        # min_K lam + 2 delta (its coarse logit is below the K-th coarse one, itself within
+        # delta of an exact one): when that is under the cut, the top K is the support, no
+        # selection pass (a concentrated posterior, whatever its weights underflow to)
+        K = cert.top_idx.shape[1]
+        lam = rescore(v[todo], coef[todo], src, cert.top_idx[todo]).sort(dim=1, descending=True).values
+        l2 = lam[:, 1] if K > 1 else lam[:, 0]
         cut = l2 - math.log(src.M / (tol * SELECT_MASS))
-        # a pass's top K that already reaches below the cut (every other row's logit, at most
-        # the K-th + delta, is under it) is the support: no selection pass
-        K = cert.top_w.shape[1]
         if K < src.M:
-            kth = st.lse[todo] + torch.log(cert.top_w[todo, K - 1].to(self.device).clamp(min=1e-300))
-            out_max = kth + cert.delta[todo] + shifted_logit_error(v[todo].norm(dim=1) + src.max_cnorm,
-                                                                    coef[todo], shift[todo])
-            covered = (out_max < cut).tolist()
+            out_max = (lam[:, -1] + 2.0 * cert.delta[todo]
+                       + float64_logit_error(lam[:, -1:], coef[todo], src.max_cnorm, v.shape[1])[:, 0]
+                       + shifted_logit_error(v[todo].norm(dim=1) + src.max_cnorm, coef[todo], shift[todo]))
+            # a second row e^-700 below the top: C is below float64's range (it underflows to 0
+            # whatever the support), so no pass can make it relatively exact: the top K will do
+            covered = ((out_max < cut) | (l2 - lam[:, 0] < -UNDERFLOW_NATS)).tolist()
             left = []
             for a, j in enumerate(todo):
                 if covered[a]:
                     eps = ((src.M - K) * torch.exp(out_max[a] - st.lse_lo[j])).clamp(max=1.0)
-                    if self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], eps, tol, max_rows):
+                    if self._add_support(pos[j], src, v, coef, st, shift, j, cert.top_idx[j], eps, tol, max_rows,
+                                         force=bool(l2[a] - lam[a, 0] < -UNDERFLOW_NATS)):
                         continue
                 left.append(a)
             todo, cut = [todo[a] for a in left], cut[left]
@@ -478,7 +488,7 @@ class PosteriorCov:
         rnd = 8.0 * g * S2 + (0.0 if src.dtype == "uint8" else 4.0 * EPS64 * S2)
         n_out = torch.tensor(float(sup.n_out), dtype=torch.float64, device=self.device)
         lse_lo, lse_hi, A_hi = st.lse_lo[j], st.lse_hi[j], st.neglogit_hi[j]
-        b = covariance_error(S2, eta, sup.eps, coef, n_out, lse_lo, A_hi, rnd)
+        rel, ab = covariance_error(S2, eta, sup.eps, coef, n_out, lse_lo, A_hi, rnd)
         bt = gap_covariance_error(S2, Exx, eta, 8.0 * g * torch.sqrt(S2) * (torch.sqrt(Exx) + 1.0))
         bt = bt + _outside_gap_error(sup.eps, S2, Exx, coef, n_out, lse_lo, lse_hi, A_hi, sup.l_top)
         # ||C'||_2 from below: the trace over the rank, or a Rayleigh quotient of a few power steps
@@ -489,17 +499,20 @@ class PosteriorCov:
             x = x / x.norm().clamp(min=1e-300)
         rq = ((A @ x).norm() ** 2 / (x @ x).clamp(min=1e-300)) * (1.0 - 4.0 * g)
         rank = min(d, sup.lam.numel() - 1)
-        self._certify(p, b, torch.maximum(trace, rq * rank) * (1.0 - sup.eps), rank, tol)
+        self._certify(p, rel, ab, (1.0 + torch.expm1(2.0 * eta)) * S2 / (1.0 - sup.eps.clamp(max=0.5)),
+                      torch.maximum(trace / max(rank, 1), rq), tol)
         self._bound_t[p] = bt
 
-    def _certify(self, p, bound_raw, trace_lo, rank: int, tol: float) -> None:
-        """Record a query's bound and whether it is within COV_TOL_FACTOR * tol of
-        ||C||_2 >= tr C / rank - bound."""
-        self.bound[p] = bound_raw * self.scale**2
-        lam_lo = trace_lo / max(rank, 1) - bound_raw
-        rel = torch.where(lam_lo > 0, bound_raw / lam_lo.clamp(min=1e-300), torch.full_like(lam_lo, math.inf))
-        self.rel_bound[p] = rel
-        self.certified[p] = rel <= COV_TOL_FACTOR * tol
+    def _certify(self, p, rel, ab, norm_hi, norm_lo, tol: float) -> None:
+        """Record a query's bounds from ``||C' - C|| <= rel ||C|| + ab`` (raw units): the
+        absolute ``bound`` with ||C|| <= norm_hi (an upper bound: the trace), and
+        ``rel_bound`` with ||C|| >= (norm_lo - ab) / (1 + rel), norm_lo a lower bound on
+        ||C'||_2; ``certified`` when that is within COV_TOL_FACTOR * tol."""
+        self.bound[p] = (rel * norm_hi + ab) * self.scale**2
+        lam_lo = (norm_lo - ab) / (1.0 + rel)
+        out = torch.where(lam_lo > 0, rel + ab / lam_lo.clamp(min=1e-300), torch.full_like(lam_lo, math.inf))
+        self.rel_bound[p] = out
+        self.certified[p] = out <= COV_TOL_FACTOR * tol
 
     def _add_stream(self, pos, src, v, coef, cert, rows, shift, tol):
         d = v.shape[1]
@@ -510,7 +523,9 @@ class PosteriorCov:
         q_top = raw_top.to(torch.float64) - src.center
         vn = v.norm(dim=1)
         delta = gemm_delta(EPS64, d, vn, src.max_cnorm, coef, st.lse[rows].abs() + st.neglogit[rows].abs())
-        eta = delta + shifted_logit_error(vn + src.max_cnorm, coef, shift[rows]) + accumulation_eta(src.M)
+        # the gaps l_top - l mix the top row's direct-difference logit with the pass's GEMM ones
+        top_err = float64_logit_error(l_top[:, None], coef, src.max_cnorm, d)[:, 0]
+        eta = delta + top_err + shifted_logit_error(vn + src.max_cnorm, coef, shift[rows]) + accumulation_eta(src.M)
         entry = {"pos": pos, "src": src, "v": v, "coef": coef, "lse": st.lse[rows], "l_top": l_top, "q_top": q_top,
                  "eta": eta}
         self._streams.append(entry)
@@ -520,11 +535,11 @@ class PosteriorCov:
         g_d, g_m = gamma(d + 2, EPS64), gamma(src.M + 2, EPS64)
         qm = src.max_cnorm
         rnd = (4.0 * g_d + 4.0 * g_m) * qm * torch.sqrt(S2) + 8.0 * g_m * S2
-        b = covariance_error(S2, eta, torch.zeros_like(eta), coef, torch.ones_like(eta), st.lse_lo[rows],
-                             st.neglogit_hi[rows], rnd)
+        rel, ab = covariance_error(S2, eta, torch.zeros_like(eta), coef, torch.ones_like(eta), st.lse_lo[rows],
+                                   st.neglogit_hi[rows], rnd)
         bt = gap_covariance_error(S2, Exx, eta, (4.0 * g_d + 8.0 * g_m) * (qm + torch.sqrt(S2)) * (torch.sqrt(Exx) + 1.0))
         idx = torch.tensor(pos, dtype=torch.int64, device=self.device)
-        self._certify(idx, b, pr["trace"], d, tol)
+        self._certify(idx, rel, ab, (1.0 + torch.expm1(2.0 * eta)) * S2, pr["trace"] / d, tol)
         self._bound_t[idx] = bt
 
     def _stream_products(self, e, V):

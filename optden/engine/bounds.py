@@ -406,28 +406,30 @@ def excluded(iv: dict, eps: torch.Tensor, n_out: torch.Tensor):
 
 
 def covariance_error(S2, eta, eps, coef, n_out, lse_lo, A_hi, round_err):
-    """Bound (N,) on ||C' - C||_2 of a computed posterior covariance C' (raw units), its
-    weights normalised over kept rows whose logits are within ``eta`` of each other's
-    truth (the computed weights within e^{+-2 eta} of the true renormalised ones), with
-    ``eps`` of the weight elsewhere.
+    """Bound on ||C' - C||_2 of a computed posterior covariance C' (raw units), its weights
+    normalised over kept rows whose logits are within ``eta`` of each other's truth (the
+    computed weights within e^{+-2 eta} of the true renormalised ones), with ``eps`` of the
+    weight elsewhere: ``(rel, abs)`` (N,) each, ``||C' - C||_2 <= rel ||C||_2 + abs``.
 
     S2 = sum w' ||q - q_top||^2 (>= tr C of the kept rows, up to e^{2 eta}); with
     r = e^{2 eta} - 1 and C computed around the weighted mean:
-    - reweighting: sum (w' - w)(q - D)(q - D)^T lies between -r C and r C (PSD order), and
-      the mean moves by ||D' - D|| <= r sqrt(tr C): r ||C|| + r^2 tr C <= (r + r^2) e^{2 eta} S2;
-    - the rows outside: C = (1 - eps) C_kept + [eps C_out + eps (1 - eps) (mu_kept - mu_out)(...)^T],
-      and the bracket is below sum_out w (q - mu_kept)(q - mu_kept)^T, whose trace is at most
+    - reweighting: sum (w' - w)(q - D)(q - D)^T lies between -r C and r C (PSD order): at most
+      r ||C||; the mean moves by ||D' - D|| <= r sqrt(tr C): r^2 tr C <= r^2 e^{2 eta} S2;
+    - the rows outside: C = (1 - eps) C_kept + B, B = eps C_out + eps (1 - eps) (mu_kept -
+      mu_out)(...)^T >= 0 below sum_out w (q - mu_kept)(q - mu_kept)^T, whose trace is at most
       (2 / coef) sum_out w (-l) + 2 eps ||v - mu_kept||^2 <= (2 eps / coef) (log(n_out / eps)
       + max(0, -lse_lo) + A_hi) (``excluded``'s bound on sum_out w (-l); Jensen's
-      ||v - mu||^2 <= E ||v - q||^2 = A / coef); plus eps ||C_kept|| <= eps S2;
-    - ``round_err``: the float64 rounding of the products (per caller).
+      ||v - mu||^2 <= E ||v - q||^2 = A / coef); and ||C_kept|| <= ||C|| / (1 - eps), so the
+      reweighting and the eps C_kept term are (r + eps) / (1 - eps) relative;
+    - ``round_err``: the float64 rounding of the products (per caller), absolute.
     """
     r = torch.expm1(2.0 * eta)
-    e = eps.clamp(min=0.0)
+    e = eps.clamp(min=0.0, max=0.5)
     spread = torch.where(e > 0, torch.log(n_out.to(e.dtype).clamp(min=1.0) / e.clamp(min=1e-300)),
                          torch.zeros_like(e))
-    out_term = e * S2 * (1.0 + r) + (2.0 * e / coef) * (spread + (-lse_lo).clamp(min=0.0) + A_hi)
-    return (r + r * r) * (1.0 + r) * S2 + out_term + round_err
+    rel = (r + e) / (1.0 - e)
+    absolute = r * r * (1.0 + r) * S2 + (2.0 * e / coef) * (spread + (-lse_lo).clamp(min=0.0) + A_hi) + round_err
+    return torch.where(eps > 0.5, torch.full_like(rel, math.inf), rel), absolute
 
 
 def gap_covariance_error(S2, Exx, eta, round_err):
