@@ -273,6 +273,19 @@ def _outside_gap_error(eps, S2, Exx, coef, n_out, lse_lo, lse_hi, A_hi, l_top):
     return torch.sqrt(Tq * X) + eps * torch.sqrt(S2 * Exx)
 
 
+def _subset(d: dict, rows: list) -> dict:
+    """The entries of a stream entry / pass result for the queries ``rows`` (lists and (n, ...) tensors)."""
+    out = {}
+    for k, val in d.items():
+        if isinstance(val, torch.Tensor) and val.dim() >= 1:
+            out[k] = val[rows]
+        elif isinstance(val, list):
+            out[k] = [val[r] for r in rows]
+        else:
+            out[k] = val
+    return out
+
+
 class _Support:
     """One query's rows that carry its posterior weight, held explicitly (float64, raw units).
 
@@ -414,28 +427,32 @@ class PosteriorCov:
                         continue
                 left.append(a)
             todo, cut = [todo[a] for a in left], cut[left]
+        # one float64 pass for the rest: the rows above the cut of each query and, for a query
+        # with too many of them to hold, the moments its streamed bound needs
+        entry = self._stream_entry([pos[j] for j in todo], src, v[todo], coef[todo], cert, todo, shift)
         streamed = []
         for extra in (0.0, WIDEN_NATS):
-            if not todo:
-                break
-            pick = self._select(src, v[todo], coef[todo], cut - extra, max_rows)
+            pr = self._stream_products(entry, torch.zeros(len(todo), v.shape[1], 0, dtype=torch.float64,
+                                                          device=self.device), select=(cut - extra, max_rows))
             again = []
             for a, j in enumerate(todo):
-                if pick[a] is None:
-                    streamed.append(j)
+                if pr["picks"][a] is None:
+                    if extra == 0.0:
+                        streamed.append(a)
                     continue
-                idx, out_max = pick[a]
+                idx, out_max = pr["picks"][a]
                 eps = ((src.M - idx.numel()) * torch.exp(out_max - st.lse_lo[j])).clamp(max=1.0)
                 self._add_support(pos[j], src, v, coef, st, shift, j, idx, eps, tol, max_rows, force=True)
                 if not bool(self.certified[pos[j]]) and float(eps) > 0:
                     again.append(a)
+            if extra == 0.0 and streamed:
+                self._add_stream(_subset(entry, streamed), _subset(pr, streamed), cert, [todo[a] for a in streamed],
+                                 tol)
             # far from the data the rows left out weigh more against C than against the total
             # (their distance enters): those queries once more with a wider support
-            todo, cut = [todo[a] for a in again], cut[again]
-            if not todo:
+            if not again or extra > 0.0:
                 break
-        if streamed:
-            self._add_stream([pos[j] for j in streamed], src, v[streamed], coef[streamed], cert, streamed, shift, tol)
+            todo, cut, entry = [todo[a] for a in again], cut[again], _subset(entry, again)
 
     def _add_support(self, p, src, v, coef, st, shift, j, idx, eps, tol, max_rows, force=False) -> bool:
         """Hold query j's rows ``idx`` explicitly; False (nothing kept) when they are more than
@@ -452,29 +469,6 @@ class PosteriorCov:
             return False
         self._support[p] = sup
         return True
-
-    def _select(self, src, v, coef, cut, max_rows):
-        """[per query: (local row indices, an upper bound on every other row's true logit), or
-        None when more than max_rows rows pass]: the rows whose logit is >= cut (n,), by one
-        float64 pass (``bounds.gemm_delta``: a row left out is below cut + delta)."""
-        n, d = v.shape
-        vsq = (v * v).sum(1)
-        found = [[] for _ in range(n)]
-        count = [0] * n
-        for off, raw, csq in src.blocks():
-            q = raw.to(torch.float64) - src.center
-            lg = torch.addmm(vsq[:, None] + csq[None, :], v, q.T, alpha=-2.0).mul_(-coef[:, None])
-            keep = lg >= cut[:, None]
-            for j in keep.any(1).nonzero().flatten().tolist():
-                if count[j] > max_rows:
-                    continue
-                loc = keep[j].nonzero().flatten() + off
-                found[j].append(loc)
-                count[j] += loc.numel()
-        delta = gemm_delta(EPS64, d, vsq.sqrt(), src.max_cnorm, coef, cut.abs())
-        conv = shifted_logit_error(vsq.sqrt() + src.max_cnorm, coef, query_shift(v, src.center))
-        return [None if not 0 < count[j] <= max_rows else (torch.cat(found[j]), cut[j] + delta[j] + conv[j])
-                for j in range(n)]
 
     def _set_bound(self, p, sup: _Support, coef, st, j, d, src, tol):
         w = torch.softmax(sup.lam, 0)
@@ -514,36 +508,45 @@ class PosteriorCov:
         self.rel_bound[p] = out
         self.certified[p] = out <= COV_TOL_FACTOR * tol
 
-    def _add_stream(self, pos, src, v, coef, cert, rows, shift, tol):
+    def _stream_entry(self, pos, src, v, coef, cert, rows, shift) -> dict:
+        """What a streamed product of the queries ``rows`` of ``cert`` needs: their top row
+        (q_top, its exact logit l_top), the certified lse as the weights' reference, and
+        eta, the bound of the gaps l_top - l (float64 GEMM logits, ``bounds.gemm_delta``)."""
         d = v.shape[1]
         st = cert.stats
-        top = cert.top_idx[rows, 0]
-        raw_top = src.gather(top).reshape(len(rows), d)
+        raw_top = src.gather(cert.top_idx[rows, 0]).reshape(len(rows), d)
         l_top = exact_logits(v, coef, raw_top[:, None, :], src.center)[:, 0]
-        q_top = raw_top.to(torch.float64) - src.center
         vn = v.norm(dim=1)
         delta = gemm_delta(EPS64, d, vn, src.max_cnorm, coef, st.lse[rows].abs() + st.neglogit[rows].abs())
         # the gaps l_top - l mix the top row's direct-difference logit with the pass's GEMM ones
         top_err = float64_logit_error(l_top[:, None], coef, src.max_cnorm, d)[:, 0]
         eta = delta + top_err + shifted_logit_error(vn + src.max_cnorm, coef, shift[rows]) + accumulation_eta(src.M)
-        entry = {"pos": pos, "src": src, "v": v, "coef": coef, "lse": st.lse[rows], "l_top": l_top, "q_top": q_top,
-                 "eta": eta}
+        return {"pos": pos, "src": src, "v": v, "coef": coef, "lse": st.lse[rows], "l_top": l_top,
+                "q_top": raw_top.to(torch.float64) - src.center, "eta": eta,
+                "lse_lo": st.lse_lo[rows], "A_hi": st.neglogit_hi[rows]}
+
+    def _add_stream(self, entry, pr, cert, rows, tol) -> None:
+        """Stream the queries of ``entry``, with the moments ``pr`` of a pass over their rows."""
         self._streams.append(entry)
-        # the bound needs S2 = E ||q - q_top||^2 and E x^2: one pass with no vectors
-        pr = self._stream_products(entry, torch.zeros(len(rows), d, 1, dtype=torch.float64, device=self.device))
+        src, eta, coef = entry["src"], entry["eta"], entry["coef"]
+        d = entry["v"].shape[1]
         S2, Exx = pr["S2"], pr["Exx"]
         g_d, g_m = gamma(d + 2, EPS64), gamma(src.M + 2, EPS64)
         qm = src.max_cnorm
         rnd = (4.0 * g_d + 4.0 * g_m) * qm * torch.sqrt(S2) + 8.0 * g_m * S2
-        rel, ab = covariance_error(S2, eta, torch.zeros_like(eta), coef, torch.ones_like(eta), st.lse_lo[rows],
-                                   st.neglogit_hi[rows], rnd)
+        rel, ab = covariance_error(S2, eta, torch.zeros_like(eta), coef, torch.ones_like(eta), entry["lse_lo"],
+                                   entry["A_hi"], rnd)
         bt = gap_covariance_error(S2, Exx, eta, (4.0 * g_d + 8.0 * g_m) * (qm + torch.sqrt(S2)) * (torch.sqrt(Exx) + 1.0))
-        idx = torch.tensor(pos, dtype=torch.int64, device=self.device)
+        idx = torch.tensor(entry["pos"], dtype=torch.int64, device=self.device)
         self._certify(idx, rel, ab, (1.0 + torch.expm1(2.0 * eta)) * S2, pr["trace"] / d, tol)
         self._bound_t[idx] = bt
 
-    def _stream_products(self, e, V):
-        """One float64 pass over a stream group's rows for V (n, d, J): moments, S2 and E x^2."""
+    def _stream_products(self, e, V, select=None):
+        """One float64 pass over a stream group's rows for V (n, d, J): moments, S2 and E x^2.
+
+        select: (cut (n,), max_rows): also ``picks``, per query the rows whose logit is >= cut
+        with an upper bound on every other row's true logit (a row left out is below
+        cut + gemm_delta), or None when more than max_rows rows pass."""
         n, d, J = V.shape
         src, v, coef = e["src"], e["v"], e["coef"]
         vsq = (v * v).sum(1)
@@ -551,11 +554,19 @@ class PosteriorCov:
         acc["S2"] = torch.zeros(n, dtype=torch.float64, device=self.device)
         tsq = (e["q_top"] ** 2).sum(1)
         step = max(1, BLOCK_BYTES // max(1, 8 * n * max(J, d)))
+        found, count = [[] for _ in range(n)], [0] * n
         for off, raw, csq in src.blocks():
             for a in range(0, raw.shape[0], step):
                 q = raw[a:a + step].to(torch.float64) - src.center
                 cs = csq[a:a + step]
                 lg = torch.addmm(vsq[:, None] + cs[None, :], v, q.T, alpha=-2.0).mul_(-coef[:, None])
+                if select is not None:
+                    keep = lg >= select[0][:, None]
+                    for j in keep.any(1).nonzero().flatten().tolist():
+                        if count[j] <= select[1]:
+                            loc = keep[j].nonzero().flatten() + (off + a)
+                            found[j].append(loc)
+                            count[j] += loc.numel()
                 _moments(q, lg, e["lse"], e["l_top"], e["q_top"], V, acc)
                 p = torch.exp(lg - e["lse"][:, None])
                 b2 = (cs[None, :] + tsq[:, None] - 2.0 * e["q_top"] @ q.T).clamp(min=0.0)
@@ -565,6 +576,12 @@ class PosteriorCov:
         S2_err = 8.0 * gamma(d + 4, EPS64) * src.max_cnorm**2 + 1e-12 * S2
         out = {"products": _finish(acc, e["q_top"]), "S2": S2 + S2_err, "Exx": acc["Sxx"] / acc["S"],
                "trace": (S2 - S2_err - (m1 * m1).sum(1)) * (1.0 - 1e-12)}
+        if select is not None:
+            cut, max_rows = select
+            delta = gemm_delta(EPS64, d, vsq.sqrt(), src.max_cnorm, coef, cut.abs())
+            conv = shifted_logit_error(vsq.sqrt() + src.max_cnorm, coef, query_shift(v, src.center))
+            out["picks"] = [None if not 0 < count[j] <= max_rows else (torch.cat(found[j]), cut[j] + delta[j] + conv[j])
+                            for j in range(n)]
         return out
 
     # ------------------------------------------------------------------ products
@@ -662,8 +679,6 @@ class PosteriorCov:
             return sup.products(X).cv[0] * self.scale**2
         for e in self._streams:
             if p in e["pos"]:
-                a = e["pos"].index(p)
-                sub = {**e, "v": e["v"][a:a + 1], "coef": e["coef"][a:a + 1], "lse": e["lse"][a:a + 1],
-                       "l_top": e["l_top"][a:a + 1], "q_top": e["q_top"][a:a + 1]}
+                sub = _subset(e, [e["pos"].index(p)])
                 return self._stream_products(sub, X[None])["products"].cv[0] * self.scale**2
         raise RuntimeError(f"query {p} has no support")

@@ -118,3 +118,23 @@ def test_bad_arguments(digits_u8):
         cov.matvec(torch.full((2, 64), float("nan")))
     with pytest.raises(optden.InputError, match="k:"):
         cov.eig(65)
+
+
+def test_bench_posterior_quick(monkeypatch, capsys):
+    """bench/bench_posterior.py --quick runs end to end and prints its table."""
+    import importlib.util
+    import os
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench")
+    monkeypatch.syspath_prepend(bench)  # as `python bench/bench_posterior.py` has it: bench/_common.py
+    spec = importlib.util.spec_from_file_location("bench_posterior", os.path.join(bench, "bench_posterior.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        assert mod.main(["--quick", "--threads", "1", "--N", "2", "--J", "2", "--sigmas", "3.0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for name in ("| D* |", "| diagnostics |", "| matvec |", "| matvec streamed |", "| D* + vjp |", "naive cov fp32"):
+        assert name in out
