@@ -427,6 +427,8 @@ class PosteriorCov:
                         continue
                 left.append(a)
             todo, cut = [todo[a] for a in left], cut[left]
+        if not todo:
+            return
         # one float64 pass for the rest: the rows above the cut of each query and, for a query
         # with too many of them to hold, the moments its streamed bound needs
         entry = self._stream_entry([pos[j] for j in todo], src, v[todo], coef[todo], cert, todo, shift)
