@@ -11,7 +11,10 @@ OPTDEN_TRITON_AUTOTUNE=0 uses one fixed configuration instead (no tuning delay).
 Two passes: ``fused`` (``optden.kernels.dense``, any storage dtype) and ``gemm``
 (``optden.kernels.dense_gemm`` with ``optden.engine.backends.gpu_gemm_pass``: exact int8
 tensor-core logits, a weighted sum only where it can be DENSE; uint8 rows, d <= 131072).
-OPTDEN_TRITON_PASS = auto (default: gemm where it runs, else fused) | fused | gemm.
+OPTDEN_TRITON_PASS = auto (default) | fused | gemm. ``auto`` takes ``fused``: it is the pass
+that has run on a GPU (H100, 2026-12-05: every GPU test and the float64 checks passed);
+the GEMM pass has run only in Triton's interpreter and compiled for sm_90, so it is
+opt-in until a GPU run of ``bench/gpu_check.sh`` (steps bench-pass, tests-gemm) passes.
 
 The pass is coarse (fp32 accumulation): its rigorous error bound ``delta``
 (``optden.engine.bounds.fp32_pass_delta``) lets ``optden.engine.precision.certify``
@@ -45,7 +48,7 @@ def pass_name(dtype: str, d: int) -> str:
     if want not in _PASSES:
         raise InputError(f"OPTDEN_TRITON_PASS: expected one of {_PASSES}, got {want!r}")
     if want == "auto":
-        return "gemm" if dtype == "uint8" and d <= _GEMM_MAX_D else "fused"
+        return "fused"  # until the GEMM pass has run on a GPU (module docstring)
     return want
 
 
