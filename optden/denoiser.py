@@ -24,7 +24,7 @@ from .engine.precision import DEFAULT_TOL, EXACT, MODE_NAMES, Certified, certify
 from .engine.partial import Partial
 from .engine.rows import RowSource
 from .engine.stats import from_partial
-from .posterior import Diagnostics, PosteriorCov, diagnostics_from
+from .posterior import Diagnostics, PosteriorCov, diagnostics_from, uniform_diagnostics
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
 
@@ -546,6 +546,9 @@ class OptimalDenoiser:
             (int(c), (lab == c).nonzero().flatten()) for c in lab.unique().tolist()]
         avail = min(self.source(c).M for c, _ in groups)
         k = min(10, avail) if k is None else check_positive_int(k, "k", 1, avail)
+        pure = sig == math.inf
+        if bool(pure.any()):  # sigma = inf: uniform weights, known without a pass
+            return self._diagnose_pure_noise(u, sig, lab, k, pure)
         coef_all = self._coef(sig)
         out = None if lab is None else Diagnostics.empty(n, self.d, k, self.device)
         for label, qi in groups:
@@ -577,6 +580,22 @@ class OptimalDenoiser:
             out.put(idx, diag)
         return out
 
+    def _diagnose_pure_noise(self, u: torch.Tensor, sig: torch.Tensor, lab, k: int, pure: torch.Tensor) -> Diagnostics:
+        """``_diagnose`` of queries some of which (``pure``, (N,) bool) are at sigma = inf:
+        those from ``uniform_diagnostics``, the others from their pass."""
+        n = u.shape[0]
+        out = Diagnostics.empty(n, self.d, k, self.device)
+        rest = (~pure).nonzero().flatten()
+        if rest.numel():
+            out.put(rest.tolist(), self._diagnose(u[rest], sig[rest], None if lab is None else lab[rest], k))
+        flat = pure.nonzero().flatten()
+        fl = None if lab is None else lab[flat.cpu()]
+        srcs = [self.source(None if fl is None else int(c)) for c in (fl.tolist() if fl is not None else [None] * len(flat))]
+        rows = torch.tensor([float(sr.M) for sr in srcs], dtype=torch.float64, device=self.device)
+        first = torch.stack([sr.global_index(torch.zeros(1, dtype=torch.int64, device=self.device))[0] for sr in srcs])
+        out.put(flat.tolist(), uniform_diagnostics(self._denoised(u[flat], sig[flat], fl), rows, self.d, k, first))
+        return out
+
     def posterior_cov(self, x, sigma, class_labels=None, *, s=1.0, labels=None,
                       memory_budget: int = 1 << 28) -> PosteriorCov:
         """The posterior covariance ``Cov[y | u]`` at u = x / s (model units), certified:
@@ -587,7 +606,7 @@ class OptimalDenoiser:
         """
         _, u = self._queries(x, s)
         n = u.shape[0]
-        sig = check_sigma(sigma, n).to(self.device)
+        sig = _finite_sigma(check_sigma(sigma, n), "posterior_cov").to(self.device)
         return self._posterior_cov(u, sig, self._labels(class_labels, labels, n), memory_budget)
 
     def _posterior_cov(self, u: torch.Tensor, sig: torch.Tensor, lab, memory_budget: int) -> PosteriorCov:
@@ -639,9 +658,21 @@ class OptimalDenoiser:
             return self._denoised(uu, sg, lab).to(u.device)
 
         def cov(u, sigma):
-            return self._posterior_cov(*checked(u, sigma), lab, 1 << 28)
+            uu, sg = checked(u, sigma)
+            return self._posterior_cov(uu, _finite_sigma(sg, "the derivatives of D*"), lab, 1 << 28)
 
         def diagnose(u, sigma):
-            return self._diagnose(*checked(u, sigma), lab, 1)
+            uu, sg = checked(u, sigma)
+            return self._diagnose(uu, sg, lab, 1)
 
         return x, u, (forward, cov, diagnose)
+
+
+def _finite_sigma(sig: torch.Tensor, what: str) -> torch.Tensor:
+    """sig (N,) checked by ``check_sigma``, refused where it is +inf for ``what`` (the
+    posterior statistics and covariance, whose bounds need logits 1 / (2 sigma^2) > 0)."""
+    if bool((sig == math.inf).any()):
+        raise InputError(f"sigma: got inf, but {what} takes finite noise levels only (about 1e-150 < sigma < 1e150); "
+                         "at sigma = inf the posterior is uniform over the rows (ESS = M, Cov = the data "
+                         "covariance, dD*/dx = 0)")
+    return sig

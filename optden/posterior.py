@@ -18,7 +18,7 @@ from .engine.precision import RESCORED, exact_logits, rescore
 from .errors import InputError
 from .validate import check_positive_int
 
-__all__ = ["Diagnostics", "diagnostics_from", "DIAGNOSTIC_FIELDS", "PosteriorCov", "CovEig"]
+__all__ = ["Diagnostics", "diagnostics_from", "uniform_diagnostics", "DIAGNOSTIC_FIELDS", "PosteriorCov", "CovEig"]
 
 #: The certified per-query statistics of ``Diagnostics`` (each with ``<name>_err``).
 DIAGNOSTIC_FIELDS = ("ess", "entropy", "max_weight", "top_mass", "log_p", "dlogp_dsigma")
@@ -172,6 +172,27 @@ def diagnostics_from(stats, dc_model: torch.Tensor, sigma: torch.Tensor, rows: t
     for name in DIAGNOSTIC_FIELDS:
         ok &= kw[name + "_err"] <= tol * contract_scale(name, kw[name], d, sigma)  # False for NaN
     return Diagnostics(**kw, top_index=top_index, denoised=dc_model, sigma=sigma, certified=ok, k=k, mode=mode)
+
+
+def uniform_diagnostics(dc_model: torch.Tensor, rows: torch.Tensor, d: int, k: int,
+                        top_index: torch.Tensor) -> Diagnostics:
+    """The diagnostics at sigma = inf (pure noise), where every logit is 0 and the weights
+    are uniform over each query's rows: ESS = rows, entropy = log rows, max weight 1 / rows,
+    top mass k / rows, log p = -inf (the density vanishes) and d log p / d sigma = 0 (the
+    limit of (2 A - d) / sigma), exact but for the rounding of log, 1 / rows and k / rows.
+
+    dc_model: (N, d) D* (the mean of the rows); rows: (N,) their number; top_index: (N,)
+    the row reported as heaviest (every row ties; the first). Bounds need no pass.
+    """
+    r = rows.to(torch.float64)
+    ent, t1, tk = torch.log(r), 1.0 / r, torch.clamp(k / r, max=1.0)
+    zero = torch.zeros_like(r)
+    kw = {"ess": r, "ess_err": zero, "entropy": ent, "entropy_err": 2.0 * EPS64 * ent,
+          "max_weight": t1, "max_weight_err": EPS64 * t1, "top_mass": tk, "top_mass_err": EPS64 * tk,
+          "log_p": torch.full_like(r, -math.inf), "log_p_err": zero, "dlogp_dsigma": zero.clone(),
+          "dlogp_dsigma_err": zero}
+    return Diagnostics(**kw, top_index=top_index, denoised=dc_model, sigma=torch.full_like(r, math.inf),
+                       certified=torch.ones_like(r, dtype=torch.bool), k=k, mode=["exact"] * r.shape[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,3 +179,6 @@ def test_bad_input(setup):
         den(torch.zeros(1, 63, dtype=torch.float64, requires_grad=True), 0.5)
     with pytest.raises(optden.InputError, match="sigma"):
         den(torch.zeros(1, ds.d, dtype=torch.float64, requires_grad=True), -1.0)
+    x = torch.zeros(1, ds.d, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(optden.InputError, match="sigma: got inf"):  # D* (the mean) runs; its derivatives refuse
+        torch.autograd.grad(den(x, float("inf")).sum(), x)

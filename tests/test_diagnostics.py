@@ -209,6 +209,44 @@ def test_recorded_along_a_trajectory(digits_u8):
     assert optden.sample(den, n=2, steps=3).diagnostics is None
 
 
+def test_pure_noise(digits_u8, rng):
+    """sigma = inf (a flow-matching grid's first point): uniform weights over the (class's)
+    rows, known exactly, beside finite sigmas in one call, and recorded along such a grid."""
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    ds = optden.Dataset.from_array(digits_u8, labels=labels, num_classes=10)
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    x = torch.from_numpy(y[:4] + 0.3 * rng.standard_normal((4, ds.d)))
+    sig = torch.tensor([0.5, math.inf, 2.0, math.inf], dtype=torch.float64)
+    dg = den.diagnostics(x, sig, k=3)
+    finite = den.diagnostics(x[[0, 2]], sig[[0, 2]], k=3)
+    for name in DIAGNOSTIC_FIELDS:
+        assert torch.equal(getattr(dg, name)[[0, 2]], getattr(finite, name)), name
+    pure = [1, 3]
+    assert torch.equal(dg.ess[pure], torch.full((2,), float(ds.M), dtype=torch.float64))
+    assert torch.allclose(dg.entropy[pure], torch.full((2,), math.log(ds.M), dtype=torch.float64), rtol=1e-15)
+    assert torch.allclose(dg.top_mass[pure], torch.full((2,), 3.0 / ds.M, dtype=torch.float64), rtol=1e-15)
+    assert torch.all(dg.log_p[pure] == -math.inf) and torch.all(dg.dlogp_dsigma[pure] == 0)
+    assert bool(dg.certified.all()) and dg.mode[1] == dg.mode[3] == "exact"
+    assert torch.allclose(dg.denoised[pure], torch.from_numpy(y.mean(0)).expand(2, -1), atol=1e-12)
+    # the limit: a finite sigma far above the data's spread gives the same numbers to the contract
+    far = den.diagnostics(x[pure], 1e9, k=3)
+    for name in ("ess", "entropy", "max_weight", "top_mass"):
+        assert torch.allclose(getattr(far, name), getattr(dg, name)[pure], rtol=DIAGNOSTIC_RTOL), name
+    # class-conditional: uniform over the class's rows
+    lab = torch.tensor([3, 7])
+    dc = den.diagnostics(x[:2], math.inf, lab)
+    counts = torch.tensor([float((labels == c).sum()) for c in (3, 7)], dtype=torch.float64)
+    assert torch.equal(dc.ess, counts) and all(labels[int(i)] == c for i, c in zip(dc.top_index, (3, 7)))
+    # a flow-matching grid starts at sigma = inf: its first record is the uniform posterior
+    run = optden.sample(optden.OptimalDenoiser(optden.Dataset.from_array(digits_u8)), n=2, steps=4, record=True,
+                        schedule=optden.get_schedule("flow", 4, eps=0))
+    assert float(run.diagnostics.sigma[0, 0]) == math.inf and torch.all(run.diagnostics.ess[0] == ds.M)
+    assert torch.all(run.diagnostics.ess[1:] < ds.M)
+
+
 def test_bad_arguments(digits_u8):
     den = optden.OptimalDenoiser(optden.Dataset.from_array(digits_u8[:20]))
     x = torch.zeros(2, 64, dtype=torch.float64)

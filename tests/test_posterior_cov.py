@@ -118,6 +118,8 @@ def test_bad_arguments(digits_u8):
         cov.matvec(torch.full((2, 64), float("nan")))
     with pytest.raises(optden.InputError, match="k:"):
         cov.eig(65)
+    with pytest.raises(optden.InputError, match="sigma: got inf"):
+        den.posterior_cov(torch.zeros(2, 64, dtype=torch.float64), float("inf"))
 
 
 def test_bench_posterior_quick(monkeypatch, capsys):
