@@ -26,6 +26,13 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
+def row_norm(a) -> np.ndarray:
+    """Euclidean norms of the rows of a (N, d), scaled first: numpy's squares underflow
+    below 1e-154 (a concentrated posterior's derivatives are 1e-240 and still exact)."""
+    m = np.abs(a).max(axis=1)
+    return m * np.linalg.norm(a / np.where(m > 0, m, 1.0)[:, None], axis=1)
+
+
 def fd_jvp(y, x, v, sigma, h):
     """Central finite difference of the float64 oracle D* along v: (D(x + h v) - D(x - h v)) / 2h."""
     return (R.denoise(x + h * v, y, sigma) - R.denoise(x - h * v, y, sigma)) / (2 * h)
@@ -53,6 +60,38 @@ def test_vjp_and_dsigma_against_oracle_and_finite_differences(setup, sigma, rng)
         assert rel(gx.reshape(3, -1), fd) <= 1e-4
         fd_s = (R.denoise(x0, y, sigma + h) - R.denoise(x0, y, sigma - h)) / (2 * h)
         assert rel(gs, (fd_s * g).sum()) <= 1e-4
+
+
+@pytest.mark.parametrize("data", ["digits_u8", "faces_u8"])
+def test_vjp_contract_across_sigmas(data, request, rng):
+    """The backward of D* on real images (digits, photo patches) over the contract's sigma
+    range, on the queries the precision tests use (near rows, between two rows, noise, far):
+    J g and g . dD*/dsigma within JACOBIAN_RTOL of the oracle, relative to ||J|| ||g||, wherever
+    float64 holds the covariance (it underflows to 0 on a posterior on one row)."""
+    from test_precision import queries
+    from tolerances import SIGMAS
+
+    ds = optden.Dataset.from_array(request.getfixturevalue(data))
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    for sigma in SIGMAS[::2]:
+        x0 = queries(y, sigma, rng, n=1)
+        x = torch.from_numpy(x0).requires_grad_(True)
+        sig = torch.full((len(x0),), sigma, dtype=torch.float64, requires_grad=True)
+        g = rng.standard_normal(x0.shape)
+        gx, gs = torch.autograd.grad(den(x, sig), (x, sig), torch.from_numpy(g))
+        C = R.posterior_cov(x0, y, sigma)
+        norm = np.linalg.norm(C, ord=2, axis=(1, 2)) / sigma**2  # ||J||_2
+        err = row_norm(gx.numpy() - np.einsum("nij,nj->ni", C, g) / sigma**2)
+        gn = row_norm(g)
+        big = norm > 1e-250 / sigma**2
+        assert (err[big] <= JACOBIAN_RTOL * norm[big] * gn[big]).all(), (sigma, err / (norm * gn))
+        assert (err[~big] <= 1e-250 / sigma**2 * gn[~big]).all(), sigma  # below the underflow: absolute
+        # d/dsigma, normwise: |g . (dD*/dsigma)' - g . dD*/dsigma| against ||dD*/dsigma|| ||g||
+        ds_ref = R.denoiser_dsigma(x0, y, sigma)
+        err_s = np.abs(gs.numpy() - (ds_ref * g).sum(1))
+        dn = row_norm(ds_ref)
+        assert (err_s[big] <= JACOBIAN_RTOL * dn[big] * gn[big]).all(), (sigma, err_s / (dn * gn))
 
 
 def test_functional_jacobian_and_jvp(setup, rng):
