@@ -10,7 +10,7 @@ import torch
 import optden
 from optden import autograd as AG
 from optden import reference as R
-from tolerances import JACOBIAN_RTOL, model_rows
+from tolerances import JACOBIAN_RTOL, model_rows, scaled_norm
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch.func imports TorchScript (deprecated)
 
@@ -24,13 +24,6 @@ def setup(digits_u8):
 def rel(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
-def row_norm(a) -> np.ndarray:
-    """Euclidean norms of the rows of a (N, d), scaled first: numpy's squares underflow
-    below 1e-154 (a concentrated posterior's derivatives are 1e-240 and still exact)."""
-    m = np.abs(a).max(axis=1)
-    return m * np.linalg.norm(a / np.where(m > 0, m, 1.0)[:, None], axis=1)
 
 
 def fd_jvp(y, x, v, sigma, h):
@@ -82,15 +75,15 @@ def test_vjp_contract_across_sigmas(data, request, rng):
         gx, gs = torch.autograd.grad(den(x, sig), (x, sig), torch.from_numpy(g))
         C = R.posterior_cov(x0, y, sigma)
         norm = np.linalg.norm(C, ord=2, axis=(1, 2)) / sigma**2  # ||J||_2
-        err = row_norm(gx.numpy() - np.einsum("nij,nj->ni", C, g) / sigma**2)
-        gn = row_norm(g)
+        err = scaled_norm(gx.numpy() - np.einsum("nij,nj->ni", C, g) / sigma**2)
+        gn = scaled_norm(g)
         big = norm > 1e-250 / sigma**2
         assert (err[big] <= JACOBIAN_RTOL * norm[big] * gn[big]).all(), (sigma, err / (norm * gn))
         assert (err[~big] <= 1e-250 / sigma**2 * gn[~big]).all(), sigma  # below the underflow: absolute
         # d/dsigma, normwise: |g . (dD*/dsigma)' - g . dD*/dsigma| against ||dD*/dsigma|| ||g||
         ds_ref = R.denoiser_dsigma(x0, y, sigma)
         err_s = np.abs(gs.numpy() - (ds_ref * g).sum(1))
-        dn = row_norm(ds_ref)
+        dn = scaled_norm(ds_ref)
         assert (err_s[big] <= JACOBIAN_RTOL * dn[big] * gn[big]).all(), (sigma, err_s / (dn * gn))
 
 

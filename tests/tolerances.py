@@ -17,6 +17,14 @@ def rel_err(out, ref) -> float:
     return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
 
 
+def scaled_norm(a, axis: int = 1) -> np.ndarray:
+    """Euclidean norms along ``axis``, scaled first: numpy's squares underflow below 1e-154
+    (a concentrated posterior's covariance products are 1e-240 and still exact)."""
+    a = np.asarray(a, dtype=np.float64)
+    m = np.abs(a).max(axis=axis, keepdims=True)
+    return np.squeeze(m, axis) * np.linalg.norm(a / np.where(m > 0, m, 1.0), axis=axis)
+
+
 def model_rows(ds) -> np.ndarray:
     """Every row of a Dataset in model space, (M, d) float64."""
     return ds.model_rows(np.arange(ds.M)).numpy()
