@@ -28,6 +28,10 @@ certificate includes it (``gap_softmax``): plain float64 first, compensated arit
 for the queries whose bound it cannot meet. ``excluded`` bounds the L1 distance between
 the returned weights and the exact ones (a relative weight left out counts twice: it is
 missing, and the weights kept are renormalised without it).
+
+A pass that accumulated the pass statistics (``Partial.has_stats``) is certified with
+them: ``Certified.stats`` holds the posterior's ESS, entropy, mean logit and top weights
+with bounds from the same mode (``optden.engine.stats``).
 """
 from __future__ import annotations
 
@@ -36,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .bounds import dense_threshold, mass_tolerance, query_delta, rescore_budget
+from .bounds import dense_threshold, mass_tolerance, query_delta, query_shift, rescore_budget
 from .gaps import ref_sqdist, sq_gaps
 from .partial import Partial
+from .stats import PassStats, from_partial, from_topk
 
 DENSE, RESCORED, EXACT = 0, 1, 2
 MODE_NAMES = {DENSE: "dense", RESCORED: "rescored", EXACT: "exact"}
@@ -59,6 +64,8 @@ class Certified:
     mode:      (N,) int8, DENSE / RESCORED / EXACT.
     delta:     (N,) the coarse-pass bound that was certified against (the fallback's, for
                the queries the fallback certified).
+    stats:     the posterior statistics and their bounds (``optden.engine.stats.PassStats``),
+               when the pass accumulated them; else None.
     """
 
     dc: torch.Tensor
@@ -68,6 +75,7 @@ class Certified:
     excluded: torch.Tensor
     mode: torch.Tensor
     delta: torch.Tensor
+    stats: PassStats | None = None
 
 
 def exact_logits(v: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -85,6 +93,16 @@ def _query_chunks(n: int, k: int, d: int, chunk_bytes: int):
     """Slices of n queries whose (k, d) float64 candidate rows take about chunk_bytes each."""
     per_query = max(1, chunk_bytes // max(1, k * d * 8))
     return [slice(a, min(n, a + per_query)) for a in range(0, n, per_query)]
+
+
+def rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
+    """Direct-difference logits (n, K) of the K candidate rows top_idx (n, K) of each query
+    (``exact_logits``), chunked over queries: ``optden.posterior``'s support rows (certify
+    itself re-scores from gaps, ``rescore_softmax``)."""
+    n, k = top_idx.shape
+    d = v.shape[1]
+    return torch.cat([exact_logits(v[c], coef[c], _gathered(source, top_idx[c], d), source.center)
+                      for c in _query_chunks(n, k, d, chunk_bytes)])
 
 
 def gap_softmax(g: torch.Tensor, err: torch.Tensor, coef: torch.Tensor):
@@ -133,7 +151,9 @@ def rescore_softmax(v: torch.Tensor, coef: torch.Tensor, source, top_idx: torch.
     (``gaps.sq_gaps``), re-taken from the best candidate when another one is nearer;
     queries whose misweight exceeds ``budget`` in plain float64 are redone compensated.
     v_lo, v_err: the queries' residual and its bound (``gaps.centered_query``), or None.
-    Returns ``(w (n, K), dc (n, d) centered, lse (n,), misweight (n,))``.
+    Returns ``(w (n, K), dc (n, d) centered, lse (n,), misweight (n,), lg (n, K))``, lg
+    the absolute logits ``-coef (||v - q_r||^2 + g_i)`` of the candidates (for the pass
+    statistics, ``optden.engine.stats.from_topk``).
     """
     n, k = top_idx.shape
     d = v.shape[1]
@@ -145,19 +165,21 @@ def rescore_softmax(v: torch.Tensor, coef: torch.Tensor, source, top_idx: torch.
         nq = vv.shape[0]
         ref_pos = torch.zeros(nq, dtype=torch.int64, device=v.device)  # the coarse best first
         w = torch.empty(nq, k, dtype=torch.float64, device=v.device)
+        gaps = torch.empty(nq, k, dtype=torch.float64, device=v.device)
         m, log_s, mis = (torch.empty(nq, dtype=torch.float64, device=v.device) for _ in range(3))
         sel = torch.arange(nq, device=v.device)
         for compensated in (False, True):
             g, err = _gaps_from_nearest(vv[sel], rows[sel], ref_pos, sel, source.center, compensated,
                                         rows_of(lo, sel), rows_of(er, sel))
             w[sel], m[sel], log_s[sel], mis[sel] = gap_softmax(g, err, cc[sel])
+            gaps[sel] = g
             sel = sel[~(mis[sel] <= budget)]  # what plain float64 could not certify: compensated
             if not sel.numel():
                 break
         ref = rows[torch.arange(nq, device=v.device), ref_pos]
         ref_sq = _ref_sqdist(vv, lo, ref, source.center)
         dc = torch.einsum("nk,nkd->nd", w, rows.to(torch.float64) - source.center)
-        outs.append((w, dc, -cc * ref_sq + m + log_s, mis))
+        outs.append((w, dc, -cc * ref_sq + m + log_s, mis, -cc[:, None] * (ref_sq[:, None] + gaps)))
     return tuple(torch.cat(t) for t in zip(*outs))
 
 
@@ -219,13 +241,14 @@ def nearest_rows(v: torch.Tensor, source) -> torch.Tensor:
 
 
 def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int, ref: torch.Tensor | None = None,
-               compensated: bool = False, v_lo=None, v_err=None):
+               compensated: bool = False, v_lo=None, v_err=None, stats: bool = False):
     """Online softmax over every row with logits relative to a reference row, from their
     gaps (``gaps.sq_gaps``): logit_i = -coef (||v - q_i||^2 - ||v - q_r||^2).
 
     v: (n, d) float64; coef: (n,); ref: (n,) local position of each query's reference row
-    (default ``nearest_rows``); v_lo, v_err as for ``rescore_softmax``. Memory is one block
-    of ``n * B * d`` doubles (a few copies), so the caller passes few queries.
+    (default ``nearest_rows``); v_lo, v_err as for ``rescore_softmax``; stats: accumulate
+    the pass statistics too (``absolute`` turns them to absolute logits). Memory is one
+    block of ``n * B * d`` doubles (a few copies), so the caller passes few queries.
     Returns ``(part, ref_sq, misweight)``: a ``Partial`` of the relative logits (its
     ``lse() - coef * ref_sq`` is the log-sum-exp of the absolute ones), ``ref_sq`` (n,)
     = ||v - q_r||^2, and the bound of ``gap_softmax`` accumulated over the rows.
@@ -234,7 +257,7 @@ def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int, ref: torch.T
     if ref is None:
         ref = nearest_rows(v, source)
     ref_raw = source.gather(ref).reshape(n, d)
-    part = Partial.empty(n, d, k, v.device)
+    part = Partial.empty(n, d, k, v.device, stats=stats)
     part.m.zero_()  # the reference row's logit: a lower bound on the max, so no block starts from -inf
     spread = torch.zeros(n, dtype=torch.float64, device=v.device)  # sum (hi - lo), in the frame of part.m
     low = torch.zeros(n, dtype=torch.float64, device=v.device)  # sum lo
@@ -256,11 +279,22 @@ def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int, ref: torch.T
     return part, _ref_sqdist(v, v_lo, ref_raw, source.center), mis
 
 
-def _exact_certified(v, coef, source, k, ref, budget, v_lo, v_err):
+def absolute(part: Partial, coef: torch.Tensor, ref_sq: torch.Tensor) -> Partial:
+    """``exact_pass``'s partial (logits relative to the reference row) with absolute logits
+    ``-coef ||v - q_i||^2``, in place: m and top_val move by ``-coef ref_sq``; s, acc and
+    the pass statistics (relative to m) stay."""
+    shift = coef * ref_sq
+    part.m = part.m - shift
+    part.top_val = part.top_val - shift[:, None]
+    return part
+
+
+def _exact_certified(v, coef, source, k, ref, budget, v_lo, v_err, stats: bool = False):
     """``exact_pass`` in plain float64, redone compensated for the queries whose misweight
     exceeds ``budget``, from the nearest row found (again while the pass finds a nearer
-    one than its reference). Returns (dc, lse, top_w, top_idx, misweight)."""
-    part, ref_sq, mis = exact_pass(v, coef, source, k, ref, False, v_lo, v_err)
+    one than its reference). Returns (dc, lse, top_w, top_idx, misweight, the pass's
+    partial with absolute logits, ``absolute``; with its statistics when ``stats``)."""
+    part, ref_sq, mis = exact_pass(v, coef, source, k, ref, False, v_lo, v_err, stats)
     redo = (~(mis <= budget)).nonzero().flatten()
     used = None
     for _ in range(3):
@@ -273,14 +307,15 @@ def _exact_certified(v, coef, source, k, ref, budget, v_lo, v_err):
             if not redo.numel():
                 break
         sub, sq2, mis2 = exact_pass(v[redo], coef[redo], source, k, new_ref, True, rows_of(v_lo, redo),
-                                    rows_of(v_err, redo))
-        for name in ("m", "s", "acc", "top_val", "top_idx"):
+                                    rows_of(v_err, redo), stats)
+        for name in ("m", "s", "acc", "top_val", "top_idx") + (("s2", "e1") if stats else ()):
             getattr(part, name)[redo] = getattr(sub, name)
         ref_sq[redo], mis[redo] = sq2, mis2
         keep = ~(mis2 <= budget)
         redo, used = redo[keep], new_ref[keep]
     top_w = torch.exp(part.top_val - part.m[:, None]) / part.s[:, None]
-    return part.mean(), part.lse() - coef * ref_sq, top_w, part.top_idx, mis
+    dc, lse = part.mean(), part.lse() - coef * ref_sq
+    return dc, lse, top_w, part.top_idx, mis, absolute(part, coef, ref_sq)
 
 
 def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT_TOL, fallback=None,
@@ -308,6 +343,10 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
     excluded = torch.expm1(2.0 * pdelta)
     delta = pdelta.clone()  # per query: the bound of the pass that certified it
     mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
+    stats = None
+    if p.has_stats:  # DENSE statistics for all; the other modes overwrite theirs below
+        vnorm, shift, qmax, d = v.norm(dim=1), query_shift(v, source.center), source.max_cnorm, v.shape[1]
+        stats = from_partial(p, M, coef, vnorm, shift, qmax, d)
 
     need = ~(pdelta <= dense_threshold(tol))  # a NaN bound (overflowing input) is never DENSE
     if bool(need.any()):
@@ -318,8 +357,8 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
         ok_topk = need & torch.isfinite(p.top_val).all(1) & ((k >= M) | (gap > T + 2.0 * pdelta))
         sel = ok_topk.nonzero().flatten()
         if sel.numel():
-            w, dc[sel], lse[sel], mis = rescore_softmax(v[sel], coef[sel], source, p.top_idx[sel], budget,
-                                                        *_residual(query, sel))
+            w, dc[sel], lse[sel], mis, lg = rescore_softmax(v[sel], coef[sel], source, p.top_idx[sel], budget,
+                                                            *_residual(query, sel))
             order = w.argsort(dim=1, descending=True, stable=True)
             top_w[sel] = w.gather(1, order)
             top_idx[sel] = p.top_idx[sel].gather(1, order)
@@ -331,18 +370,25 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
                 out = 2.0 * torch.exp(-gap[sel] + 2.0 * pdelta[sel] + math.log(M - k))
             excluded[sel] = out + mis + out * mis
             mode[sel] = RESCORED
+            if stats is not None:
+                stats.put(sel, from_topk(lg, p.top_val[sel, -1] + p.delta[sel], M, coef[sel], shift[sel], qmax, d))
         fail = (need & ~ok_topk).nonzero().flatten()
         if fail.numel() and fallback is not None:
             sub = certify(fallback(v[fail], coef[fail]), v[fail], coef[fail], source, tol,
                           query=None if query is None else query[fail])
             dc[fail], lse[fail], top_w[fail], top_idx[fail] = sub.dc, sub.lse, sub.top_w, sub.top_idx
             excluded[fail], mode[fail], delta[fail] = sub.excluded, sub.mode, sub.delta
+            if stats is not None:  # a fallback without statistics leaves them poisoned
+                stats.put(fail, sub.stats if sub.stats is not None else PassStats.empty(fail.numel(), k, v.device))
             fail = fail[:0]
         for a in range(0, fail.numel(), 8):
             idx = fail[a : a + 8]
             usable = torch.isfinite(p.top_val[idx, 0])  # the coarse best as reference, unless the pass overflowed
             ref = p.top_idx[idx, 0] if bool(usable.all()) else None
-            dc[idx], lse[idx], top_w[idx], top_idx[idx], excluded[idx] = _exact_certified(
-                v[idx], coef[idx], source, k, ref, budget, *_residual(query, idx))
+            dc[idx], lse[idx], top_w[idx], top_idx[idx], excluded[idx], ex = _exact_certified(
+                v[idx], coef[idx], source, k, ref, budget, *_residual(query, idx), stats=stats is not None)
             mode[idx] = EXACT
-    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta)
+            if stats is not None:
+                stats.put(idx, from_partial(ex, M, coef[idx], vnorm[idx], shift[idx], qmax, d, exact=True))
+    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta,
+                     stats=stats)

@@ -8,9 +8,15 @@ same for all of them:
 - ``dense``: the empirical optimal denoiser D*, score, log density, posterior, nearest.
 - ``mp``: the same in arbitrary precision (mpmath), for where float64 itself is in doubt
   (imported as ``optden.reference.mp``; mpmath is a test dependency).
+- ``moments``: what the posterior says (named so that ``posterior``, dense's top weights,
+  keeps its name): diagnostics (ESS, entropy, top mass, d log p / d sigma), covariance,
+  the derivatives of D*, the score and the log density.
 """
 from __future__ import annotations
 
 from .dense import denoise, log_density, logits, nearest, posterior, score, weights
+from .moments import denoiser_dsigma, denoiser_jacobian, diagnostics, log_density_dsigma, posterior_cov, score_jacobian
 
-__all__ = ["logits", "weights", "denoise", "score", "log_density", "posterior", "nearest"]
+__all__ = ["logits", "weights", "denoise", "score", "log_density", "posterior", "nearest",
+           "diagnostics", "posterior_cov", "denoiser_jacobian", "denoiser_dsigma", "log_density_dsigma",
+           "score_jacobian"]
