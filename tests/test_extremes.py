@@ -207,6 +207,25 @@ def test_tiny_sigma_is_the_nearest_row(backend, digits_u8):
         den(torch.zeros(1, 64), 1e-170)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_dense_log_density_keeps_the_query_residual(backend, digits_u8):
+    """A query at (the float64 rounding of) a row, where every row is that row (M = 1, or
+    copies: delta 0, so DENSE), at a tiny sigma: the coarse pass sees the row itself (logit
+    0), but the exact query is ~1e-17 away and its log density ~ -4e266 (mpmath). Found by
+    the deep property run; the common part -coef (2 v.r + ||r||^2) was missing from lse."""
+    for raw in (digits_u8[5:6, :1], np.repeat(digits_u8[5:6], 3, axis=0)):
+        ds = optden.Dataset.from_array(raw)
+        den = optden.OptimalDenoiser(ds, backend=backend)
+        x = torch.from_numpy(model_rows(ds)[:1].copy())
+        for s in (1e-150, 1e-100, 1e-3):
+            ev = den.denoise_certified(x, s)
+            truth = MP.log_density(x.numpy(), raw, s, scale=ds.scale, offset=ds.offset)
+            ld = den.log_density(x, s).numpy()
+            assert np.abs(ld - truth).max() <= LOG_DENSITY_RTOL * np.abs(truth).max(), (raw.shape, s, ld, truth)
+            if s < 1e-50 and raw.shape[0] > 1:
+                assert ev.mode == ["dense"] and truth[0] < -1e100  # the case the fix is for
+
+
 def test_uncertifiable_result_is_an_error_not_a_number(digits_u8, monkeypatch):
     """When float64 cannot certify (here: gap bounds made enormous), the denoiser raises
     PrecisionError naming sigma; it never returns an uncertified value silently."""

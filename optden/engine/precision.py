@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bounds import dense_threshold, mass_tolerance, query_delta, query_shift, rescore_budget
+from .bounds import EPS64, dense_threshold, mass_tolerance, query_delta, query_shift, rescore_budget
 from .gaps import ref_sqdist, sq_gaps
 from .partial import Partial
 from .stats import PassStats, from_partial, from_topk
@@ -318,6 +318,19 @@ def _exact_certified(v, coef, source, k, ref, budget, v_lo, v_err, stats: bool =
     return dc, lse, top_w, part.top_idx, mis, absolute(part, coef, ref_sq)
 
 
+def _shift_dense_lse(lse: torch.Tensor, dense: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, query) -> None:
+    """A coarse pass saw v, not the exact query v + r (``gaps.CenteredQuery.residual``):
+    the part of every logit common to all rows, ``-coef (2 v.r + ||r||^2)``, is missing from
+    its lse (the row-dependent part, ``2 coef q_i.r``, is in ``bounds.query_delta``). Added
+    in place to the ``dense`` (N,) bool queries where it can move lse by more than a
+    rounding: a query at a row at a tiny sigma (coef ~ 1e296) has lse off by 1e266 without it."""
+    en = query.error_norm()
+    idx = (dense & (coef * en * (2.0 * v.norm(dim=1) + en) > EPS64 * (1.0 + lse.abs()))).nonzero().flatten()
+    if idx.numel():
+        r, _ = query[idx].residual()
+        lse[idx] = lse[idx] - coef[idx] * ((2.0 * v[idx] + r) * r).sum(1)
+
+
 def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT_TOL, fallback=None,
             query=None) -> Certified:
     """Turn a coarse ``Partial`` into a certified result (see the module docstring).
@@ -349,6 +362,8 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
         stats = from_partial(p, M, coef, vnorm, shift, qmax, d)
 
     need = ~(pdelta <= dense_threshold(tol))  # a NaN bound (overflowing input) is never DENSE
+    if query is not None:
+        _shift_dense_lse(lse, ~need, v, coef, query)
     if bool(need.any()):
         T = math.log(max(M - k, 1) / mass_tolerance(tol))
         gap = p.top_val[:, 0] - p.top_val[:, -1]
