@@ -82,43 +82,37 @@ double sq_dist(const double* v, const double* r, int64_t d) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-// Centered rows of one query's candidates are kept for the weighted sum when they fit this
-// many doubles per thread; larger sets are centered again in the second sweep.
-constexpr int64_t kKeepDoubles = 1 << 20;
-
+// One query: exact logits of its candidates and their softmax in one sweep over the rows
+// (an online softmax: the running maximum m, s = sum exp(l - m), acc = sum exp(l - m) r,
+// rescaled when m grows), so no candidate row is read twice.
 template <RowType T>
 void softmax_one(const double* v, double coef, const char* rows, size_t row_bytes, const int64_t* idx, int64_t K,
                  int64_t d, const double* center, double* logits, double* lse, double* dc, std::vector<double>& buf) {
-  int64_t valid = 0;
-  for (int64_t t = 0; t < K; ++t) valid += idx[t] >= 0;
-  const bool keep = valid * d <= kKeepDoubles;
-  buf.resize((size_t)(keep ? std::max<int64_t>(valid, 1) : 1) * d);
-  double m = -std::numeric_limits<double>::infinity();
-  int64_t slot = 0;
+  buf.resize((size_t)d);
+  double* r = buf.data();
+  double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+  std::fill(dc, dc + d, 0.0);
   for (int64_t t = 0; t < K; ++t) {
     if (idx[t] < 0) {
       logits[t] = -std::numeric_limits<double>::infinity();
       continue;
     }
-    double* r = buf.data() + (keep ? slot++ : 0) * d;
     center_row<T>(rows + (size_t)idx[t] * row_bytes, d, center, r);
-    logits[t] = -coef * sq_dist(v, r, d);
-    m = std::max(m, logits[t]);
+    const double l = -coef * sq_dist(v, r, d);
+    logits[t] = l;
+    if (l > m) {  // rescale what was summed so far to the new maximum
+      const double f = std::exp(m - l);
+      s *= f;
+      for (int64_t j = 0; j < d; ++j) dc[j] *= f;
+      m = l;
+    }
+    const double w = std::exp(l - m);
+    s += w;
+    for (int64_t j = 0; j < d; ++j) dc[j] += w * r[j];
   }
-  std::fill(dc, dc + d, 0.0);
-  if (valid == 0) {
+  if (!(s > 0)) {
     *lse = -std::numeric_limits<double>::infinity();
     return;
-  }
-  double s = 0.0;
-  slot = 0;
-  for (int64_t t = 0; t < K; ++t) {
-    if (idx[t] < 0) continue;
-    const double w = std::exp(logits[t] - m);
-    s += w;
-    double* r = buf.data() + (keep ? slot++ : 0) * d;
-    if (!keep) center_row<T>(rows + (size_t)idx[t] * row_bytes, d, center, r);
-    for (int64_t j = 0; j < d; ++j) dc[j] += w * r[j];
   }
   const double inv = 1.0 / s;
   for (int64_t j = 0; j < d; ++j) dc[j] *= inv;
@@ -314,13 +308,23 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void scan_leaf(
   }
 }
 
+// The histogram bin of a lower bound l, t = coef (l^2 - ref2) in steps of width (as
+// optden.prune.embedding.histogram_shells): clamped to 0 .. bins - 1.
+inline int64_t shell_bin(double l, double ref2, double inv_width_coef, int64_t bins) {
+  const double tb = (l * l - ref2) * inv_width_coef;
+  return !(tb > 0) ? 0 : tb >= (double)(bins - 1) ? bins - 1 : (int64_t)tb;
+}
+
 // leaf_scan: see the docstring at the registration below.
 py::tuple leaf_scan(py::array_t<float, py::array::c_style | py::array::forcecast> q,
                     py::array_t<int64_t, py::array::c_style | py::array::forcecast> lists,
                     py::array_t<float, py::array::c_style | py::array::forcecast> r2,
                     py::array_t<float, py::array::c_style> emb,
                     py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
-                    py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids) {
+                    py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,
+                    py::array_t<double, py::array::c_style | py::array::forcecast> shift, double s2, double margin,
+                    double factor, py::array_t<double, py::array::c_style | py::array::forcecast> ref2,
+                    py::array_t<double, py::array::c_style | py::array::forcecast> coef, double width, int64_t bins) {
   if (q.ndim() != 2) throw std::invalid_argument("q: expected a 2-D (n, dim) float32 array");
   const int64_t n = q.shape(0), dim = q.shape(1);
   if (lists.ndim() != 2 || lists.shape(0) != n) throw std::invalid_argument("lists: expected shape (n, P)");
@@ -329,22 +333,49 @@ py::tuple leaf_scan(py::array_t<float, py::array::c_style | py::array::forcecast
   const int64_t M = emb.shape(0), L = starts.shape(0) - 1, P = lists.shape(1);
   if (starts.ndim() != 1 || L < 1) throw std::invalid_argument("starts: expected shape (L + 1,)");
   if (ids.ndim() != 1 || ids.shape(0) != M) throw std::invalid_argument("ids: expected shape (M,)");
+  for (auto* a : {&shift, &ref2, &coef})
+    if (a->ndim() != 1 || a->shape(0) != n) throw std::invalid_argument("shift, ref2, coef: expected shape (n,)");
+  if (bins < 0 || bins > 255) throw std::invalid_argument("bins: expected 0..255");
+  if (bins > 0 && !(width > 0)) throw std::invalid_argument("width: expected > 0");
   const int64_t *lp = lists.data(), *sp = starts.data(), *ip = ids.data();
   if (sp[0] != 0 || sp[L] != M) throw std::invalid_argument("starts: expected 0 .. M");
   for (int64_t t = 0; t < n * P; ++t)
     if (lp[t] >= L || lp[t] < -1) throw std::invalid_argument("lists: leaf " + std::to_string(lp[t]) + " out of range -1.." + std::to_string(L - 1));
   const float *qp = q.data(), *rp = r2.data(), *ep = emb.data();
+  const double *shp = shift.data(), *rfp = ref2.data(), *cfp = coef.data();
   std::vector<std::vector<float>> D(n);
   std::vector<std::vector<int64_t>> I(n);
+  std::vector<std::vector<uint8_t>> B(n);
+  py::array_t<double> counts({(py::ssize_t)n, (py::ssize_t)std::max<int64_t>(bins, 1)});
+  py::array_t<double> lower({(py::ssize_t)n, (py::ssize_t)std::max<int64_t>(bins, 1)});
+  double *co = counts.mutable_data(), *lo = lower.mutable_data();
   {
     py::gil_scoped_release nogil;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
       for (int64_t p = 0; p < P; ++p) {
         const int64_t l = lp[i * P + p];
         if (l < 0) continue;
         scan_leaf(qp + i * dim, ep + sp[l] * dim, ip + sp[l], sp[l + 1] - sp[l], dim, rp[i], D[i], I[i]);
       }
+      if (bins == 0) continue;
+      // each returned row's lower bound on its true distance (bounds.scan_lower_terms and
+      // embedding_lower_terms), its bin, and the query's histogram
+      double* c = co + i * bins;
+      double* m = lo + i * bins;
+      std::fill(c, c + bins, 0.0);
+      std::fill(m, m + bins, std::numeric_limits<double>::infinity());
+      const double inv = cfp[i] / width;
+      B[i].resize(D[i].size());
+      for (size_t r = 0; r < D[i].size(); ++r) {
+        const double low1 = std::max(0.0, std::sqrt(std::max(0.0, (double)D[i][r] * s2)) * margin);
+        const double lb = std::max(0.0, low1 - shp[i]) * factor;
+        const int64_t b = shell_bin(lb, rfp[i], inv, bins);
+        B[i][r] = (uint8_t)b;
+        c[b] += 1.0;
+        m[b] = std::min(m[b], lb);
+      }
+    }
   }
   py::array_t<int64_t> lims({(py::ssize_t)(n + 1)});
   int64_t* lm = lims.mutable_data();
@@ -352,11 +383,13 @@ py::tuple leaf_scan(py::array_t<float, py::array::c_style | py::array::forcecast
   for (int64_t i = 0; i < n; ++i) lm[i + 1] = lm[i] + (int64_t)D[i].size();
   py::array_t<float> Dout({(py::ssize_t)lm[n]});
   py::array_t<int64_t> Iout({(py::ssize_t)lm[n]});
+  py::array_t<uint8_t> Bout({(py::ssize_t)(bins > 0 ? lm[n] : 0)});
   for (int64_t i = 0; i < n; ++i) {
     std::copy(D[i].begin(), D[i].end(), Dout.mutable_data() + lm[i]);
     std::copy(I[i].begin(), I[i].end(), Iout.mutable_data() + lm[i]);
+    if (bins > 0) std::copy(B[i].begin(), B[i].end(), Bout.mutable_data() + lm[i]);
   }
-  return py::make_tuple(lims, Dout, Iout);
+  return py::make_tuple(lims, Dout, Iout, Bout, counts, lower);
 }
 
 }  // namespace
@@ -374,12 +407,16 @@ void register_prune(py::module_& m) {
         "b = sqrt(sum_j max(0, lo_j - e_j, e_j - hi_j)^2) (float64, relative error <= (t + 3) 2^-53), returns "
         "(low (n, L) = max(0, b - shift[i]) * factor, near (n, nearest) int64 the boxes of smallest low, ascending).");
   m.def("leaf_scan", &leaf_scan, py::arg("q"), py::arg("lists"), py::arg("r2"), py::arg("emb"), py::arg("starts"),
-        py::arg("ids"),
+        py::arg("ids"), py::arg("shift"), py::arg("s2"), py::arg("margin"), py::arg("factor"), py::arg("ref2"),
+        py::arg("coef"), py::arg("width"), py::arg("bins"),
         "Range scan of leaves: rows of emb (M, dim) float32 stored leaf after leaf (leaf l = rows starts[l] .. "
         "starts[l + 1]), ids (M,) their row numbers. For query i (q (n, dim) float32) and each leaf of lists[i] "
-        "(-1: none), every row whose squared distance, float32 direct differences, is < r2[i]. Returns (lims (n + 1,), "
-        "D (nnz,) float32, I (nnz,) int64), query i's rows at lims[i] .. lims[i + 1]; a row not returned has a "
-        "computed sum of squares (of all its coordinates, or of its first 8) >= r2[i].");
+        "(-1: none), every row whose squared distance, float32 direct differences, is < r2[i]; a row not returned "
+        "has a computed sum of squares (of all its coordinates, or of its first 8) >= r2[i]. With bins > 0 each "
+        "returned row gets the lower bound lb = max(0, sqrt(max(0, D s2)) margin - shift[i]) factor and the bin of "
+        "t = coef[i] (lb^2 - ref2[i]) in steps of width (0 .. bins - 1). Returns (lims (n + 1,), D (nnz,) float32, "
+        "I (nnz,) int64, bin (nnz,) uint8, counts (n, bins), lower (n, bins) the smallest lb per bin), query i's "
+        "rows at lims[i] .. lims[i + 1].");
   m.def("shell_histogram", &shell_histogram, py::arg("low"), py::arg("count"), py::arg("ref2"), py::arg("coef"),
         py::arg("width"), py::arg("bins"),
         "Histogram of groups of rows by t = coef (low^2 - ref2): low (n, X) lower bounds on their distance, count "

@@ -106,16 +106,23 @@ def test_scan_radius_and_scan(faces, rng):
     rho = rng.uniform(5, 200, 5)
     R2 = idx.scan_radius(rho, err)
     assert (idx.scan_lower(R2.astype(np.float64), err) >= rho).all()
-    hits = idx._scan(e32, np.tile(np.arange(idx.nlist), (5, 1)), R2)
+    ref2 = rng.uniform(0, 100, 5) ** 2
+    cf = np.full(5, 0.05)
+    lims, D, I, b, cnt, low = idx._scan(e32, np.tile(np.arange(idx.nlist), (5, 1)), R2, (err, ref2, cf))
     ex = exact_dist(ds, v)
     pos = np.empty(ds.M, dtype=np.int64)
     pos[idx.ids] = np.arange(ds.M)
-    for j, (D, I) in enumerate(hits):
-        out = np.setdiff1d(np.arange(ds.M), I)
-        assert (ex[j, out] >= rho[j]).all()
-        ref = ((e32[j].astype(np.float64) - idx.emb[pos[I]].astype(np.float64)) ** 2).sum(1)
-        assert np.allclose(D, ref, rtol=1e-5, atol=1e-3)
-        assert (D < R2[j]).all()
+    for j in range(5):
+        Dj, Ij, bj = D[lims[j]:lims[j + 1]], I[lims[j]:lims[j + 1]], b[lims[j]:lims[j + 1]]
+        out = np.setdiff1d(np.arange(ds.M), Ij)
+        assert (ex[j, out] >= rho[j]).all()  # not returned: at least rho away
+        ref = ((e32[j].astype(np.float64) - idx.emb[pos[Ij]].astype(np.float64)) ** 2).sum(1)
+        assert np.allclose(Dj, ref, rtol=1e-5, atol=1e-3) and (Dj < R2[j]).all()
+        # each returned row's histogram bin is a valid shell for it, and the bins are the
+        # ones histogram_shells gives its lower bound
+        assert (low[j, bj] <= ex[j, Ij]).all() and cnt[j].sum() == len(Ij)
+        lb = idx.scan_lower(Dj.astype(np.float64), np.full(len(Dj), err[j]))
+        assert np.allclose(low[j, bj], np.minimum(low[j, bj], lb)) and (low[j, bj] <= lb * (1 + 1e-12)).all()
 
 
 # ----------------------------------------------------------------------------- the certificate
@@ -123,15 +130,22 @@ def test_scan_radius_and_scan(faces, rng):
 
 @pytest.mark.parametrize("data", ["digits_u8", "faces_u8", "random"])
 def test_certificate_never_below_true_excluded_mass(data, request, rng):
-    x = rng.integers(0, 256, (700, 29), dtype=np.uint8) if data == "random" else request.getfixturevalue(data)
+    """The certified bound against the float64 oracle's true excluded mass, sigma 1e-3..1e3,
+    real patches and random rows (odd d = 29, with runs of duplicate rows)."""
+    if data == "random":
+        x = rng.integers(0, 256, (700, 29), dtype=np.uint8)
+        x[100:120] = x[100]  # duplicates: the same distance, split weight
+        x[300:303] = x[7]
+    else:
+        x = request.getfixturevalue(data)
     ds = optden.Dataset.from_array(x)
     idx = EmbeddingIndex.build(ds, k=8, leaf_size=12)
     src = optden.OptimalDenoiser(ds, prune="off").source(None)
     y = model_rows(ds)
     tol_mass = mass_tolerance(1e-6)
-    for sigma in (1e-3, 1e-2, 0.05, 0.3, 3.0):
+    for sigma in (1e-3, 1e-2, 0.05, 0.3, 3.0, 1e3):
         u = np.concatenate([y[rng.integers(0, ds.M, 6)] + sigma * rng.standard_normal((6, ds.d)),
-                            0.5 * (y[:2] + y[2:4])])
+                            0.5 * (y[:2] + y[2:4]), y[[100]] + sigma * rng.standard_normal((1, ds.d))])
         v, coef = centered(ds, u), coef_of(ds, sigma, len(u))
 
         def rescore(sel, i):
@@ -245,6 +259,43 @@ def test_cache_across_batch_sizes(faces, rng):
     ev = den.denoise_certified(u + 1e-7, 0.02)  # a smaller batch, matched to cached rows
     assert ev.mode.count("cached") >= 3 and pr.cache.hits > hits
     assert rel_err(ev.denoised, R.denoise((u + 1e-7).numpy(), y, 0.02)) <= DENOISE_RTOL
+
+
+def test_auto_chooses_dense_where_pruning_cannot_pay(faces, rng):
+    """prune="auto": at a sigma far above the rows' nearest-neighbour scale no query can be
+    certified, so every group runs dense without a search; at small sigma it prunes; and
+    what it measured (nothing certified, or searches slower than the pass) sends later
+    groups dense. Both answers match the oracle."""
+    ds, idx = faces
+    y = model_rows(ds)
+    den = optden.OptimalDenoiser(ds, prune=idx, prune_policy="auto")
+    textured = np.flatnonzero(y.std(axis=1) > 0.15)
+    u = y[rng.choice(textured, 6)]
+    broad = u + 3.0 * rng.standard_normal(u.shape)
+    ev = den.denoise_certified(torch.from_numpy(broad), 3.0)
+    pol = den._policy
+    assert pol.prior_share(3.0 / ds.scale) == 0.0
+    assert pol.decisions == {"pruned": 0, "dense": 1} and "pruned" not in ev.mode
+    assert den.pruner().last["searched"] == 0  # no search was spent
+    assert rel_err(ev.denoised, R.denoise(broad, y, 3.0)) <= DENOISE_RTOL
+    sharp = u + 1e-3 * rng.standard_normal(u.shape)
+    ev = den.denoise_certified(torch.from_numpy(sharp), 1e-3)
+    assert pol.decisions["pruned"] == 1 and ev.mode.count("pruned") >= 5
+    assert rel_err(ev.denoised, R.denoise(sharp, y, 1e-3)) <= DENOISE_RTOL
+    # measured outcomes override the prior: nothing certified near a sigma -> dense there
+    s_raw = 0.05 / ds.scale
+    pol.record_dense(64, 1.0)
+    pol.record_dense(8, 0.5)
+    pol.record_pruned(s_raw, 64, 0, 0.01)
+    assert not pol.choose(s_raw, 64)
+    # all certified but each search as slow as a quarter of the pass: dense again
+    pol.record_pruned(2e-3 / ds.scale, 64, 64, 64 * 0.25)
+    assert not pol.choose(2e-3 / ds.scale, 64)
+    # all certified and cheap: pruned
+    pol.record_pruned(2e-4 / ds.scale, 64, 64, 64 * 1e-5)
+    assert pol.choose(2e-4 / ds.scale, 64)
+    pruned, dense = pol.estimate(2e-4 / ds.scale, 64)
+    assert pruned == pytest.approx(64 * 1e-5) and dense == pytest.approx(sum(pol.dense_model() * np.array([1, 64])))
 
 
 def test_save_load_and_rejection(tmp_path, digits_u8):

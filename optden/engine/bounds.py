@@ -52,7 +52,8 @@ import torch
 __all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "EPS64", "U32", "U_GPU32",
            "U_TF32_IN", "DISTANCE_MARGIN", "gamma", "gemm_delta", "softmax_delta", "fp32_pass_delta",
            "dot_rel_err", "float32_shift", "faiss_distance_interval", "orthonormality_slack",
-           "embedding_float64_error", "embedding_error", "embedding_lower", "embedding_lower_terms"]
+           "embedding_float64_error", "embedding_error", "embedding_lower", "embedding_lower_terms",
+           "scan_lower_terms"]
 
 # ----------------------------------------------------------------------------- 1. the tolerance's shares
 
@@ -258,6 +259,14 @@ def embedding_lower(low_emb: np.ndarray, err_query, err_rows: float, eta: float)
     err_query: (n,) or (n, 1) ``embedding_error`` of the queries; err_rows: the largest of the rows'."""
     shift, factor = embedding_lower_terms(err_query, err_rows, eta)
     return np.clip(np.asarray(low_emb, dtype=np.float64) - shift, 0.0, None) * factor
+
+
+def scan_lower_terms(dim: int):
+    """(s2, margin) of a float32 direct-difference squared distance D over ``dim``
+    coordinates: the distance is at least ``sqrt(D s2) margin`` (``faiss_distance_interval``
+    with direct=True: relative error 2 dot_rel_err(dim + 2) of D, then DISTANCE_MARGIN).
+    ``optden._C.leaf_scan`` applies them to every row it returns."""
+    return 1.0 - 2.0 * dot_rel_err(dim + 2, 0.0), 1.0 - DISTANCE_MARGIN
 
 
 def embedding_lower_terms(err_query, err_rows: float, eta: float):

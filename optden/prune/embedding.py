@@ -54,7 +54,7 @@ import torch
 from .. import _ext
 from ..engine.bounds import (DISTANCE_MARGIN, EPS64, dot_rel_err, embedding_error, embedding_float64_error,
                              embedding_lower, embedding_lower_terms, faiss_distance_interval, gamma,
-                             orthonormality_slack)
+                             orthonormality_slack, scan_lower_terms)
 from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 from ..fileio import sha256_file
 from .index import save_dir
@@ -217,21 +217,36 @@ class EmbeddingIndex:
         return np.where(self.scan_lower(R32.astype(np.float64), err) < rho, np.float32(np.inf), R32)
 
     # ------------------------------------------------------------------ scans
-    def _scan(self, e32: np.ndarray, lists: np.ndarray, R: np.ndarray):
+    def _scan(self, e32: np.ndarray, lists: np.ndarray, R: np.ndarray, hist=None):
         """Rows within scanned squared distance < R[j] of query j among its leaves lists[j]
-        (-1 padded): [(D (r,) float32, I (r,) int64)] per query."""
+        (-1 padded): ``(lims (n + 1,), D (nnz,), I (nnz,))``, query j's at lims[j]:lims[j + 1].
+        hist: None, or ``(err (n,), ref2 (n,), coef (n,))``: then also each row's histogram
+        bin and the queries' histograms ``(bin (nnz,), counts (n, B), lower (n, B))`` of the
+        rows' lower bounds (``histogram_shells``'s bins, computed in ``leaf_scan``)."""
         self.scans += 1
-        lims, D, I = _C().leaf_scan(np.ascontiguousarray(e32, dtype=np.float32), np.ascontiguousarray(lists),
-                                    np.ascontiguousarray(R, dtype=np.float32), self.emb, self.starts, self.ids)
-        return [(D[lims[j]:lims[j + 1]], I[lims[j]:lims[j + 1]]) for j in range(e32.shape[0])]
+        n = e32.shape[0]
+        if hist is None:
+            err, ref2, coef, bins = np.zeros(n), np.zeros(n), np.ones(n), 0
+        else:
+            (err, ref2, coef), bins = hist, int(SHELL_TOP / SHELL_WIDTH) + 1
+        shift, factor = embedding_lower_terms(err, self.err_rows, self.eta)
+        s2, margin = scan_lower_terms(self.dim)
+        f64 = np.float64
+        lims, D, I, b, c, lo = _C().leaf_scan(
+            np.ascontiguousarray(e32, dtype=np.float32), np.ascontiguousarray(lists),
+            np.ascontiguousarray(R, dtype=np.float32), self.emb, self.starts, self.ids,
+            np.ascontiguousarray(shift, dtype=f64), s2, margin, factor, np.ascontiguousarray(ref2, dtype=f64),
+            np.ascontiguousarray(coef, dtype=f64), SHELL_WIDTH, bins)
+        return (lims, D, I) if hist is None else (lims, D, I, b, c, lo)
 
     # ------------------------------------------------------------------ probe plan
     def _first_rows(self, e32, near, k):
         """The k rows nearest in the embedding among the leaves near (n, P): (n, k) int64, -1 where none."""
         out = np.full((e32.shape[0], k), -1, dtype=np.int64)
-        for j, (D, I) in enumerate(self._scan(e32, near, np.full(e32.shape[0], np.inf, dtype=np.float32))):
-            top = np.argsort(D, kind="stable")[:k]
-            out[j, : len(top)] = I[top]
+        lims, D, I = self._scan(e32, near, np.full(e32.shape[0], np.inf, dtype=np.float32))
+        for j in range(e32.shape[0]):
+            top = np.argsort(D[lims[j]:lims[j + 1]], kind="stable")[:k]
+            out[j, : len(top)] = I[lims[j] + top]
         return out
 
     def _probe_lists(self, keep: np.ndarray) -> np.ndarray:
@@ -287,34 +302,45 @@ class EmbeddingIndex:
         lcnt, llow = np.where(out, lcnt, 0.0), np.where(out, llow, math.inf)
         scanned = probe.astype(np.float64) @ self.sizes
         searched = ok & (scanned <= max_scan)
-        # 4. range search: the rows of probed leaves that could lie within rho
+        # 4. the scan: the rows of probed leaves that could lie within rho
         with np.errstate(divide="ignore", invalid="ignore"):
             rho = np.sqrt(d2 + np.log(np.maximum(scanned, 1.0) / (SHARE_RANGE * tol_mass)) / cf)
         R = self.scan_radius(np.where(searched, rho, 0.0), err)
         r_low = np.where(searched, self.scan_lower(R.astype(np.float64), err), math.inf)
-        hits = self._scan(e32[searched], self._probe_lists(probe[searched]), R[searched]) if searched.any() else []
-        # 5. returned rows: re-score all but the far bins of their histogram (SHARE_RETURNED)
+        qs = np.flatnonzero(searched)
+        B = int(SHELL_TOP / SHELL_WIDTH) + 1
+        rcnt, rlow = np.zeros((n, B)), np.full((n, B), math.inf)
         n_ret = np.zeros(n)
-        W = max([1] + [len(D) for D, _ in hits])
-        rD = np.full((n, W), np.inf)
-        ri = np.full((n, W), -1, dtype=np.int64)
-        for j, (D, I) in zip(np.flatnonzero(searched), hits):
-            n_ret[j] = len(D)
-            rD[j, : len(D)] = D
-            ri[j, : len(D)] = I
-        rl = self.scan_lower(rD, err)
-        rbin, rcnt, rlow = histogram_shells(rl, (ri >= 0).astype(np.float64), d2, cf)
-        rstar = far_bins(rcnt, rlow, d2, cf, SHARE_RETURNED * tol_mass)
-        must = rbin < rstar[:, None]
-        out = np.arange(rcnt.shape[1])[None, :] >= rstar[:, None]
-        rcnt, rlow = np.where(out, rcnt, 0.0), np.where(out, rlow, math.inf)
-        cand = [np.union1d(ri[j][must[j]], first[j][first[j] >= 0]) if searched[j] else np.zeros(0, np.int64)
-                for j in range(n)]
-        searched &= np.array([len(c) <= max_rescore for c in cand])
-        K = max([1] + [len(c) for j, c in enumerate(cand) if searched[j]])
+        cq, ci = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)  # candidates (query, row), by query
+        if qs.size:
+            lims, _, I, rbin, c, lo = self._scan(e32[qs], self._probe_lists(probe[qs]), R[qs], (err[qs], d2[qs], cf[qs]))
+            # 5. returned rows: re-score all but the far bins of their histogram (SHARE_RETURNED)
+            rstar = far_bins(c, lo, d2[qs], cf[qs], SHARE_RETURNED * tol_mass)
+            qid = np.repeat(np.arange(len(qs)), np.diff(lims))
+            must = rbin < rstar[qid]
+            out = np.arange(B)[None, :] >= rstar[:, None]
+            rcnt[qs], rlow[qs] = np.where(out, c, 0.0), np.where(out, lo, math.inf)
+            n_ret[qs] = np.diff(lims)
+            cq, ci = qs[qid[must]], I[must]
+        # candidates: the rows to re-score (the scan returns each row once per query; the
+        # nearest row found first is among them: its leaf and its bin are never left out).
+        # A query that needs more rows (min_rows) also takes its first rows.
+        short = np.flatnonzero(searched & (np.bincount(cq, minlength=n) < min_rows))
+        if short.size:
+            mine = np.isin(cq, short)
+            q2 = np.concatenate([cq[mine], np.repeat(short, first.shape[1])])
+            i2 = np.concatenate([ci[mine], first[short].reshape(-1)])
+            key = np.unique(q2[i2 >= 0] * self.M + i2[i2 >= 0])
+            cq, ci = np.concatenate([cq[~mine], key // self.M]), np.concatenate([ci[~mine], key % self.M])
+            order = np.argsort(cq, kind="stable")
+            cq, ci = cq[order], ci[order]
+        per = np.bincount(cq, minlength=n)
+        searched &= per <= max_rescore
+        K = max(1, int(per[searched].max()) if searched.any() else 1)
         idx = np.full((n, K), -1, dtype=np.int64)
-        for j in np.flatnonzero(searched):
-            idx[j, : len(cand[j])] = cand[j]
+        pos = np.arange(len(cq)) - np.repeat(np.cumsum(per) - per, per)
+        ok_c = searched[cq]
+        idx[cq[ok_c], pos[ok_c]] = ci[ok_c]
         # the shells: leaves left out, probed rows not returned (each >= rho), returned rows not re-scored
         counts = np.concatenate([lcnt, np.where(searched, scanned - n_ret, 0.0)[:, None], rcnt], axis=1)
         lower = np.concatenate([llow, r_low[:, None], rlow], axis=1)
@@ -348,13 +374,20 @@ class EmbeddingIndex:
             if not go.any():
                 continue
             R = self.scan_radius(np.where(go, dk, 0.0), err)
-            hits = self._scan(e32[go], self._probe_lists(probe[go]), R[go])
-            for j, (D, I) in zip(np.flatnonzero(go), hits):
-                ids = np.union1d(I, first[j][first[j] >= 0])
-                dd = distances(torch.tensor([a + j]), torch.from_numpy(ids[None, :])).numpy()[0]
-                top = np.argsort(dd, kind="stable")[:k]
-                out_d[a + j], out_i[a + j] = dd[top], ids[top]
-                ok[a + j] = True
+            qs = np.flatnonzero(go)
+            lims, _, I = self._scan(e32[qs], self._probe_lists(probe[qs]), R[qs])
+            qid = np.concatenate([np.repeat(np.arange(len(qs)), np.diff(lims)), np.repeat(np.arange(len(qs)), first.shape[1])])
+            rid = np.concatenate([I, first[qs].reshape(-1)])
+            key = np.unique(qid[rid >= 0] * self.M + rid[rid >= 0])  # once each
+            cq, ci = key // self.M, key % self.M
+            per = np.bincount(cq, minlength=len(qs))
+            cand = np.full((len(qs), max(1, int(per.max()))), -1, dtype=np.int64)
+            cand[cq, np.arange(len(cq)) - np.repeat(np.cumsum(per) - per, per)] = ci
+            dd = distances(torch.from_numpy(a + qs), torch.from_numpy(cand)).numpy()
+            top = np.argsort(dd, axis=1, kind="stable")[:, :k]
+            out_d[a + qs] = np.take_along_axis(dd, top, 1)
+            out_i[a + qs] = np.take_along_axis(cand, top, 1)
+            ok[a + qs] = per >= k
         return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
 
     # ------------------------------------------------------------------ build

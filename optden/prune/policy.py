@@ -74,7 +74,7 @@ class PrunePolicy:
         if self._nn is None and nearest is not None:
             ds = self.index.dataset
             rows = np.sort(np.random.default_rng(self.seed).choice(self.M, min(self.M, self.nn_rows), replace=False))
-            v = ds.raw_rows(rows).to(torch.float64) - torch.from_numpy(np.asarray(ds.center, dtype=np.float64))
+            v = ds.raw_rows(rows).to(torch.float64) - torch.from_numpy(np.array(ds.center, dtype=np.float64))
             d2, idx, ok = nearest(v, min(2, self.M))
             d2, idx, ok = d2.numpy(), idx.numpy(), ok.numpy()
             if self.M < 2:
