@@ -18,10 +18,13 @@ Per sigma:
   rounds in this process (the neighbour cache is cleared before every pruned call, so
   each pays its search); ratio = dense / pruned (> 1: pruning pays); dpe = dense-pass
   equivalents = pruned / dense;
-* the largest relative difference of the pruned answers from the dense ones.
+* the largest relative difference of the pruned answers from the dense ones;
+* with ``--workloads``: mean shift at ``--bandwidth`` to convergence and memorization
+  (certified NN1 / NN2) of ``--memorize`` samples, dense vs prune="auto".
 
     .venv/bin/python bench/bench_prune.py                     # 1.2M rows, d = 192
     .venv/bin/python bench/bench_prune.py --rows 300000 --ivf # smaller, with IVF
+    .venv/bin/python bench/bench_prune.py --sigmas 0.05 --workloads  # + mean shift, memorization
 """
 from __future__ import annotations
 
@@ -145,6 +148,43 @@ def run(args):
     print("# ratio = dense / pruned (> 1: pruning pays), dpe = pruned / dense; achievable = share of queries whose "
           f"true weight outside their top {TOP} rows is below tol/10; cert = share answered pruned (certified).")
     print(f"# auto decisions: {auto._policy.decisions if auto._policy is not None else None}")
+    if args.workloads:
+        workloads(args, ds, dense, auto, rng)
+
+
+def workloads(args, ds, dense, auto, rng):
+    """Mean shift at bandwidth ``--bandwidth`` to convergence and memorization (NN1 / NN2) of
+    ``--memorize`` samples: dense vs prune="auto" on the embedding index, timed once each
+    (alternately: dense first), answers compared."""
+    print(f"{'workload':>26} {'dense s':>8} {'auto s':>8} {'ratio':>6}  check")
+    bw = args.bandwidth
+    rows = np.sort(rng.choice(ds.M, args.queries, replace=False))
+    x0 = ds.raw_rows(rows).to(torch.float64) * ds.scale + ds.offset
+    x0 = x0 + bw * torch.from_numpy(rng.standard_normal(tuple(x0.shape)))
+    t = time.perf_counter()
+    ref = optden.mean_shift(dense, x0, bw, max_iter=100, tol=1e-6, progress=False)
+    t_dense = time.perf_counter() - t
+    auto.pruner().cache.clear()
+    t = time.perf_counter()
+    got = optden.mean_shift(auto, x0, bw, max_iter=100, tol=1e-6, progress=False)
+    t_auto = time.perf_counter() - t
+    same = bool(torch.equal(got.nearest_index, ref.nearest_index))
+    print(f"{f'mean shift {args.queries} pts, bw {bw:g}':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
+          f"same nearest rows: {same}, max rel diff of modes {rel_err(got.modes, ref.modes):.1e}", flush=True)
+    if args.memorize > 0:
+        rows = np.sort(rng.choice(ds.M, args.memorize, replace=False))
+        y = ds.raw_rows(rows).to(torch.float64) * ds.scale + ds.offset
+        u = y + 0.02 * torch.from_numpy(rng.standard_normal(tuple(y.shape)))  # samples near training rows
+        t = time.perf_counter()
+        m_ref = optden.memorization(u, dense)
+        t_dense = time.perf_counter() - t
+        t = time.perf_counter()
+        m_got = optden.memorization(u, auto)
+        t_auto = time.perf_counter() - t
+        same = bool(torch.equal(m_got.memorized, m_ref.memorized))
+        gap = float((m_got.nn1_distance - m_ref.nn1_distance).abs().max())
+        print(f"{f'memorization {args.memorize}':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
+              f"same flags: {same}, max |nn1 diff| {gap:.1e}", flush=True)
 
 
 def main():
@@ -156,6 +196,9 @@ def main():
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ivf", action="store_true", help="also the FAISS IVF pruned path (optden.prune.index)")
+    ap.add_argument("--workloads", action="store_true", help="also mean shift and memorization, dense vs auto")
+    ap.add_argument("--bandwidth", type=float, default=0.05, help="mean shift bandwidth (--workloads)")
+    ap.add_argument("--memorize", type=int, default=1000, help="samples for memorization (--workloads; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if os.environ.get("OPTDEN_CACHE") is None:
