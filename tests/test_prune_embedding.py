@@ -15,6 +15,7 @@ from optden import reference as R
 from optden.engine.bounds import embedding_error, embedding_lower, mass_tolerance, orthonormality_slack
 from optden.prune import EmbeddingIndex, exact_candidates, shell_log_mass
 from optden.prune.embedding import far_bins, histogram_shells
+from optden.prune.policy import EXPLORE_SHARE
 from tolerances import DENOISE_RTOL, model_rows, rel_err
 
 pytestmark = pytest.mark.skipif(_ext.C is None or not hasattr(_ext.C, "leaf_scan"),
@@ -263,9 +264,10 @@ def test_cache_across_batch_sizes(faces, rng):
 
 def test_auto_chooses_dense_where_pruning_cannot_pay(faces, rng):
     """prune="auto": at a sigma far above the rows' nearest-neighbour scale no query can be
-    certified, so every group runs dense without a search; at small sigma it prunes; and
-    what it measured (nothing certified, or searches slower than the pass) sends later
-    groups dense. Both answers match the oracle."""
+    certified, so every group runs dense without a search; at small sigma it prunes; a
+    sigma with nothing measured nearby and a prior share >= EXPLORE_SHARE is tried pruned
+    once; and what it measured (nothing certified, or searches slower than the pass) sends
+    later groups dense. Both answers match the oracle."""
     ds, idx = faces
     y = model_rows(ds)
     den = optden.OptimalDenoiser(ds, prune=idx, prune_policy="auto")
@@ -286,6 +288,13 @@ def test_auto_chooses_dense_where_pruning_cannot_pay(faces, rng):
     s_raw = 0.05 / ds.scale
     pol.record_dense(64, 1.0)
     pol.record_dense(8, 0.5)
+    # nothing measured near a sigma whose prior share is at least EXPLORE_SHARE: tried pruned
+    share = np.array([pol.prior_share(s / ds.scale) for s in np.geomspace(1e-3, 3.0, 40)])
+    s_try = np.geomspace(1e-3, 3.0, 40)[np.flatnonzero(share >= EXPLORE_SHARE)[-1]] / ds.scale
+    pol.outcomes.clear()
+    assert pol.choose(s_try, 64)
+    pol.record_pruned(s_try, 64, 0, 0.01)  # ... and once measured, the outcome decides
+    assert not pol.choose(s_try, 64)
     pol.record_pruned(s_raw, 64, 0, 0.01)
     assert not pol.choose(s_raw, 64)
     # all certified but each search as slow as a quarter of the pass: dense again
