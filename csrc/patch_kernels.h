@@ -32,71 +32,114 @@
 namespace optden {
 namespace OPTDEN_PKNS {
 
-// e[py][x] = sum_c (v[c][py][x] - y[c][py][x])^2 for rows [ya, yb).
-inline void sqdiff_rows(const PatchGeo& g, const double* v, const double* y, int ya, int yb, double* e) {
+// Fill the pad columns of rows [ya, yb) of a padded map (stride W + 2 rh, data at rh).
+inline void pad_columns(const PatchGeo& g, double* e, int ya, int yb) {
+  const int W = g.W, rh = g.rh, Wp = W + 2 * rh;
   for (int py = ya; py < yb; ++py) {
-    const size_t o = (size_t)py * g.W;
-    double* er = e + o;
-#pragma omp simd
-    for (int x = 0; x < g.W; ++x) {
-      const double d = v[o + x] - y[o + x];
-      er[x] = d * d;
+    double* er = e + (size_t)py * Wp + rh;
+    for (int j = 1; j <= rh; ++j) {
+      er[-j] = g.circular ? er[W - j] : 0.0;
+      er[W - 1 + j] = g.circular ? er[j - 1] : 0.0;
     }
-    for (int c = 1; c < g.C; ++c) {
-      const size_t oc = (size_t)c * g.HW + o;
-#pragma omp simd
-      for (int x = 0; x < g.W; ++x) {
-        const double d = v[oc + x] - y[oc + x];
-        er[x] += d * d;
+  }
+}
+
+#if OPTDEN_PISA == 2
+inline __mmask8 lanes(int left) {
+  return left >= 8 ? (__mmask8)0xFF : left <= 0 ? (__mmask8)0 : (__mmask8)((1u << left) - 1u);
+}
+#endif
+
+// e[row][rh + x] = sum_c (v[c][row][x] - y[c][row][x])^2 for rows [ya, yb) (row = wrap_row), each row of e
+// padded to W + 2 rh columns with the wrapped (circular) or zero values the windows read.
+inline void sqdiff_rows(const PatchGeo& g, const double* v, const double* y, int ya, int yb, double* e) {
+  const int W = g.W, rh = g.rh, Wp = W + 2 * rh, C = g.C;  // locals: stores to e cannot change them
+  const size_t HW = (size_t)g.HW;
+  for (int j = ya; j < yb; ++j) {
+    const int py = wrap_row(g, j);
+    const size_t o = (size_t)py * W;
+    double* er = e + (size_t)py * Wp + rh;
+#if OPTDEN_PISA == 2
+    for (int x = 0; x < W; x += 8) {
+      const __mmask8 m = lanes(W - x);
+      __m512d d = _mm512_sub_pd(_mm512_maskz_loadu_pd(m, v + o + x), _mm512_maskz_loadu_pd(m, y + o + x));
+      __m512d a = _mm512_mul_pd(d, d);
+      for (int c = 1; c < C; ++c) {
+        const size_t oc = (size_t)c * HW + o + x;
+        d = _mm512_sub_pd(_mm512_maskz_loadu_pd(m, v + oc), _mm512_maskz_loadu_pd(m, y + oc));
+        a = _mm512_fmadd_pd(d, d, a);
       }
+      _mm512_mask_storeu_pd(er + x, m, a);
     }
+#else
+    for (int x = 0; x < W; ++x) {
+      double a = 0.0;
+      for (int c = 0; c < C; ++c) {
+        const double d = v[(size_t)c * HW + o + x] - y[(size_t)c * HW + o + x];
+        a += d * d;
+      }
+      er[x] = a;
+    }
+#endif
   }
+  for (int j = ya; j < yb; ++j) pad_columns(g, e, wrap_row(g, j), wrap_row(g, j) + 1);
 }
 
-// Horizontal window sums of one row e (W) into h (W); pad: scratch of W + 2 rh doubles.
-inline void hsum_row(const PatchGeo& g, const double* e, double* pad, double* h) {
-  const int W = g.W, rh = g.rh;
-  for (int x = 0; x < W; ++x) pad[rh + x] = e[x];
-  for (int j = 0; j < rh; ++j) {
-    pad[j] = g.circular ? e[W - rh + j] : 0.0;
-    pad[rh + W + j] = g.circular ? e[j] : 0.0;
+// out[x] = sum_t rows[t][x + t * step] for t < n, x < W (step 1: a row's horizontal taps;
+// step 0 with n row pointers: the vertical taps). AVX-512: four vectors of x at a time, so
+// that four independent chains of adds hide the add latency.
+inline void tap_sum(const double* const* rows, int n, int step, int W, double* out) {
+#if OPTDEN_PISA == 2
+  for (int x = 0; x < W; x += 32) {
+    const __mmask8 m0 = lanes(W - x), m1 = lanes(W - x - 8), m2 = lanes(W - x - 16), m3 = lanes(W - x - 24);
+    const double* r = rows[0] + x;
+    __m512d a0 = _mm512_maskz_loadu_pd(m0, r), a1 = _mm512_maskz_loadu_pd(m1, r + 8);
+    __m512d a2 = _mm512_maskz_loadu_pd(m2, r + 16), a3 = _mm512_maskz_loadu_pd(m3, r + 24);
+    for (int t = 1; t < n; ++t) {
+      r = rows[step ? 0 : t] + x + t * step;
+      a0 = _mm512_add_pd(a0, _mm512_maskz_loadu_pd(m0, r));
+      a1 = _mm512_add_pd(a1, _mm512_maskz_loadu_pd(m1, r + 8));
+      a2 = _mm512_add_pd(a2, _mm512_maskz_loadu_pd(m2, r + 16));
+      a3 = _mm512_add_pd(a3, _mm512_maskz_loadu_pd(m3, r + 24));
+    }
+    _mm512_mask_storeu_pd(out + x, m0, a0);
+    _mm512_mask_storeu_pd(out + x + 8, m1, a1);
+    _mm512_mask_storeu_pd(out + x + 16, m2, a2);
+    _mm512_mask_storeu_pd(out + x + 24, m3, a3);
   }
-#pragma omp simd
-  for (int x = 0; x < W; ++x) h[x] = pad[x];
-  for (int j = 1; j <= 2 * rh; ++j) {
-    const double* pj = pad + j;
-#pragma omp simd
-    for (int x = 0; x < W; ++x) h[x] += pj[x];
+#else
+  for (int x = 0; x < W; ++x) {
+    double a = rows[0][x];
+    for (int t = 1; t < n; ++t) a += rows[step ? 0 : t][x + t * step];
+    out[x] = a;
   }
+#endif
 }
 
-// out[py][x] = k x k window sum of e at (py, x) for output rows [oa, ob); e must hold the
-// rows those windows read (input_rows). hs: H * W scratch, pad: W + 2 rh scratch.
-inline void box_sum(const PatchGeo& g, const double* e, int oa, int ob, double* hs, double* pad, double* out) {
-  const int H = g.H, W = g.W;
+// out[py][x] = k x k window sum of e (rows padded as sqdiff_rows writes them) at (py, x)
+// for output rows [oa, ob); e must hold the rows those windows read (input_rows).
+// hs: H * W scratch.
+inline void box_sum(const PatchGeo& g, const double* e, int oa, int ob, double* hs, double* out) {
+  const int H = g.H, W = g.W, kh = 2 * g.rh + 1, Wp = W + 2 * g.rh;
   int ia, ib;
   input_rows(g, oa, ob, &ia, &ib);
-  for (int j = ia; j < ib; ++j) hsum_row(g, e + (size_t)j * W, pad, hs + (size_t)j * W);
+  for (int j = ia; j < ib; ++j) {
+    const int row = wrap_row(g, j);
+    const double* er = e + (size_t)row * Wp;
+    tap_sum(&er, kh, 1, W, hs + (size_t)row * W);
+  }
+  const double* rowp[2 * kMaxRadius + 1];
   for (int py = oa; py < ob; ++py) {
-    double* o = out + (size_t)py * W;
-    bool first = true;
+    int nr = 0;
     for (int j = -g.rv; j <= g.rv; ++j) {
-      int row = py + j;
+      const int row = py + j;
       if (g.circular) {
-        row = ((row % H) + H) % H;
-      } else if (row < 0 || row >= H) {
-        continue;
-      }
-      const double* h = hs + (size_t)row * W;
-      if (first) {
-#pragma omp simd
-        for (int x = 0; x < W; ++x) o[x] = h[x];
-        first = false;
-      } else {
-#pragma omp simd
-        for (int x = 0; x < W; ++x) o[x] += h[x];
+        rowp[nr++] = hs + (size_t)wrap_row(g, row) * W;
+      } else if (row >= 0 && row < H) {
+        rowp[nr++] = hs + (size_t)row * W;
       }
     }
+    tap_sum(rowp, nr, 0, W, out + (size_t)py * W);
   }
 }
 
@@ -139,6 +182,10 @@ struct FoldState {
 // into the state; y: the (shifted) row, values y[c][p]; its patch index idx_base + qpos[p].
 inline void fold(const PatchGeo& g, const double* dist, double coef, const double* y, const uint8_t* allowed,
                  int pa, int pb, int64_t idx_base, const int64_t* qpos, const FoldState& st) {
+  const int C = g.C;
+  const size_t HW = (size_t)g.HW;
+  double *const m = st.m, *const s = st.s, *const acc = st.acc;
+  int64_t* const top = st.top;
 #if OPTDEN_PISA == 2
   const __m512d nc = _mm512_set1_pd(-coef), one = _mm512_set1_pd(1.0), skip = _mm512_set1_pd(kSkip);
   const __m512i base = _mm512_set1_epi64(idx_base);
@@ -148,69 +195,75 @@ inline void fold(const PatchGeo& g, const double* dist, double coef, const doubl
       valid = (__mmask8)_mm_mask_cmpneq_epi8_mask((__mmask16)valid, _mm_maskz_loadu_epi8((__mmask16)valid, allowed + p),
                                                    _mm_setzero_si128());
     const __m512d l = _mm512_mul_pd(nc, _mm512_maskz_loadu_pd(valid, dist + p));
-    const __m512d mo = _mm512_mask_loadu_pd(_mm512_set1_pd(-INFINITY), valid, st.m + p);
+    const __m512d mo = _mm512_mask_loadu_pd(_mm512_set1_pd(-INFINITY), valid, m + p);
     const __mmask8 keep = _mm512_mask_cmp_pd_mask(valid, l, _mm512_sub_pd(mo, skip), _CMP_GE_OQ);
     if (!keep) continue;
     const __mmask8 up = _mm512_mask_cmp_pd_mask(keep, l, mo, _CMP_GT_OQ);
     const __m512d e = exp_neg(_mm512_sub_pd(_mm512_setzero_pd(), _mm512_abs_pd(_mm512_sub_pd(l, mo))));
     // blend(k, a, b): b where k is set
     const __m512d alpha = _mm512_mask_blend_pd(up, one, e), w = _mm512_mask_blend_pd(up, e, one);
-    __m512d s = _mm512_maskz_loadu_pd(keep, st.s + p);
-    _mm512_mask_storeu_pd(st.s + p, keep, _mm512_fmadd_pd(s, alpha, w));
-    if (st.acc) {
-      for (int c = 0; c < g.C; ++c) {
-        double* a = st.acc + (size_t)c * g.HW + p;
-        const __m512d yc = _mm512_maskz_loadu_pd(keep, y + (size_t)c * g.HW + p);
+    _mm512_mask_storeu_pd(s + p, keep, _mm512_fmadd_pd(_mm512_maskz_loadu_pd(keep, s + p), alpha, w));
+    if (acc) {
+      for (int c = 0; c < C; ++c) {
+        double* a = acc + (size_t)c * HW + p;
+        const __m512d yc = _mm512_maskz_loadu_pd(keep, y + (size_t)c * HW + p);
         _mm512_mask_storeu_pd(a, keep, _mm512_fmadd_pd(_mm512_maskz_loadu_pd(keep, a), alpha, _mm512_mul_pd(w, yc)));
       }
     }
-    _mm512_mask_storeu_pd(st.m + p, up, l);
-    _mm512_mask_storeu_epi64(st.top + p, up, _mm512_add_epi64(base, _mm512_maskz_loadu_epi64(up, qpos + p)));
+    _mm512_mask_storeu_pd(m + p, up, l);
+    _mm512_mask_storeu_epi64(top + p, up, _mm512_add_epi64(base, _mm512_maskz_loadu_epi64(up, qpos + p)));
   }
 #else
   for (int p = pa; p < pb; ++p) {
     if (allowed && !allowed[p]) continue;
-    const double l = -coef * dist[p], mo = st.m[p];
+    const double l = -coef * dist[p], mo = m[p];
     if (!(l >= mo - kSkip)) continue;
     const bool up = l > mo;
     const double e = std::exp(-std::fabs(l - mo));
     const double alpha = up ? e : 1.0, w = up ? 1.0 : e;
-    st.s[p] = st.s[p] * alpha + w;
-    if (st.acc)
-      for (int c = 0; c < g.C; ++c) {
-        double& a = st.acc[(size_t)c * g.HW + p];
-        a = a * alpha + w * y[(size_t)c * g.HW + p];
+    s[p] = s[p] * alpha + w;
+    if (acc)
+      for (int c = 0; c < C; ++c) {
+        double& a = acc[(size_t)c * HW + p];
+        a = a * alpha + w * y[(size_t)c * HW + p];
       }
     if (up) {
-      st.m[p] = l;
-      st.top[p] = idx_base + qpos[p];
+      m[p] = l;
+      top[p] = idx_base + qpos[p];
     }
   }
 #endif
 }
 
-// The composite's normalised weights w[p] = exp(-coef dist[p] - lse[p]), all HW positions;
-// returns whether any exceeds exp(-cut) (else the pair adds nothing worth counting).
+// The composite's normalised weights w = exp(-coef dist[p] - lse[p]) of all HW positions,
+// written as a padded map for box_sum; returns whether any exceeds exp(-cut) (else the
+// pair adds nothing worth counting).
 inline bool weights(const PatchGeo& g, const double* dist, double coef, const double* lse, double cut, double* w) {
+  const int W = g.W, Wp = W + 2 * g.rh;
+  bool any = false;
 #if OPTDEN_PISA == 2
   const __m512d nc = _mm512_set1_pd(-coef), lo = _mm512_set1_pd(-cut);
-  __mmask8 any = 0;
-  for (int p = 0; p < g.HW; p += 8) {
-    const __mmask8 valid = g.HW - p >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (g.HW - p)) - 1u);
-    const __m512d a = _mm512_fmsub_pd(nc, _mm512_maskz_loadu_pd(valid, dist + p), _mm512_maskz_loadu_pd(valid, lse + p));
-    any |= _mm512_mask_cmp_pd_mask(valid, a, lo, _CMP_GE_OQ);
-    _mm512_mask_storeu_pd(w + p, valid, exp_neg(a));
+  for (int py = 0; py < g.H; ++py) {
+    const double* dr = dist + (size_t)py * W;
+    const double* lr = lse + (size_t)py * W;
+    double* wr = w + (size_t)py * Wp + g.rh;
+    for (int x = 0; x < W; x += 8) {
+      const __mmask8 valid = W - x >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (W - x)) - 1u);
+      const __m512d a = _mm512_fmsub_pd(nc, _mm512_maskz_loadu_pd(valid, dr + x), _mm512_maskz_loadu_pd(valid, lr + x));
+      any |= _mm512_mask_cmp_pd_mask(valid, a, lo, _CMP_GE_OQ) != 0;
+      _mm512_mask_storeu_pd(wr + x, valid, exp_neg(a));
+    }
   }
-  return any != 0;
 #else
-  bool any = false;
-  for (int p = 0; p < g.HW; ++p) {
-    const double a = -coef * dist[p] - lse[p];
-    any |= a >= -cut;
-    w[p] = std::exp(a);
-  }
-  return any;
+  for (int py = 0; py < g.H; ++py)
+    for (int x = 0; x < W; ++x) {
+      const double a = -coef * dist[(size_t)py * W + x] - lse[(size_t)py * W + x];
+      any |= a >= -cut;
+      w[(size_t)py * Wp + g.rh + x] = std::exp(a);
+    }
 #endif
+  pad_columns(g, w, 0, g.H);
+  return any;
 }
 
 }  // namespace OPTDEN_PKNS

@@ -40,18 +40,25 @@ struct PatchGeo {
   bool circular;
 };
 
-// Rows [*ia, *ib) of e that the windows of output rows [oa, ob) read (all rows, circular).
+// Rows [*ia, *ib) of e that the windows of output rows [oa, ob) read; under circular
+// padding they may run past the image (row j is image row wrap_row(g, j)), never more than H.
 inline void input_rows(const PatchGeo& g, int oa, int ob, int* ia, int* ib) {
-  if (g.circular) {
+  *ia = oa - g.rv;
+  *ib = ob + g.rv;
+  if (!g.circular) {
+    *ia = std::max(0, *ia);
+    *ib = std::min(g.H, *ib);
+  } else if (*ib - *ia >= g.H) {
     *ia = 0;
     *ib = g.H;
-    return;
   }
-  *ia = std::max(0, oa - g.rv);
-  *ib = std::min(g.H, ob + g.rv);
 }
 
+// j in [-H, 2H) (every row a window reads): no division in the inner loops.
+inline int wrap_row(const PatchGeo& g, int j) { return j < 0 ? j + g.H : (j >= g.H ? j - g.H : j); }
+
 constexpr double kSkip = 45.0;  // optden.engine.bounds.SKIP_LOGITS
+constexpr int kMaxRadius = 4096;  // the largest window radius used (images up to 8193 pixels high)
 
 }  // namespace optden
 
@@ -82,7 +89,7 @@ using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 struct PatchKernels {
   const char* name;
   void (*sqdiff)(const PatchGeo&, const double*, const double*, int, int, double*);
-  void (*box)(const PatchGeo&, const double*, int, int, double*, double*, double*);
+  void (*box)(const PatchGeo&, const double*, int, int, double*, double*);
   void (*fold)(const PatchGeo&, const double*, double, const double*, const uint8_t*, int, int, int64_t,
                const int64_t*, const p_portable::FoldState&);
   bool (*weights)(const PatchGeo&, const double*, double, const double*, double, double*);
@@ -121,15 +128,17 @@ PatchGeo make_geo(const py::buffer_info& v, int k, bool circular) {
     g.rh = std::min(g.rh, g.W - 1);
     g.rv = std::min(g.rv, g.H - 1);
   }
+  if (g.rv > kMaxRadius) throw std::invalid_argument("k: the window is taller than the kernels support");
   return g;
 }
 
 // Per-thread work buffers: a tile of converted rows, its shifted copy, and the maps of one pair.
 struct Scratch {
-  std::vector<double> tile, rolled, e, hs, pad, dist, w, wb;
+  std::vector<double> tile, rolled, e, hs, dist, w, wb;
 };
 
 constexpr int kTile = 16;  // training images converted at a time
+constexpr int kBand = 16;   // output rows of one band (PatchPass)
 
 // Rows [r0, r0 + nr) of a block (uint8 or float64, (R, C*HW)) minus c0, into tile.
 void convert_tile(const py::buffer_info& rows, bool u8, int r0, int nr, size_t chw, double c0, double* tile) {
@@ -244,9 +253,8 @@ class PatchPass {
     const size_t chw = (size_t)g_.C * g_.HW;
     sc.tile.resize(kTile * chw);
     sc.rolled.resize(kTile * chw);
-    sc.e.resize(g_.HW);
+    sc.e.resize((size_t)g_.H * (g_.W + 2 * g_.rh));
     sc.hs.resize(g_.HW);
-    sc.pad.resize(g_.W + 2 * g_.rh);
     sc.dist.resize(g_.HW);
   }
 
@@ -261,19 +269,24 @@ class PatchPass {
     }
     const uint8_t* allowed = allowed_.size() ? allowed_.data() + (size_t)si * g_.HW : nullptr;
     const int64_t* qpos = qpos_.data() + (size_t)si * g_.HW;
-    int ia, ib;
-    input_rows(g_, oa, ob, &ia, &ib);
     const size_t chw = (size_t)g_.C * g_.HW, per = (size_t)n_ * g_.HW;
-    for (int b = b0; b < n_; b += db) {
-      const double* vb = v_.data() + (size_t)b * chw;
-      const size_t o = (size_t)t * per + (size_t)b * g_.HW;
-      const p_portable::FoldState st{m_.data() + o, s_.data() + o,
-                                     values_ ? acc_.data() + o * g_.C : nullptr, top_.data() + o};
-      for (int r = 0; r < nr; ++r) {
-        const double* yr = y + (size_t)r * chw;
-        kern_->sqdiff(g_, vb, yr, ia, ib, sc.e.data());
-        kern_->box(g_, sc.e.data(), oa, ob, sc.hs.data(), sc.pad.data(), sc.dist.data());
-        kern_->fold(g_, sc.dist.data(), coef_.data()[b], yr, allowed, oa * g_.W, ob * g_.W, gid[r] * g_.HW, qpos, st);
+    // bands of output rows, so that a query's rows and state stay in L1 over the tile's rows
+    for (int ba = oa; ba < ob; ba += kBand) {
+      const int bb = std::min(ob, ba + kBand);
+      int ia, ib;
+      input_rows(g_, ba, bb, &ia, &ib);
+      for (int b = b0; b < n_; b += db) {
+        const double* vb = v_.data() + (size_t)b * chw;
+        const size_t o = (size_t)t * per + (size_t)b * g_.HW;
+        const p_portable::FoldState st{m_.data() + o, s_.data() + o,
+                                       values_ ? acc_.data() + o * g_.C : nullptr, top_.data() + o};
+        for (int r = 0; r < nr; ++r) {
+          const double* yr = y + (size_t)r * chw;
+          kern_->sqdiff(g_, vb, yr, ia, ib, sc.e.data());
+          kern_->box(g_, sc.e.data(), ba, bb, sc.hs.data(), sc.dist.data());
+          kern_->fold(g_, sc.dist.data(), coef_.data()[b], yr, allowed, ba * g_.W, bb * g_.W, gid[r] * g_.HW, qpos,
+                      st);
+        }
       }
     }
   }
@@ -369,11 +382,10 @@ class CompositePass {
   void ensure(Scratch& sc) const {
     if (!sc.tile.empty()) return;
     sc.tile.resize((size_t)kTile * g_.C * g_.HW);
-    sc.e.resize(g_.HW);
+    sc.e.resize((size_t)g_.H * (g_.W + 2 * g_.rh));
     sc.hs.resize(g_.HW);
-    sc.pad.resize(g_.W + 2 * g_.rh);
     sc.dist.resize(g_.HW);
-    sc.w.resize(g_.HW);
+    sc.w.resize((size_t)g_.H * (g_.W + 2 * g_.rh));
     sc.wb.resize(g_.HW);
   }
 
@@ -381,10 +393,10 @@ class CompositePass {
     const size_t chw = (size_t)g_.C * g_.HW;
     const double* vb = v_.data() + (size_t)b * chw;
     kern_->sqdiff(g_, vb, y, 0, g_.H, sc.e.data());
-    kern_->box(g_, sc.e.data(), 0, g_.H, sc.hs.data(), sc.pad.data(), sc.dist.data());
+    kern_->box(g_, sc.e.data(), 0, g_.H, sc.hs.data(), sc.dist.data());
     if (!kern_->weights(g_, sc.dist.data(), coef_.data()[b], lse_.data() + (size_t)b * g_.HW, cut_, sc.w.data()))
       return;
-    kern_->box(g_, sc.w.data(), 0, g_.H, sc.hs.data(), sc.pad.data(), sc.wb.data());
+    kern_->box(g_, sc.w.data(), 0, g_.H, sc.hs.data(), sc.wb.data());
     double* a = acc_.data() + ((size_t)t * n_ + b) * chw;
     const double* wb = sc.wb.data();
     for (int c = 0; c < g_.C; ++c) {

@@ -264,7 +264,7 @@ class LocalDenoiser(OptimalDenoiser):
         mean = part.mean() if values == "center" else None
         todo = (~dense).nonzero().flatten()
         if todo.numel():
-            vals, b, m = patch_pass.certify_queries(part, todo, v, coef, rows, geom, kind, self.tol, values,
+            vals, b, m = patch_pass.certify_queries(todo, v, coef, rows, geom, kind, self.tol, values,
                                                     dispatch.get("torch"))
             bound[todo], mode[todo] = b, m
             if mean is not None:

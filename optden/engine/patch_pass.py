@@ -177,20 +177,20 @@ def query_patches(v: torch.Tensor, geom: PatchGeometry, positions: torch.Tensor,
     images (m,) (out-of-image values 0, the centered pad)."""
     flat = torch.cat([v.reshape(v.shape[0], -1), v.new_zeros(v.shape[0], 1)], dim=1)
     cols = torch.from_numpy(np.where(geom.columns >= 0, geom.columns, geom.C * geom.HW)).to(v.device)
-    return flat[images[:, None], cols[positions]]
+    return flat.index_select(0, images).gather(1, cols.index_select(0, positions))
 
 
-def certify_queries(part: Partial, todo: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, rows,
-                    geom: PatchGeometry, kind: str, tol: float, values: str, backend):
-    """Certify the queries ``todo`` (indices into the position-major queries of ``part``)
-    that the fast pass could not: group them by the rows they compete with (LS and the
+def certify_queries(todo: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, rows, geom: PatchGeometry,
+                    kind: str, tol: float, values: str, backend):
+    """Certify the queries ``todo`` (indices into a pass's position-major queries) that the
+    fast pass could not: group them by the rows they compete with (LS and the
     composite: one position; ELS: one class of positions), run the engine's ``backend``
     pass (top 64) over a ``PatchSource`` of those rows and ``certify`` it.
 
     values: "center" (the window's center pixel, (C,)) or "patch" (the whole window, (C k^2,)).
     Returns ``(values (m, C or C k^2) centered, bound (m,), mode (m,) int8)`` in the order of todo.
     """
-    n, HW = v.shape[0], geom.HW
+    n = v.shape[0]
     pos, img = torch.div(todo, n, rounding_mode="floor"), todo % n
     key = pos if kind == "local" else torch.from_numpy(geom.classes).to(todo.device)[pos]
     width = geom.C if values == "center" else geom.d
@@ -207,5 +207,10 @@ def certify_queries(part: Partial, todo: torch.Tensor, v: torch.Tensor, coef: to
         kk = min(64, src.M)
         cert = certify(backend.partial(vq, cq, src, kk), vq, cq, src, tol)
         out[sel] = cert.dc[:, cols] if values == "center" else cert.dc
-        bound[sel], mode[sel] = cert.excluded, cert.mode
+        # certify re-scores with float64 direct differences and counts them exact; they are
+        # within the relative bound of this module's passes (|l| <= |lse| + log M)
+        top = cert.lse.abs() + math.log(src.M)
+        rounding = torch.expm1(2.0 * direct_pass_delta(geom.d, top, src.M))
+        bound[sel] = torch.where(cert.mode == DENSE, cert.excluded, cert.excluded + rounding)
+        mode[sel] = cert.mode
     return out, bound, mode
