@@ -142,15 +142,16 @@ def _levels(quantiles) -> torch.Tensor:
     return q
 
 
-def _eval_on(call: DenoiserCall, run: SampleRun, batch_size: int) -> torch.Tensor:
-    """The denoiser at every trajectory point x_t of ``run`` (t < K): (K, n, *shape) float64 CPU."""
+def _eval_on(call: DenoiserCall, run: SampleRun, batch_size: int, labels=None) -> torch.Tensor:
+    """The denoiser at every trajectory point x_t of ``run`` (t < K): (K, n, *shape) float64 CPU.
+    labels: None or (n,) class labels of the samples."""
     K, n = run.steps, run.samples.shape[0]
     out = torch.empty((K, *run.samples.shape), dtype=torch.float64)
     for k in range(K):
         s = float(run.eval_sigmas[k])
         for a in range(0, n, batch_size):
             x = run.trajectory[k, a: a + batch_size].to(call.device)
-            out[k, a: a + batch_size] = call(x, s).cpu()
+            out[k, a: a + batch_size] = call(x, s, None if labels is None else labels[a: a + batch_size]).cpu()
     return out
 
 

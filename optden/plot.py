@@ -16,7 +16,7 @@ import torch
 from .errors import InputError
 from .validate import as_tensor, check_positive_int
 
-__all__ = ["to_pictures", "trajectory_strip", "nearest_grid", "deviation_curves", "geometry_curves"]
+__all__ = ["to_pictures", "trajectory_strip", "nearest_grid", "deviation_curves", "geometry_curves", "agreement_curves"]
 
 _PAD = 2
 _BG = (255, 255, 255)
@@ -250,3 +250,37 @@ def geometry_curves(geom, path, width: float = 14.0, height: float = 3.6) -> Pat
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     return _finish(fig, path)
+
+
+def agreement_curves(result, path, width: float = 11.0, height: float = 4.0) -> Path:
+    """How well each candidate explains the model against sigma: median r^2 over the samples
+    with its 25-75 % band (left), and the MSE (right, log), one line per candidate and
+    trajectory (solid: on the model's trajectory; dashed: on the candidate's own).
+
+    result: an ``optden.agreement.Agreement``. Picture size (width * 100, height * 100) pixels.
+    """
+    fig, (a1, a2) = _figure(2, width, height)
+    sig = result.sigmas.numpy()
+    colours = {}
+    for traj, per in result.stats.items():
+        style = "-" if traj == "model" else "--"
+        for name, st in per.items():
+            kw = {"color": colours[name]} if name in colours else {}
+            label = f"{name} ({'model' if traj == 'model' else 'own'} trajectory)"
+            line, = a1.plot(sig, st.r2_median.numpy(), style, marker="o", ms=3, label=label, **kw)
+            colours[name] = line.get_color()
+            q = torch.nanquantile(st.r2, torch.tensor([0.25, 0.75], dtype=st.r2.dtype), dim=1)
+            a1.fill_between(sig, q[0].numpy(), q[1].numpy(), color=colours[name], alpha=0.12)
+            a2.plot(sig, st.mse.numpy(), style, marker="o", ms=3, color=colours[name], label=label)
+    a1.set_ylim(-0.2, 1.02)
+    a1.set_title(r"$r^2$ of the candidate against the model (median)")
+    a2.set_yscale("log")
+    a2.set_title(r"MSE $\|D_\theta - D_c\|^2 / d$")
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_xlabel(r"$\sigma$")
+        ax.invert_xaxis()
+        ax.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=7)
+    return _finish(fig, path)
+
