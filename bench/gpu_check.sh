@@ -15,6 +15,8 @@
 #   7 tests-b   pytest -m gpu, the scale tests (M = 50k x 3072, 1e6 x 768)
 #   8 nccl      one-rank NCCL ShardedDenoiser against the single-process denoiser
 #   9 bench-cu  the cuda backend, CIFAR size, N = 1, 64, 512
+#  10 local     bench_local --device cuda: LocalDenoiser (torch passes) against the public
+#               LS / ELS code's way, LS at M = 50,000 x 64 queries, ELS at M = 2,000 x 16 (check.log)
 # Environment: GPU_CHECK_BUDGET (seconds, default 450), GPU_CHECK_STEPS (comma list of
 # step names to run, default all), OPTDEN_TRITON_AUTOTUNE (default 0 here: one fixed
 # configuration; autotuning costs minutes of compiles).
@@ -191,6 +193,13 @@ if [[ $DRY == 1 ]]; then
 else
     step bench-cu 20 90 "$PY" bench/bench_gpu.py --sizes cifar --n 1,64,512 --budget 10 \
         --methods optden-cuda --csv "$OUTDIR/bench-cuda.csv"
+fi
+
+# ---------------------------------------------------------------- 10 the local denoisers (output in check.log)
+if [[ $DRY == 1 ]]; then
+    step local 10 180 "$PY" bench/bench_local.py --device cpu --gpu-step --quick --size 12 --csv ""
+else
+    step local 60 90 "$PY" bench/bench_local.py --device cuda --csv ""
 fi
 
 note "done in $(($(date +%s) - START)) s; $FAILED step(s) failed"

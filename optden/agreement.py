@@ -16,7 +16,6 @@ model evaluated there), ``"both"`` does both.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -149,15 +148,8 @@ def agreement(model, candidates, sigmas=None, n: int = 16, trajectory: str = "mo
                      getattr(model, "image_shape", None))
     common = dict(solver=solver, schedule=sched, seed=seed, record=True, progress=progress, shape=shape,
                   labels=labels, batch_size=batch_size)
-    if x_T is None:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise InputError(f"n: expected a positive integer, got {n!r}")
-        common["n"] = int(n)
-    else:
-        common["x_T"] = x_T
-    mod_run = sample(model, device=model_device, dtype=model_dtype, **common)
-    common.pop("n", None)
-    common["x_T"] = mod_run.x_T
+    mod_run = sample(model, n=n, x_T=x_T, device=model_device, dtype=model_dtype, **common)  # checks n, x_T
+    common["x_T"] = mod_run.x_T  # the same noise for every candidate
     bs = mod_run.x_T.shape[0] if batch_size is None else batch_size
     lab = as_labels(labels, mod_run.x_T.shape[0])
     stats, runs = {}, {}

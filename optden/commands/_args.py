@@ -101,3 +101,18 @@ def out_dir(path: str) -> Path:
         raise InputError(f"out: {path!r} exists and is not a directory")
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser, steps: int) -> None:
+    """--model and the deterministic sampler it runs (--steps, --solver, --schedule)."""
+    from ..sampling import SOLVERS
+    from ..schedules import SCHEDULES
+
+    p.add_argument("--model", default="gaussian",
+                   help="'gaussian' (linear denoiser of the fitted Gaussian), or a module D(x, sigma) saved "
+                        "with torch.export.save (.pt2) or torch.jit.save")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"solver steps (default {steps})")
+    p.add_argument("--solver", choices=[s for s in SOLVERS if s != "edm_stochastic"], default="heun",
+                   help="ODE solver (default heun)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="edm", help="noise schedule (default edm)")
+

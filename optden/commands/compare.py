@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import time
 
-from ._args import add_common_arguments, add_data_argument, make_denoiser, open_dataset, out_dir, positive_int
+from ._args import (add_common_arguments, add_data_argument, add_model_arguments, make_denoiser, open_dataset, out_dir,
+                    positive_int)
 from ..errors import InputError
 
 #: Candidate names the command knows; "local", "equivariant", "composite" are LocalDenoisers.
@@ -70,14 +71,10 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from ..sampling import SOLVERS
-    from ..schedules import SCHEDULES
-
     p = sub.add_parser("compare", help="r^2 of D*, the local denoisers and the Gaussian against a model",
                        description=__doc__.split("\n\n")[0])
     add_data_argument(p)
-    p.add_argument("--model", default="gaussian",
-                   help="'gaussian', or a module D(x, sigma) saved with torch.export.save (.pt2) or torch.jit.save")
+    add_model_arguments(p, 10)
     p.add_argument("--candidates", default="dstar,local,equivariant",
                    help=f"comma-separated candidates among {', '.join(CANDIDATES)} (default dstar,local,equivariant)")
     p.add_argument("--patch-size", type=positive_int, default=3, help="odd patch size of the local denoisers (default 3)")
@@ -85,9 +82,5 @@ def register(sub) -> None:
                    help="window padding of the local denoisers (default circular)")
     p.add_argument("--trajectory", choices=("model", "candidate", "both"), default="model",
                    help="compare on the model's trajectory (the protocol), each candidate's own, or both")
-    p.add_argument("--steps", type=positive_int, default=10, help="solver steps (default 10)")
-    p.add_argument("--solver", choices=[s for s in SOLVERS if s != "edm_stochastic"], default="heun",
-                   help="ODE solver (default heun)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="edm", help="noise schedule (default edm)")
     add_common_arguments(p, "compare_out")
     p.set_defaults(func=run, n=16)
