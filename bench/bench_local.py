@@ -111,6 +111,21 @@ def work(kind: str, B: int, M: int, shape, k: int) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- naive baselines
+def _shared_max_weights(args, sub, num, den):
+    """The public code's running max: one over the whole batch of queries and every position
+    (amax over dims 0 and 1), rescaling num and den in place when it grows. Returns
+    (exp(args - max), the new max)."""
+    new = torch.amax(args, dim=(0, 1), keepdim=True)
+    if sub is None:
+        sub = new
+    else:
+        upd = torch.maximum(new, sub)
+        num /= torch.exp(upd - sub)
+        den /= torch.exp(upd - sub)[:, 0]
+        sub = upd
+    return torch.exp(args - sub), sub
+
+
 def naive_ls(x, images, sigma: float, k: int, batch: int = 256):
     """LS as Kamb & Ganguli's LocalScoreModule computes it (VE: a_t = 1, b_t = sigma), as a
     denoiser D = x - numerator / denominator. x (b, C, H, W), images (M, C, H, W) fp32."""
@@ -125,15 +140,7 @@ def naive_ls(x, images, sigma: float, k: int, batch: int = 256):
         sq = (diffs**2).sum(2)
         patches = F.unfold(sq, k, padding=k // 2).view(b, n, k * k, h, w)
         args = -patches.sum(2) / (2 * sigma**2)  # (b, NP, H, W)
-        new = torch.amax(args, dim=(0, 1), keepdim=True)  # one max for the batch and all positions
-        if sub is None:
-            sub = new
-        else:
-            upd = torch.maximum(new, sub)
-            num /= torch.exp(upd - sub)
-            den /= torch.exp(upd - sub)[:, 0]
-            sub = upd
-        ev = torch.exp(args - sub)
+        ev, sub = _shared_max_weights(args, sub, num, den)
         num += (ev[:, :, None] * diffs).mean(1)
         den += ev.mean(1)
     return x - num / den[:, None]
@@ -155,15 +162,7 @@ def naive_els(x, images, sigma: float, k: int, batch: int = 64):
         pnorm = (p**2).sum((1, 2, 3))
         centers = p[:, :, r, r]
         args = -(xnorm[:, None] - 2 * F.conv2d(xp, p) + pnorm[None, :, None, None]) / (2 * sigma**2)
-        new = torch.amax(args, dim=(0, 1), keepdim=True)
-        if sub is None:
-            sub = new
-        else:
-            upd = torch.maximum(new, sub)
-            num /= torch.exp(upd - sub)
-            den /= torch.exp(upd - sub)[:, 0]
-            sub = upd
-        ev = torch.exp(args - sub)
+        ev, sub = _shared_max_weights(args, sub, num, den)
         num += (ev[:, :, None] * (x[:, None] - centers[None, :, :, None, None])).mean(1)
         den += ev.mean(1)
     return x - num / den[:, None]
