@@ -45,7 +45,7 @@ inline void pad_columns(const PatchGeo& g, double* e, int ya, int yb) {
 }
 
 #if OPTDEN_PISA == 2
-inline __mmask8 lanes(int left) {
+__attribute__((always_inline)) inline __mmask8 lanes(int left) {
   return left >= 8 ? (__mmask8)0xFF : left <= 0 ? (__mmask8)0 : (__mmask8)((1u << left) - 1u);
 }
 #endif
@@ -88,7 +88,7 @@ inline void sqdiff_rows(const PatchGeo& g, const double* v, const double* y, int
 // out[x] = sum_t rows[t][x + t * step] for t < n, x < W (step 1: a row's horizontal taps;
 // step 0 with n row pointers: the vertical taps). AVX-512: four vectors of x at a time, so
 // that four independent chains of adds hide the add latency.
-inline void tap_sum(const double* const* rows, int n, int step, int W, double* out) {
+__attribute__((always_inline)) inline void tap_sum(const double* const* rows, int n, int step, int W, double* out) {
 #if OPTDEN_PISA == 2
   for (int x = 0; x < W; x += 32) {
     const __mmask8 m0 = lanes(W - x), m1 = lanes(W - x - 8), m2 = lanes(W - x - 16), m3 = lanes(W - x - 24);
@@ -144,7 +144,7 @@ inline void box_sum(const PatchGeo& g, const double* e, int oa, int ob, double* 
 }
 
 #if OPTDEN_PISA == 2
-inline __m512d exp_neg(__m512d x) {
+__attribute__((always_inline)) inline __m512d exp_neg(__m512d x) {
   x = _mm512_max_pd(x, _mm512_set1_pd(-746.0));  // -inf and below: 0 after the scaling
   const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -76,6 +77,8 @@ constexpr int kMaxRadius = 4096;  // the largest window radius used (images up t
 #include "patch_kernels.h"
 #undef OPTDEN_PKNS
 #undef OPTDEN_PISA
+
+#include "patch_prune.h"
 
 namespace py = pybind11;
 
@@ -132,13 +135,37 @@ PatchGeo make_geo(const py::buffer_info& v, int k, bool circular) {
   return g;
 }
 
+constexpr int kTile = 16;  // training images converted at a time
+
 // Per-thread work buffers: a tile of converted rows, its shifted copy, and the maps of one pair.
 struct Scratch {
   std::vector<double> tile, rolled, e, hs, dist, w, wb;
+  std::vector<double> ys, ya, tb, prune;  // block sums of the tile's rows, thresholds, pruning scratch
+  std::vector<char> skip;                 // the pairs of a tile and shift that are pruned
+  int64_t pairs = 0, pruned = 0;
+  int prune_off = 0;  // tiles (and shifts) to run without the test, after one where it rarely paid
 };
 
-constexpr int kTile = 16;  // training images converted at a time
-constexpr int kBand = 16;   // output rows of one band (PatchPass)
+// Size a thread's pruning buffers for a tile of kTile rows and n thresholds tables.
+void ensure_prune(Scratch& sc, const BlockGrid& bg, int n) {
+  if (!bg.enabled || !sc.ys.empty()) return;
+  const size_t blocks = (size_t)bg.C * bg.HB * bg.WB;
+  sc.ys.resize(kTile * blocks);
+  sc.ya.resize(kTile * blocks);
+  sc.tb.resize((size_t)n * bg.NY * bg.NX);
+  const size_t PW = bg.WB + 2 * bg.r, PH = bg.HB + 2 * bg.r;
+  sc.prune.resize(PH * PW + (size_t)bg.NY * PW);
+}
+
+// Block sums of the nr rows of a tile (C * HW each) into sc.ys / sc.ya.
+void tile_block_sums(const PatchGeo& g, const BlockGrid& bg, const double* y, int nr, Scratch& sc) {
+  const size_t blocks = (size_t)bg.C * bg.HB * bg.WB, chw = (size_t)g.C * g.HW;
+  for (int r = 0; r < nr; ++r) block_sums(g, bg, y + r * chw, sc.ys.data() + r * blocks, sc.ya.data() + r * blocks);
+}
+
+constexpr int kBand = 32;  // output rows of one band (PatchPass)
+constexpr double kPruneMin = 0.2;  // pruning rests after a tile where it skipped fewer pairs than this
+constexpr int kPruneRest = 8;      // tiles (and shifts) it rests
 
 // Rows [r0, r0 + nr) of a block (uint8 or float64, (R, C*HW)) minus c0, into tile.
 void convert_tile(const py::buffer_info& rows, bool u8, int r0, int nr, size_t chw, double c0, double* tile) {
@@ -179,6 +206,13 @@ py::buffer_info check_rows(const py::array& rows, const PatchGeo& g, bool* u8) {
     throw std::invalid_argument("rows: expected (R, C*H*W) images of the queries' shape");
   if (!(rows.flags() & py::array::c_style)) throw std::invalid_argument("rows: expected a C-contiguous array");
   return b;
+}
+
+// The fraction of the (query, image, shift) pairs the threads pruned.
+double pruned_fraction(const std::vector<Scratch>& scratch) {
+  int64_t pairs = 0, pruned = 0;
+  for (const Scratch& sc : scratch) pairs += sc.pairs, pruned += sc.pruned;
+  return pairs ? (double)pruned / (double)pairs : 0.0;
 }
 
 // Run body(sc, t, r0, nr, b0, db) on every tile of a block of R training images, converted
@@ -223,6 +257,10 @@ class PatchPass {
     if (allowed_.size() != 0 && allowed_.size() != (py::ssize_t)S_ * g_.HW)
       throw std::invalid_argument("allowed: expected (S, H*W) or empty");
     T_ = std::max(1, omp_get_max_threads());
+    bg_ = make_block_grid(g_, k);
+    const char* env = std::getenv("OPTDEN_PATCH_PRUNE");  // "0": no pruning (benchmarks, tests)
+    if (env && std::string(env) == "0") bg_.enabled = false;
+    query_block_sums();
     const size_t per = (size_t)n_ * g_.HW;
     m_.assign((size_t)T_ * per, -INFINITY);
     s_.assign((size_t)T_ * per, 0.0);
@@ -246,9 +284,19 @@ class PatchPass {
 
   py::tuple finish() const;
   std::string path() const { return kern_->name; }
+  double pruned() const { return pruned_fraction(scratch_); }
 
  private:
+  void query_block_sums() {
+    if (!bg_.enabled) return;
+    const size_t blocks = (size_t)bg_.C * bg_.HB * bg_.WB, chw = (size_t)g_.C * g_.HW;
+    vs_.resize(n_ * blocks);
+    va_.resize(n_ * blocks);
+    for (int b = 0; b < n_; ++b) block_sums(g_, bg_, v_.data() + b * chw, vs_.data() + b * blocks, va_.data() + b * blocks);
+  }
+
   void ensure(Scratch& sc) const {
+    ensure_prune(sc, bg_, n_);
     if (!sc.tile.empty()) return;
     const size_t chw = (size_t)g_.C * g_.HW;
     sc.tile.resize(kTile * chw);
@@ -270,6 +318,7 @@ class PatchPass {
     const uint8_t* allowed = allowed_.size() ? allowed_.data() + (size_t)si * g_.HW : nullptr;
     const int64_t* qpos = qpos_.data() + (size_t)si * g_.HW;
     const size_t chw = (size_t)g_.C * g_.HW, per = (size_t)n_ * g_.HW;
+    const char* skip = prune_pairs(sc, t, y, nr, b0, db);
     // bands of output rows, so that a query's rows and state stay in L1 over the tile's rows
     for (int ba = oa; ba < ob; ba += kBand) {
       const int bb = std::min(ob, ba + kBand);
@@ -281,6 +330,7 @@ class PatchPass {
         const p_portable::FoldState st{m_.data() + o, s_.data() + o,
                                        values_ ? acc_.data() + o * g_.C : nullptr, top_.data() + o};
         for (int r = 0; r < nr; ++r) {
+          if (skip[(size_t)b * nr + r]) continue;
           const double* yr = y + (size_t)r * chw;
           kern_->sqdiff(g_, vb, yr, ia, ib, sc.e.data());
           kern_->box(g_, sc.e.data(), ba, bb, sc.hs.data(), sc.dist.data());
@@ -291,6 +341,36 @@ class PatchPass {
     }
   }
 
+  // skip[b * nr + r]: whether pair (b, r) of this tile and shift is pruned (patch_prune.h),
+  // against thresholds from this thread's running maxima.
+  // The test costs ~1/5 of a pair: after a tile where it skipped under kPruneMin of the pairs
+  // (large sigma, or rows that came before the maxima settled) it rests kPruneRest tiles.
+  const char* prune_pairs(Scratch& sc, int t, const double* y, int nr, int b0, int db) {
+    std::vector<char>& skip = sc.skip;
+    skip.assign((size_t)n_ * nr, 0);
+    if (!bg_.enabled) return skip.data();
+    if (sc.prune_off > 0) {
+      --sc.prune_off;
+      return skip.data();
+    }
+    const int64_t before = sc.pruned, tested = sc.pairs;
+    tile_block_sums(g_, bg_, y, nr, sc);
+    const size_t blocks = (size_t)bg_.C * bg_.HB * bg_.WB, per = (size_t)n_ * g_.HW;
+    for (int b = b0; b < n_; b += db) {
+      double* tb = sc.tb.data() + (size_t)b * bg_.NY * bg_.NX;
+      window_thresholds(bg_, g_.HW, m_.data() + (size_t)t * per + (size_t)b * g_.HW, kSkip, tb);
+      for (int r = 0; r < nr; ++r) {
+        skip[(size_t)b * nr + r] = prunable(bg_, vs_.data() + b * blocks, va_.data() + b * blocks,
+                                            sc.ys.data() + r * blocks, sc.ya.data() + r * blocks, coef_.data()[b], tb,
+                                            sc.prune.data());
+        sc.pairs += 1;
+        sc.pruned += skip[(size_t)b * nr + r];
+      }
+    }
+    if ((double)(sc.pruned - before) < kPruneMin * (double)(sc.pairs - tested)) sc.prune_off = kPruneRest;
+    return skip.data();
+  }
+
   const PatchKernels* kern_;
   F64 v_, coef_;
   I64 shifts_;
@@ -299,6 +379,8 @@ class PatchPass {
   double c0_;
   bool values_;
   PatchGeo g_{};
+  BlockGrid bg_;
+  std::vector<double> vs_, va_;  // block sums of the queries (patch_prune.h)
   int n_ = 0, S_ = 0, T_ = 1;
   std::vector<double> m_, s_, acc_;
   std::vector<int64_t> top_;
@@ -429,7 +511,8 @@ void register_patch(py::module_& m) {
       .def("update", &PatchPass::update, py::arg("rows"), py::arg("gidx"),
            "rows (R, C*H*W) uint8 or float64 training images, gidx (R,) their data set rows. Releases the GIL.")
       .def("finish", &PatchPass::finish, "-> (m, s, acc (H*W*n, C), top (H*W*n,)) position-major")
-      .def_property_readonly("path", &PatchPass::path);
+      .def_property_readonly("path", &PatchPass::path)
+      .def_property_readonly("pruned", &PatchPass::pruned, "fraction of the pairs skipped by the block bound");
   py::class_<CompositePass>(m, "CompositePass",
                             "The composite's second pass: normalised LS weights box-summed over the windows covering "
                             "each pixel weigh the training pixels.")

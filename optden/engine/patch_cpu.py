@@ -18,7 +18,11 @@ from .partial import Partial
 from .patch_pass import competitors, shifts
 from .patches import PatchGeometry
 
-__all__ = ["local_partial", "composite_pass", "available", "CALL_BYTES"]
+__all__ = ["local_partial", "composite_pass", "available", "CALL_BYTES", "LAST"]
+
+#: What the last pass reported: {"path": kernel set, "pruned": fraction of the pairs skipped
+#: by the block bound (csrc/patch_prune.h)} (benchmarks read it).
+LAST: dict = {}
 
 #: Training images per call into the extension: up to 256 MB of raw rows (each call is
 #: one OpenMP region that converts its rows tile by tile).
@@ -68,6 +72,7 @@ def local_partial(v: torch.Tensor, coef: torch.Tensor, rows, geom: PatchGeometry
     for gi, raw in _blocks(rows):
         pp.update(raw, gi)
     m, s, acc, top = (torch.from_numpy(a) for a in pp.finish())
+    LAST.update(path=pp.path, pruned=pp.pruned)
     part = Partial(m=m, s=s, acc=acc, top_val=m[:, None].clone(), top_idx=top[:, None].clone(),
                    delta=torch.zeros_like(m))
     part.delta = direct_pass_delta(geom.d, part.m, rows.M * competitors(geom, kind))
