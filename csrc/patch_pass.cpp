@@ -157,6 +157,24 @@ void ensure_prune(Scratch& sc, const BlockGrid& bg, int n) {
   sc.prune.resize(PH * PW + (size_t)bg.NY * PW);
 }
 
+// Block sums (s, a) of n query images v (n, C * HW), (n, C, HB, WB) each; empty without pruning.
+void query_block_sums(const PatchGeo& g, const BlockGrid& bg, const double* v, int n, std::vector<double>* s,
+                      std::vector<double>* a) {
+  if (!bg.enabled) return;
+  const size_t blocks = (size_t)bg.C * bg.HB * bg.WB, chw = (size_t)g.C * g.HW;
+  s->resize(n * blocks);
+  a->resize(n * blocks);
+  for (int b = 0; b < n; ++b) block_sums(g, bg, v + b * chw, s->data() + b * blocks, a->data() + b * blocks);
+}
+
+// The block grid of k under g, off where the environment says OPTDEN_PATCH_PRUNE=0.
+BlockGrid block_grid(const PatchGeo& g, int k) {
+  BlockGrid bg = make_block_grid(g, k);
+  const char* env = std::getenv("OPTDEN_PATCH_PRUNE");  // "0": no pruning (benchmarks, tests)
+  if (env && std::string(env) == "0") bg.enabled = false;
+  return bg;
+}
+
 // Block sums of the nr rows of a tile (C * HW each) into sc.ys / sc.ya.
 void tile_block_sums(const PatchGeo& g, const BlockGrid& bg, const double* y, int nr, Scratch& sc) {
   const size_t blocks = (size_t)bg.C * bg.HB * bg.WB, chw = (size_t)g.C * g.HW;
@@ -257,10 +275,8 @@ class PatchPass {
     if (allowed_.size() != 0 && allowed_.size() != (py::ssize_t)S_ * g_.HW)
       throw std::invalid_argument("allowed: expected (S, H*W) or empty");
     T_ = std::max(1, omp_get_max_threads());
-    bg_ = make_block_grid(g_, k);
-    const char* env = std::getenv("OPTDEN_PATCH_PRUNE");  // "0": no pruning (benchmarks, tests)
-    if (env && std::string(env) == "0") bg_.enabled = false;
-    query_block_sums();
+    bg_ = block_grid(g_, k);
+    query_block_sums(g_, bg_, v_.data(), n_, &vs_, &va_);
     const size_t per = (size_t)n_ * g_.HW;
     m_.assign((size_t)T_ * per, -INFINITY);
     s_.assign((size_t)T_ * per, 0.0);
@@ -287,14 +303,6 @@ class PatchPass {
   double pruned() const { return pruned_fraction(scratch_); }
 
  private:
-  void query_block_sums() {
-    if (!bg_.enabled) return;
-    const size_t blocks = (size_t)bg_.C * bg_.HB * bg_.WB, chw = (size_t)g_.C * g_.HW;
-    vs_.resize(n_ * blocks);
-    va_.resize(n_ * blocks);
-    for (int b = 0; b < n_; ++b) block_sums(g_, bg_, v_.data() + b * chw, vs_.data() + b * blocks, va_.data() + b * blocks);
-  }
-
   void ensure(Scratch& sc) const {
     ensure_prune(sc, bg_, n_);
     if (!sc.tile.empty()) return;
@@ -434,7 +442,16 @@ class CompositePass {
     T_ = std::max(1, omp_get_max_threads());
     acc_.assign((size_t)T_ * n_ * g_.C * g_.HW, 0.0);
     scratch_.resize(T_);
+    bg_ = block_grid(g_, k);
+    query_block_sums(g_, bg_, v_.data(), n_, &vs_, &va_);
+    if (bg_.enabled) {  // a pair is skipped when coef LB(p) > cut - lse(p) at every position
+      tb_.resize((size_t)n_ * bg_.NY * bg_.NX);
+      for (int b = 0; b < n_; ++b)
+        window_thresholds(bg_, g_.HW, lse_.data() + (size_t)b * g_.HW, cut_, tb_.data() + (size_t)b * bg_.NY * bg_.NX);
+    }
   }
+
+  double pruned() const { return pruned_fraction(scratch_); }
 
   void update(const py::array& rows) {
     bool u8 = false;
@@ -442,8 +459,9 @@ class CompositePass {
     py::gil_scoped_release nogil;
     over_tiles(rb, u8, g_, n_, T_, c0_, scratch_, [this](Scratch& sc) { ensure(sc); },
                [&](Scratch& sc, int t, int, int nr, int b0, int db) {
+                 if (bg_.enabled) tile_block_sums(g_, bg_, sc.tile.data(), nr, sc);
                  for (int b = b0; b < n_; b += db)
-                   for (int r = 0; r < nr; ++r) pair(sc, t, b, sc.tile.data() + (size_t)r * g_.C * g_.HW);
+                   for (int r = 0; r < nr; ++r) pair(sc, t, b, r);
                });
   }
 
@@ -462,6 +480,7 @@ class CompositePass {
 
  private:
   void ensure(Scratch& sc) const {
+    ensure_prune(sc, bg_, 1);
     if (!sc.tile.empty()) return;
     sc.tile.resize((size_t)kTile * g_.C * g_.HW);
     sc.e.resize((size_t)g_.H * (g_.W + 2 * g_.rh));
@@ -471,9 +490,20 @@ class CompositePass {
     sc.wb.resize(g_.HW);
   }
 
-  void pair(Scratch& sc, int t, int b, const double* y) {
+  // Pair (query b, row r of the tile): pruned, or its weights box-summed onto the pixels.
+  void pair(Scratch& sc, int t, int b, int r) {
     const size_t chw = (size_t)g_.C * g_.HW;
     const double* vb = v_.data() + (size_t)b * chw;
+    const double* y = sc.tile.data() + (size_t)r * chw;
+    if (bg_.enabled) {
+      const size_t blocks = (size_t)bg_.C * bg_.HB * bg_.WB;
+      const bool skip = prunable(bg_, vs_.data() + b * blocks, va_.data() + b * blocks, sc.ys.data() + r * blocks,
+                                 sc.ya.data() + r * blocks, coef_.data()[b], tb_.data() + (size_t)b * bg_.NY * bg_.NX,
+                                 sc.prune.data());
+      sc.pairs += 1;
+      sc.pruned += skip;
+      if (skip) return;
+    }
     kern_->sqdiff(g_, vb, y, 0, g_.H, sc.e.data());
     kern_->box(g_, sc.e.data(), 0, g_.H, sc.hs.data(), sc.dist.data());
     if (!kern_->weights(g_, sc.dist.data(), coef_.data()[b], lse_.data() + (size_t)b * g_.HW, cut_, sc.w.data()))
@@ -493,6 +523,8 @@ class CompositePass {
   F64 v_, coef_;
   double c0_, cut_;
   PatchGeo g_{};
+  BlockGrid bg_;
+  std::vector<double> vs_, va_, tb_;  // block sums of the queries, the windows' thresholds (patch_prune.h)
   int n_ = 0, T_ = 1;
   std::vector<double> lse_, acc_;
   std::vector<Scratch> scratch_;
@@ -521,7 +553,8 @@ void register_patch(py::module_& m) {
            "lse (H*W*n,) position-major log-sum-exp of the first pass (+inf: left out); cut: pairs whose "
            "weights are all below exp(-cut) are skipped")
       .def("update", &CompositePass::update, py::arg("rows"))
-      .def("finish", &CompositePass::finish);
+      .def("finish", &CompositePass::finish)
+      .def_property_readonly("pruned", &CompositePass::pruned, "fraction of the pairs skipped by the block bound");
   m.attr("patch_pass") = true;
 }
 

@@ -91,4 +91,5 @@ def composite_pass(v: torch.Tensor, coef: torch.Tensor, rows, geom: PatchGeometr
     cp = _ext.C.CompositePass(vn, cn, float(c0), geom.k, geom.padding == "circular", ln, cut)
     for _, raw in _blocks(rows):
         cp.update(raw)
+    LAST.update(pruned_second=cp.pruned)
     return torch.from_numpy(cp.finish())
