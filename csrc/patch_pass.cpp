@@ -144,6 +144,7 @@ struct Scratch {
   std::vector<char> skip;                 // the pairs of a tile and shift that are pruned
   int64_t pairs = 0, pruned = 0;
   int prune_off = 0;  // tiles (and shifts) to run without the test, after one where it rarely paid
+  int64_t tests = 0;  // tiles (and shifts) tested
 };
 
 // Size a thread's pruning buffers for a tile of kTile rows and n thresholds tables.
@@ -154,7 +155,7 @@ void ensure_prune(Scratch& sc, const BlockGrid& bg, int n) {
   sc.ya.resize(kTile * blocks);
   sc.tb.resize((size_t)n * bg.NY * bg.NX);
   const size_t PW = bg.WB + 2 * bg.r, PH = bg.HB + 2 * bg.r;
-  sc.prune.resize(PH * PW + (size_t)bg.NY * PW);
+  sc.prune.resize(PH * PW + 2 * PW);
 }
 
 // Block sums (s, a) of n query images v (n, C * HW), (n, C, HB, WB) each; empty without pruning.
@@ -184,6 +185,7 @@ void tile_block_sums(const PatchGeo& g, const BlockGrid& bg, const double* y, in
 constexpr int kBand = 32;  // output rows of one band (PatchPass)
 constexpr double kPruneMin = 0.2;  // pruning rests after a tile where it skipped fewer pairs than this
 constexpr int kPruneRest = 8;      // tiles (and shifts) it rests
+constexpr int kThresholdEvery = 4;  // tests between two refreshes of the thresholds
 
 // Rows [r0, r0 + nr) of a block (uint8 or float64, (R, C*HW)) minus c0, into tile.
 void convert_tile(const py::buffer_info& rows, bool u8, int r0, int nr, size_t chw, double c0, double* tile) {
@@ -364,9 +366,12 @@ class PatchPass {
     const int64_t before = sc.pruned, tested = sc.pairs;
     tile_block_sums(g_, bg_, y, nr, sc);
     const size_t blocks = (size_t)bg_.C * bg_.HB * bg_.WB, per = (size_t)n_ * g_.HW;
+    // thresholds from the running maxima every kThresholdEvery tests (older ones are valid,
+    // only more cautious: the maxima only grow)
+    const bool refresh = sc.tests++ % kThresholdEvery == 0;
     for (int b = b0; b < n_; b += db) {
       double* tb = sc.tb.data() + (size_t)b * bg_.NY * bg_.NX;
-      window_thresholds(bg_, g_.HW, m_.data() + (size_t)t * per + (size_t)b * g_.HW, kSkip, tb);
+      if (refresh) window_thresholds(bg_, g_.HW, m_.data() + (size_t)t * per + (size_t)b * g_.HW, kSkip, tb);
       for (int r = 0; r < nr; ++r) {
         skip[(size_t)b * nr + r] = prunable(bg_, vs_.data() + b * blocks, va_.data() + b * blocks,
                                             sc.ys.data() + r * blocks, sc.ya.data() + r * blocks, coef_.data()[b], tb,

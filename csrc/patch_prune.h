@@ -81,65 +81,79 @@ OPTDEN_CLONES inline void window_thresholds(const BlockGrid& bg, int HW, const d
 }
 
 // Whether every window's bound, times coef, exceeds its threshold (the pair can be skipped).
-// scratch: at least (HB + 2 r) * (WB + 2 r) + NY * (WB + 2 r) doubles.
+// scratch: at least (HB + 2 r) * (WB + 2 r) + 2 (WB + 2 r) doubles.
 OPTDEN_CLONES inline bool prunable(const BlockGrid& bg, const double* vs, const double* va, const double* ys, const double* ya,
-                     double coef, const double* tb, double* scratch) {
-  constexpr double kU = 1.1102230246251565e-16;
+                                   double coef, const double* tb, double* scratch) {
+  constexpr double kErr = 8 * 1.1102230246251565e-16;
   const int HB = bg.HB, WB = bg.WB, r = bg.r, PW = WB + 2 * r, PH = HB + 2 * r;
-  double* lb = scratch;             // (PH, PW): the blocks' bounds, with r blocks of margin
-  double* hs = scratch + PH * PW;   // (NY, PW): sums over r block rows
-  std::fill(lb, lb + (size_t)PH * PW, 0.0);
-  for (int c = 0; c < bg.C; ++c)
+  double* lb = scratch;            // (PH, PW): the blocks' bounds, with r blocks of margin
+  double* hs = scratch + PH * PW;  // one row of window sums over r block rows (PW), then their sums (PW)
+  const size_t plane = (size_t)HB * WB;
+  for (int c = 0; c < bg.C; ++c)  // channel-major: unit-stride vector loops over each block row
     for (int by = 0; by < HB; ++by) {
-      const size_t o = ((size_t)c * HB + by) * WB;
       double* row = lb + (size_t)(by + r) * PW + r;
+      const size_t o = c * plane + (size_t)by * WB;
+      const double *vr = vs + o, *yr = ys + o, *var = va + o, *yar = ya + o;
+      if (c == 0) {
 #pragma omp simd
-      for (int bx = 0; bx < WB; ++bx) {
-        const double d = std::fabs(vs[o + bx] - ys[o + bx]) - 8 * kU * (va[o + bx] + ya[o + bx]);
-        row[bx] += d > 0 ? 0.25 * d * d : 0.0;
+        for (int bx = 0; bx < WB; ++bx) {
+          const double d = std::fabs(vr[bx] - yr[bx]) - kErr * (var[bx] + yar[bx]);
+          row[bx] = d > 0 ? 0.25 * d * d : 0.0;
+        }
+      } else {
+#pragma omp simd
+        for (int bx = 0; bx < WB; ++bx) {
+          const double d = std::fabs(vr[bx] - yr[bx]) - kErr * (var[bx] + yar[bx]);
+          row[bx] += d > 0 ? 0.25 * d * d : 0.0;
+        }
       }
     }
   if (bg.circular) {  // wrap the margins (r < HB, WB: one period at most), rows then columns
-    for (int y = 0; y < r; ++y) {
-      std::copy(lb + (size_t)(y + HB) * PW, lb + (size_t)(y + HB + 1) * PW, lb + (size_t)y * PW);
-      std::copy(lb + (size_t)(y + r) * PW, lb + (size_t)(y + r + 1) * PW, lb + (size_t)(y + HB + r) * PW);
-    }
-    for (int y = 0; y < PH; ++y) {
+    for (int y = r; y < HB + r; ++y) {
       double* row = lb + (size_t)y * PW;
       for (int x = 0; x < r; ++x) {
         row[x] = row[x + WB];
         row[x + WB + r] = row[x + r];
       }
     }
+    for (int y = 0; y < r; ++y) {
+      std::copy(lb + (size_t)(y + HB) * PW, lb + (size_t)(y + HB + 1) * PW, lb + (size_t)y * PW);
+      std::copy(lb + (size_t)(y + r) * PW, lb + (size_t)(y + r + 1) * PW, lb + (size_t)(y + HB + r) * PW);
+    }
+  } else {  // zero margins
+    std::fill(lb, lb + (size_t)r * PW, 0.0);
+    std::fill(lb + (size_t)(HB + r) * PW, lb + (size_t)PH * PW, 0.0);
+    for (int y = r; y < HB + r; ++y) {
+      std::fill(lb + (size_t)y * PW, lb + (size_t)y * PW + r, 0.0);
+      std::fill(lb + (size_t)y * PW + WB + r, lb + (size_t)(y + 1) * PW, 0.0);
+    }
   }
-  // window (wy, wx) sums blocks rows bymin + wy .. + r - 1 (margin offset r), likewise columns
+  // window (wy, wx) sums block rows bymin + wy .. + r - 1 (margin offset r), likewise columns
   const double scale = coef * (1.0 - 1e-12);
-  bool all = true;
+  double* ws = hs + PW;
   for (int wy = 0; wy < bg.NY; ++wy) {
-    double* h = hs + (size_t)wy * PW;
     const double* src = lb + (size_t)(bg.bymin + wy + r) * PW;
 #pragma omp simd
-    for (int x = 0; x < PW; ++x) h[x] = src[x];
+    for (int x = 0; x < PW; ++x) hs[x] = src[x];
     for (int j = 1; j < r; ++j) {
       const double* sj = src + (size_t)j * PW;
 #pragma omp simd
-      for (int x = 0; x < PW; ++x) h[x] += sj[x];
+      for (int x = 0; x < PW; ++x) hs[x] += sj[x];
     }
-    const double* hx = h + bg.bxmin + r;
+    const double* hx = hs + bg.bxmin + r;
+#pragma omp simd
+    for (int wx = 0; wx < bg.NX; ++wx) ws[wx] = hx[wx];
+    for (int i = 1; i < r; ++i) {
+#pragma omp simd
+      for (int wx = 0; wx < bg.NX; ++wx) ws[wx] += hx[wx + i];
+    }
     const double* t = tb + (size_t)wy * bg.NX;
     int fail = 0;
 #pragma omp simd reduction(| : fail)
-    for (int wx = 0; wx < bg.NX; ++wx) {
-      double s = hx[wx];
-      for (int i = 1; i < r; ++i) s += hx[wx + i];
-      fail |= !(scale * s > t[wx]);
-    }
-    if (fail) {
-      all = false;
-      break;
-    }
+    for (int wx = 0; wx < bg.NX; ++wx) fail |= !(scale * ws[wx] > t[wx]);
+    if (fail) return false;
   }
-  return all;
+  return true;
 }
 
 }  // namespace optden
