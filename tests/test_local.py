@@ -201,6 +201,33 @@ def test_patch_size_schedules(digits_ds, rng):
     check(ev, ref)
 
 
+def test_a_sampler_drives_the_size_list(digits_ds):
+    """A list of sizes aligned with the sampler's grid: every denoiser call of Heun's
+    sampler (its second stages included) is at a grid sigma and uses that sigma's size."""
+    grid = optden.get_schedule("edm", 4)
+    sizes = [7, 5, 3, 3]
+    den = LocalDenoiser(digits_ds.subset(np.arange(40)), sizes, padding="zero", sigmas=grid)
+    calls, evaluate = [], den.evaluate
+
+    def spy(u, sigma, labels=None, **kw):
+        ev = evaluate(u, sigma, labels, **kw)
+        calls.append((sigma.tolist(), ev.patch_size.tolist()))
+        return ev
+
+    den.evaluate = spy
+    run = optden.sample(den, n=2, schedule=grid, seed=0)
+    assert torch.isfinite(run.samples).all()
+    by_sigma = dict(zip(grid.sigmas[:-1].tolist(), sizes))
+    seen = set()
+    for sig, ks in calls:
+        for s, k in zip(sig, ks):
+            assert any(abs(s - g) <= 1e-12 * g for g in by_sigma), s
+            g = min(by_sigma, key=lambda t: abs(t - s))
+            assert k == by_sigma[g]
+            seen.add(g)
+    assert seen == set(by_sigma)  # Heun evaluates at every positive grid sigma
+
+
 @pytest.mark.parametrize("kind", ["local", "equivariant", "composite"])
 def test_sampling_and_analyses_take_it(kind, digits_ds):
     den = LocalDenoiser(digits_ds.subset(np.arange(40)), 3, kind=kind)
