@@ -13,18 +13,25 @@ KDIFFUSION ?= k-diffusion==0.1.1.post1 torchdiffeq==0.2.5 torchsde==0.2.6 trampo
 
 .PHONY: setup demo test bench clean
 
+# numpy is installed with torch, before the extension builds: the build imports torch,
+# which warns "Failed to initialize NumPy" without it
+
 $(VENV)/.setup-done: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" pybind11
+	$(PY) -m pip install -q "$(TORCH)" pybind11 numpy
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(KDIFFUSION)
 	touch $@
 
 setup: $(VENV)/.setup-done
 
-demo: setup
-	$(VENV)/bin/optden demo
+# prints how long the set-up took (a fresh machine: the venv, torch and the C++ build) and the demo
+demo:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup; t1=$$(date +%s); \
+	echo "make demo: set-up $$((t1 - t0)) s (nothing to do when .venv is up to date)"; \
+	$(VENV)/bin/optden demo; t2=$$(date +%s); \
+	echo "make demo: $$((t2 - t0)) s in all: set-up $$((t1 - t0)) s, demo $$((t2 - t1)) s"
 
 test: setup
 	$(PY) -m pytest -q

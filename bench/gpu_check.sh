@@ -6,23 +6,28 @@
 #
 # Steps, most important evidence first; each runs under `timeout`, and a step is skipped
 # (not started) when the rest of the budget cannot hold its estimate:
-#   1 env       GPU, driver, versions, Python.h, libcuda (stop when torch sees no GPU)
-#   2 build     the extension with OPTDEN_CUDA=1 for sm_90 (pip -e, offline, no deps)
-#   3 smoke     each backend against the float64 oracle; real and random data
-#   4 tests-a   pytest -m gpu, kernel-level tests (junit)
-#   5 bench-in  bench_gpu at ImageNet-64 size, N = 1, 64, 512 (cuda backend excluded)
-#   6 bench-c   bench_gpu at CIFAR size, N = 1, 64, 512, 4096 (cuda backend excluded)
-#   7 tests-b   pytest -m gpu, the scale tests (M = 50k x 3072, 1e6 x 768)
-#   8 nccl      one-rank NCCL ShardedDenoiser against the single-process denoiser
-#   9 bench-cu  the cuda backend, CIFAR size, N = 1, 64, 512
-#  10 local     bench_local --device cuda: LocalDenoiser (torch passes) against the public
-#               LS / ELS code's way, LS at M = 50,000 x 64 queries, ELS at M = 2,000 x 16 (check.log)
+#   1 env         GPU, driver, versions, Python.h, libcuda (stop when torch sees no GPU)
+#   2 build       the extension with OPTDEN_CUDA=1 for sm_90 (pip -e, offline, no deps)
+#   3 smoke       each backend against the float64 oracle; real and random data
+#   4 bench-pass  the GEMM pass vs the fused pass, blocked fp32 and the k-NN floor, CIFAR
+#                 N = 1..4096 and ImageNet-64 N = 1, 64, each result checked against float64
+#   5 tests-gemm  pytest -m gpu tests/gpu/test_gpu_gemm_pass.py (kernel configs, scale)
+#   6 tests-a     pytest -m gpu, kernel-level tests (junit)
+#   7 bench-in    bench_gpu at ImageNet-64 size, N = 1, 64, 512 (cuda backend excluded)
+#   8 bench-c     bench_gpu at CIFAR size, N = 1, 64, 512, 4096 (cuda backend excluded)
+#   9 tests-b     pytest -m gpu, the scale tests (M = 50k x 3072, 1e6 x 768)
+#  10 nccl        one-rank NCCL ShardedDenoiser against the single-process denoiser
+#  11 bench-cu    the cuda backend, CIFAR size, N = 1, 64, 512
+#  12 local       bench_local --device cuda: LocalDenoiser (torch passes) against the public
+#                 LS / ELS code's way, LS at M = 50,000 x 64 queries, ELS at M = 2,000 x 16 (check.log)
+# The GEMM pass's own run (about 5 minutes; it needs no build: the pass is Triton only):
+#   GPU_CHECK_STEPS=env,bench-pass,tests-gemm GPU_CHECK_BUDGET=300 bench/gpu_check.sh
 # Environment: GPU_CHECK_BUDGET (seconds, default 450), GPU_CHECK_STEPS (comma list of
 # step names to run, default all), OPTDEN_TRITON_AUTOTUNE (default 0 here: one fixed
 # configuration; autotuning costs minutes of compiles).
-# Output (at most 8 files): check.log (every step's output, flushed as it runs),
-# summary.txt (one line per step), junit-a.xml, junit-b.xml, bench-in64.csv,
-# bench-cifar.csv, bench-cuda.csv, build.log. Exit status: the number of failed steps.
+# Output (at most 8 files): check.log (every step's output, the build's included, flushed
+# as it runs), summary.txt (one line per step), junit-a.xml, junit-b.xml, bench-pass.csv,
+# bench-in64.csv, bench-cifar.csv, bench-cuda.csv. Exit status: the number of failed steps.
 set -uo pipefail
 
 DRY=0
@@ -132,16 +137,19 @@ build() {
         return
     fi
     OPTDEN_CUDA=1 OPTDEN_CUDA_ARCHS="${OPTDEN_CUDA_ARCHS:-90}" OPTDEN_BUILD_JOBS=0 \
-        "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$OUTDIR/build.log" 2>&1
+    local blog
+    blog=$(mktemp)
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$blog" 2>&1
     local rc=$?
-    tail -25 "$OUTDIR/build.log"
+    tail -25 "$blog"
     if ((rc != 0)); then  # an old pip or setuptools without editable builds: build in place
         echo "pip -e failed (exit $rc); trying setup.py build_ext --inplace"
         OPTDEN_CUDA=1 OPTDEN_CUDA_ARCHS="${OPTDEN_CUDA_ARCHS:-90}" OPTDEN_BUILD_JOBS=0 \
-            "$PY" setup.py build_ext --inplace >>"$OUTDIR/build.log" 2>&1
+            "$PY" setup.py build_ext --inplace >>"$blog" 2>&1
         rc=$?
-        tail -15 "$OUTDIR/build.log"
+        tail -15 "$blog"
     fi
+    rm -f "$blog"
     "$PY" -c 'import optden._C as C, sys; print(C.build_info()); sys.exit(0 if C.build_info()["cuda"] else 3)' || rc=3
     return $rc
 }
@@ -153,17 +161,29 @@ step build 60 300 build
 if [[ $DRY == 1 ]]; then DEV=cpu; else DEV=cuda; fi
 step smoke 20 120 "$PY" bench/gpu_smoke.py backends --device "$DEV"
 
-# ---------------------------------------------------------------- 4 tests, kernel level
+# ---------------------------------------------------------------- 4 the GEMM pass: bench (checked against float64), tests
+GEMM_TESTS=tests/gpu/test_gpu_gemm_pass.py
+if [[ $DRY == 1 ]]; then
+    step bench-pass 15 120 "$PY" bench/bench_gpu_pass.py --device cpu --sizes cifar --csv "$OUTDIR/bench-pass.csv"
+    step tests-gemm 10 120 "$PY" -m pytest -q -m gpu "$GEMM_TESTS" -p no:cacheprovider
+else
+    # the bench stops its optional work (config sweeps, then baselines) near --budget-s
+    step bench-pass 120 170 "$PY" bench/bench_gpu_pass.py --budget-s 140 --csv "$OUTDIR/bench-pass.csv"
+    # -v: each test's outcome is logged as it ends (evidence even if the step is cut off)
+    step tests-gemm 60 150 "$PY" -m pytest -v -m gpu "$GEMM_TESTS" -p no:cacheprovider -o addopts="-rA"
+fi
+
+# ---------------------------------------------------------------- 6 tests, kernel level
 SCALE_K="million or cifar_size"
 if [[ $DRY == 1 ]]; then
     # no GPU: the suite must skip cleanly (collection and fixtures are the plumbing)
     step tests-a 20 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider --junitxml="$OUTDIR/junit-a.xml"
 else
     step tests-a 90 200 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -k "not ($SCALE_K)" \
-        --junitxml="$OUTDIR/junit-a.xml" --maxfail=15 -o addopts="-ra"
+        --ignore="$GEMM_TESTS" --junitxml="$OUTDIR/junit-a.xml" --maxfail=15 -o addopts="-ra"
 fi
 
-# ---------------------------------------------------------------- 5, 6 bench (cuda backend last: slow dot loop)
+# ---------------------------------------------------------------- 7, 8 bench (cuda backend last: slow dot loop)
 BENCH_METHODS="optden-triton,optden-torch64,naive-fp32,blocked-fp32,knn-floor"
 if [[ $DRY == 1 ]]; then
     step bench-in 10 120 "$PY" bench/bench_gpu.py --device cpu --sizes imagenet64 --max-rows 300 --n 1,4 \
@@ -177,16 +197,16 @@ else
         --methods "$BENCH_METHODS" --csv "$OUTDIR/bench-cifar.csv"
 fi
 
-# ---------------------------------------------------------------- 7 tests, scale
+# ---------------------------------------------------------------- 9 tests, scale
 if [[ $DRY == 0 ]]; then
-    step tests-b 60 150 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -k "$SCALE_K" \
+    step tests-b 60 150 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -k "$SCALE_K" --ignore="$GEMM_TESTS" \
         --junitxml="$OUTDIR/junit-b.xml" -o addopts="-ra"
 fi
 
-# ---------------------------------------------------------------- 8 nccl
+# ---------------------------------------------------------------- 10 nccl
 step nccl 10 60 "$PY" bench/gpu_smoke.py nccl --device "$DEV"
 
-# ---------------------------------------------------------------- 9 the cuda backend
+# ---------------------------------------------------------------- 11 the cuda backend
 if [[ $DRY == 1 ]]; then
     step bench-cu 5 60 "$PY" bench/bench_gpu.py --device cpu --sizes cifar --max-rows 500 --n 1 \
         --methods optden-cuda --csv "$OUTDIR/bench-cuda.csv"
@@ -195,7 +215,7 @@ else
         --methods optden-cuda --csv "$OUTDIR/bench-cuda.csv"
 fi
 
-# ---------------------------------------------------------------- 10 the local denoisers (output in check.log)
+# ---------------------------------------------------------------- 12 the local denoisers (output in check.log)
 if [[ $DRY == 1 ]]; then
     step local 10 180 "$PY" bench/bench_local.py --device cpu --gpu-step --quick --size 12 --csv ""
 else

@@ -1,5 +1,7 @@
-// Build facts of optden._C, reported by optden.info().
+// Build facts of optden._C and what this CPU runs, reported by optden.info().
 #include <pybind11/pybind11.h>
+
+#include "cpu_dispatch.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -18,10 +20,7 @@ py::dict build_info() {
 #ifdef __VERSION__
   d["compiler"] = __VERSION__;
 #endif
-  __builtin_cpu_init();  // SIMD seen at run time; the dense pass dispatches on these
-  d["cpu_avx2_fma"] = (bool)(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-  d["cpu_avx512_vnni"] = (bool)(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vnni"));
+  d["cpu"] = cpu_features();  // SIMD seen at run time and the dense pass's kernel paths
 #ifdef OPTDEN_WITH_CUDA
   d["cuda"] = true;
 #else

@@ -1,8 +1,9 @@
 // Inner kernels of the CPU dense pass, compiled once per instruction set.
 //
-// dense_cpu.cpp includes this file several times, each time inside its own namespace
+// cpu_dispatch.cpp includes this file several times, each time inside its own namespace
 // and `#pragma GCC target` region (AVX-512 VNNI, AVX2+FMA, portable baseline), so one
-// source gives every version; the caller picks one at run time. No include guard on
+// source gives every version; the dense pass (dense_cpu.cpp) calls the one pick_kernels
+// chose, through its Kernels table. No include guard on
 // purpose. GCC vector extensions give the float kernels in the width of the target;
 // the exact integer dot product uses intrinsics where the target has them.
 //

@@ -79,6 +79,7 @@ constexpr int kMaxRadius = 4096;  // the largest window radius used (images up t
 #undef OPTDEN_PISA
 
 #include "patch_prune.h"
+#include "cpu_dispatch.h"
 
 namespace py = pybind11;
 
@@ -109,12 +110,15 @@ const PatchKernels kPatchPortable{"portable", p_portable::sqdiff_rows, p_portabl
                                   p_portable::weights};
 
 const PatchKernels& pick_patch_kernels(const std::string& path) {
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (path == "auto") return avx512 ? kPatchAvx512 : kPatchPortable;
+  const bool avx512 = cpu_has_avx512();  // cpu_dispatch.cpp: the one place that asks the CPU
+  if (path == "auto") {
+    // OPTDEN_CPU_PATH (the dense pass's override, cpu_dispatch.h) below avx512 means the portable set here
+    const char* env = std::getenv("OPTDEN_CPU_PATH");
+    const bool lower = env != nullptr && *env != '\0' && std::string(env) != "avx512";
+    return avx512 && !lower ? kPatchAvx512 : kPatchPortable;
+  }
   if (path == "avx512") {
-    if (!avx512) throw std::invalid_argument("path: this CPU lacks AVX-512 (F, DQ, BW, VL)");
+    if (!avx512) throw std::invalid_argument("path: this CPU lacks AVX-512 (F, BW, VL, DQ, VNNI)");
     return kPatchAvx512;
   }
   if (path == "portable") return kPatchPortable;

@@ -12,6 +12,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_dispatch.h"
+
 namespace py = pybind11;
 
 namespace optden {
@@ -61,9 +63,8 @@ double rate(double (*loop)(long, int), long n, int repeats) {
 }
 
 py::dict cpu_peaks(long n, int repeats) {
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni")))
-    throw std::runtime_error("cpu_peaks: measures AVX-512 (F, VNNI) instructions, which this CPU lacks");
+  if (!cpu_has_avx512())  // the instruction set of the avx512 kernel path, which these loops time
+    throw std::runtime_error("cpu_peaks: measures AVX-512 (F, BW, VL, DQ, VNNI) instructions, which this CPU lacks");
   if (n < 1 || repeats < 1) throw std::invalid_argument("n and repeats: expected >= 1");
   py::dict out;
   {

@@ -1,5 +1,5 @@
 // Exact weighted sum of a block of uint8 rows with int16 weights, compiled once per
-// instruction set: dense_cpu.cpp includes this file right after dense_kernels.h inside
+// instruction set: cpu_dispatch.cpp includes this file right after dense_kernels.h inside
 // each of its `#pragma GCC target` regions (OPTDEN_ISA 2: AVX-512 VNNI, 1: AVX2, 0:
 // portable) and namespaces. No include guard on purpose; every name has a ws_ / kWs
 // prefix so as not to clash with dense_kernels.h.

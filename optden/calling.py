@@ -24,8 +24,8 @@ import torch
 from .errors import DtypeError, InputError
 from .validate import as_tensor, check_queries
 
-__all__ = ["Denoise", "DenoiserCall", "infer_device", "infer_dtype", "as_labels", "check_points",
-           "image_shape_of", "progress_enabled"]
+__all__ = ["Denoise", "DenoiserCall", "infer_device", "infer_dtype", "as_labels", "one_hot_to_index",
+           "check_points", "image_shape_of", "progress_enabled", "output_tensor", "call_in_chunks"]
 
 #: A denoiser as the samplers' step functions see it: ``D(x, sigma) -> D(x; sigma)``.
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
@@ -84,7 +84,7 @@ class DenoiserCall:
         with torch.no_grad():
             out = self.den(xin, s) if labels is None else self.den(xin, s, labels)
         self.calls += 1
-        out = torch.as_tensor(out)
+        out = output_tensor(out, self.den)
         if out.numel() != x.numel():
             raise InputError(
                 f"den: returned a tensor of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}"
@@ -96,18 +96,42 @@ class DenoiserCall:
         return lambda x, sigma: self(x, sigma, labels)
 
 
-def as_labels(labels, n: int) -> torch.Tensor | None:
-    """Class labels for n points: None, one int for all, or (n,) integers -> int64 (n,) CPU."""
+def one_hot_to_index(lab: torch.Tensor, name: str, classes: int | None = None) -> torch.Tensor:
+    """EDM's one-hot class vectors (n, C) -> class indices (n,) int64; InputError unless each
+    row holds one 1 and zeros (``classes``: the C expected, when known)."""
+    c = lab.shape[1]
+    if classes is not None and c != classes:
+        raise InputError(f"{name}: expected (n, {classes}) one-hot class vectors, got shape {tuple(lab.shape)}")
+    if not bool((((lab == 1).sum(1) == 1) & ((lab == 0).sum(1) == c - 1)).all()):
+        raise InputError(f"{name}: (n, {c}) class vectors must be one-hot (one 1, zeros elsewhere); "
+                         "pass None for the unconditional denoiser")
+    return lab.argmax(1)
+
+
+def as_labels(labels, n: int, class_labels=None) -> torch.Tensor | None:
+    """Class labels for n points -> int64 (n,) CPU, or None.
+
+    labels, or EDM's name for it, ``class_labels`` (pass one of them): None, one int for
+    all, (n,) integers, or EDM's one-hot class vectors (n, C).
+    """
+    if class_labels is not None:
+        if labels is not None:
+            raise InputError("class_labels: given together with its alias labels; pass one of them")
+        labels, name = class_labels, "class_labels"
+    else:
+        name = "labels"
     if labels is None:
         return None
     if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
         return torch.full((n,), int(labels), dtype=torch.int64)
-    t = as_tensor(labels, "labels")
+    t = as_tensor(labels, name)
+    if t.dim() == 2 and t.shape[1] > 1:
+        t = one_hot_to_index(t, name)
     if t.is_floating_point():
-        raise DtypeError(f"labels: expected integer class labels, got dtype {t.dtype}")
+        raise DtypeError(f"{name}: expected integer class labels, got dtype {t.dtype}")
     t = t.reshape(-1).to(torch.int64)
     if t.numel() != n:
-        raise InputError(f"labels: expected one label per sample ({n}), got {t.numel()}")
+        raise InputError(f"{name}: expected one label per sample ({n}), got {t.numel()}")
     return t
 
 
@@ -144,3 +168,44 @@ def progress_enabled(progress) -> bool:
         except (AttributeError, ValueError):
             return False
     return bool(progress)
+
+
+def output_tensor(out, den) -> torch.Tensor:
+    """What a denoiser returned, as a tensor; a clear error naming ``den`` for None, a tuple,
+    or a model-output object (a diffusers ``UNet2DOutput``: wrap the model with
+    ``optden.integrations.diffusers.as_denoiser``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    what = type(den).__name__
+    if out is None:
+        raise InputError(f"den: {what} returned None; expected a tensor D(x; sigma) shaped like x")
+    if isinstance(out, (tuple, list)) or hasattr(out, "sample"):
+        hint = (" (a diffusers model: wrap it with optden.integrations.diffusers.as_denoiser(model, "
+                "scheduler_config), which turns its prediction into D(x; sigma))")
+        raise InputError(f"den: {what} returned a {type(out).__name__}, not a tensor D(x; sigma) shaped like x{hint}")
+    try:
+        return torch.as_tensor(out)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"den: {what} returned a {type(out).__name__}; expected a tensor D(x; sigma) shaped like x") \
+            from None
+
+
+def call_in_chunks(fn: Callable, x: torch.Tensor, batch: int | None, *rest, pad: bool = False) -> torch.Tensor:
+    """``fn(x[a:b], *(r[a:b] for r in rest))`` over chunks of ``batch`` rows, concatenated.
+
+    x: (B, ...); rest: tensors with B rows (sigma, labels), None passed as is. ``pad``: a
+    model exported with a static batch dimension gets exactly ``batch`` rows each call
+    (the last chunk repeats its last row; those outputs are dropped). batch None: one call.
+    """
+    b = x.shape[0]
+    if batch is None or (b == batch if pad else b <= batch):
+        return fn(x, *rest)
+    outs = []
+    for a in range(0, b, batch):
+        e = min(b, a + batch)
+        take = [x[a:e]] + [r if r is None else r[a:e] for r in rest]
+        if pad and e - a < batch:
+            fill = batch - (e - a)
+            take = [t if t is None else torch.cat([t, t[-1:].expand(fill, *t.shape[1:])]) for t in take]
+        outs.append(fn(*take)[: e - a])
+    return torch.cat(outs)

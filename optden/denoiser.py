@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from .engine import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .calling import one_hot_to_index
 from .data.storage import STORAGE_DTYPES
 from .engine import dispatch
 from .errors import DatasetError, DtypeError, InputError
 from .prune import Pruner, PruneIndex
 from .engine.bounds import dense_threshold
 from .engine.precision import DEFAULT_TOL, MODE_NAMES, Certified, certify, exact_pass, rescore
+from .engine.partial import Partial
 from .engine.rows import RowSource
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
@@ -210,6 +212,24 @@ class OptimalDenoiser:
         precise = dispatch.get("torch")
         return lambda v, coef: precise.partial(v, coef, src, k)
 
+    def _pass(self, v: torch.Tensor, coef: torch.Tensor, src: RowSource, k: int):
+        """The backend's ``Partial`` of v (n, d) with coef (n,); queries at sigma = inf
+        (coef = 0: every logit 0, uniform weights, which the fused passes refuse) run the
+        float64 torch pass."""
+        flat = coef == 0
+        if not bool(flat.any()):
+            return self.backend.partial(v, coef, src, k)
+        uniform = dispatch.get("torch")
+        if bool(flat.all()):
+            return uniform.partial(v, coef, src, k)
+        parts = ((~flat, self.backend.partial(v[~flat], coef[~flat], src, k)),
+                 (flat, uniform.partial(v[flat], coef[flat], src, k)))
+        out = Partial.empty(v.shape[0], v.shape[1], parts[0][1].k, v.device)
+        for rows, part in parts:
+            for name in ("m", "s", "acc", "top_val", "top_idx", "delta"):
+                getattr(out, name)[rows] = getattr(part, name).to(getattr(out, name).dtype)
+        return out
+
     def _one_top_row(self, kk: int, need_top: bool) -> bool:
         """Whether a pass may keep one top row instead of kk (see ``_certified_pass``)."""
         target = self.backend.delta_target()
@@ -227,10 +247,10 @@ class OptimalDenoiser:
         the caller has already run it.
         """
         if not self._one_top_row(kk, need_top):
-            return certify(self.backend.partial(v, coef, src, kk), v, coef, src, self.tol,
+            return certify(self._pass(v, coef, src, kk), v, coef, src, self.tol,
                            fallback=self._fallback(src, kk))
         if part is None:
-            part = self.backend.partial(v, coef, src, 1)
+            part = self._pass(v, coef, src, 1)
         dense = part.delta <= dense_threshold(self.tol)  # False for a NaN bound
         redo = None if bool(dense.all()) else (~dense).nonzero().flatten()
         cert = certify(part, v, coef, src, self.tol)  # DENSE for all but the redo queries
@@ -248,7 +268,7 @@ class OptimalDenoiser:
         n = t.shape[0]
         u = t.reshape(n, self.d).to(self.device, torch.float64)
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and s == 1):
-            sc = check_sigma(s, n, name="s").to(self.device)
+            sc = check_sigma(s, n, name="s", allow_inf=False).to(self.device)
             u = u / sc[:, None]
         return t, u
 
@@ -267,11 +287,7 @@ class OptimalDenoiser:
         lab = as_tensor(given, name)
         nc = self.label_dim
         if lab.dim() == 2 and nc > 1 and lab.shape[1] == nc:  # EDM's one-hot class vectors
-            one = (lab == 1).sum(1) == 1
-            if not bool((one & ((lab == 0).sum(1) == nc - 1)).all()):
-                raise InputError(f"{name}: (B, {nc}) class vectors must be one-hot (one 1, zeros elsewhere); "
-                                 "pass None for the unconditional denoiser")
-            lab = lab.argmax(1)
+            lab = one_hot_to_index(lab, name, nc)
         if lab.is_floating_point() and not bool((lab == lab.round()).all()):
             raise InputError(f"{name}: expected integer class labels")
         lab = lab.to(torch.int64).reshape(-1)
@@ -289,12 +305,13 @@ class OptimalDenoiser:
         """The logits' 1 / (2 sigma^2) in raw units, (N,) float64 on the device; sigma: (N,)."""
         sig = sigma.to(self.device, torch.float64)
         coef = (self.dataset.scale**2) / (2.0 * sig**2)
-        c_lo, c_hi = coef.aminmax()
-        if not (0.0 < float(c_lo) and float(c_hi) < math.inf):  # False for NaN too
-            bad = float(sig[~torch.isfinite(coef) | (coef <= 0)][0])
+        # sigma = inf gives coef = 0: every logit 0, uniform weights, D* is the (class) mean
+        ok = ((coef > 0) | (sig == math.inf)) & (coef < math.inf)  # False for NaN too
+        if not bool(ok.all()):
+            bad = float(sig[~ok][0])
             raise InputError(
                 f"sigma: {bad:g} is outside the range float64 logits can represent "
-                f"(1 / (2 sigma^2) must be finite and > 0: about 1e-150 < sigma < 1e150)"
+                f"(1 / (2 sigma^2) must be finite and > 0: about 1e-150 < sigma < 1e150, or sigma = inf)"
             )
         return coef
 
@@ -313,7 +330,7 @@ class OptimalDenoiser:
         coef = self._coef(sigma)
         v = (u - ds.offset) / ds.scale - src.center
         kk = min(self.topk, src.M)
-        part = self.backend.partial(v, coef, src, 1) if self._one_top_row(kk, False) else None
+        part = self._pass(v, coef, src, 1) if self._one_top_row(kk, False) else None
         if part is not None and bool((part.delta <= dense_threshold(self.tol)).all()):  # False for a NaN bound
             dc = part.mean()  # certify's dc of a DENSE query
         else:

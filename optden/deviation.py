@@ -30,7 +30,7 @@ import torch
 from .errors import InputError
 from .geometry import TrajectoryGeometry, trajectory_geometry
 from .memorization import Memorization, memorization
-from .calling import DenoiserCall
+from .calling import DenoiserCall, as_labels
 from .sampling import SampleRun, get_solver, sample
 from .schedules import get_schedule
 
@@ -144,14 +144,15 @@ def _levels(quantiles) -> torch.Tensor:
 
 def _eval_on(call: DenoiserCall, run: SampleRun, batch_size: int, labels=None) -> torch.Tensor:
     """The denoiser at every trajectory point x_t of ``run`` (t < K): (K, n, *shape) float64 CPU.
-    labels: None or (n,) class labels of the samples."""
+    labels: None or (n,) int64 class labels, passed as ``D(x, sigma, labels)``."""
     K, n = run.steps, run.samples.shape[0]
     out = torch.empty((K, *run.samples.shape), dtype=torch.float64)
     for k in range(K):
         s = float(run.eval_sigmas[k])
         for a in range(0, n, batch_size):
             x = run.trajectory[k, a: a + batch_size].to(call.device)
-            out[k, a: a + batch_size] = call(x, s, None if labels is None else labels[a: a + batch_size]).cpu()
+            lab = None if labels is None else labels[a: a + batch_size].to(call.device)
+            out[k, a: a + batch_size] = call(x, s, lab).cpu()
     return out
 
 
@@ -175,6 +176,8 @@ def score_deviation(
     progress: bool | None = None,
     model_device=None,
     model_dtype: torch.dtype | None = None,
+    labels=None,
+    class_labels=None,
 ) -> ScoreDeviation:
     """Empirical score deviation of ``model`` from the optimal denoiser ``den``.
 
@@ -187,6 +190,8 @@ def score_deviation(
     n, seed, x_T: the shared starting noise (``x_T`` (n, *shape) overrides n and seed).
     solver: an ODE solver, ``"euler"``, ``"heun"`` or ``"dpmpp2m"``.
     quantiles: levels in [0, 1] of the reported quantiles.
+    labels: class labels (one int, or one per sample), or EDM's name ``class_labels``:
+        class-conditional deviation, ``D(x, sigma, labels)`` for both denoisers.
     Returns a ``ScoreDeviation`` with the three kinds ``model``, ``optimal``, ``paired``.
     """
     t0 = time.perf_counter()
@@ -205,6 +210,9 @@ def score_deviation(
         common["n"] = int(n)
     else:
         common["x_T"] = x_T
+    n_samples = int(n) if x_T is None else int(torch.as_tensor(x_T).shape[0])
+    lab = as_labels(labels, n_samples, class_labels)
+    common["labels"] = lab
     opt_run = sample(den, batch_size=batch_size, **common)
     x_start = opt_run.x_T  # the same noise for the model
     common.pop("n", None)
@@ -214,8 +222,8 @@ def score_deviation(
 
     den_call = DenoiserCall(den)
     model_call = DenoiserCall(model, model_device, model_dtype)
-    dstar_on_model = _eval_on(den_call, mod_run, bs)  # D* at x^theta_t
-    model_on_opt = _eval_on(model_call, opt_run, bs)  # D_theta at x*_t
+    dstar_on_model = _eval_on(den_call, mod_run, bs, lab)  # D* at x^theta_t
+    model_on_opt = _eval_on(model_call, opt_run, bs, lab)  # D_theta at x*_t
     sig = opt_run.eval_sigmas
     result = ScoreDeviation(
         sigmas=sig.clone(),

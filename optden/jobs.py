@@ -37,7 +37,7 @@ from .denoiser import OptimalDenoiser
 from .errors import DtypeError, InputError, OptdenError
 from .fileio import atomic_write, fsync_dir
 from .memorization import MEMORIZED_RATIO, memorization
-from .sampling import draw_x_T, get_solver, sample
+from .sampling import draw_x_T, evaluation_steps, get_solver, sample
 from .schedules import get_schedule
 from .validate import check_positive_int
 
@@ -184,14 +184,17 @@ def _load_batch(path: Path, b: int, start: int, stop: int, shape: tuple, full: b
     return arrays if ok else None
 
 
-def _run_batch(den, b, start, stop, shape, steps, solver, schedule, seed, label, sigma_stop, solver_options):
-    """Sample batch ``b`` (rows start:stop) and find the two nearest training rows (``memorization``)."""
+def _run_batch(den, b, start, stop, shape, steps, solver, schedule, seed, label, sigma_stop, solver_options,
+               tick=None):
+    """Sample batch ``b`` (rows start:stop) and find the two nearest training rows (``memorization``).
+    tick: called after every solver step (the job's progress bar), or None."""
     sched = get_schedule(schedule, steps if isinstance(schedule, str) else None)
     bseed = batch_seed(seed, b)
     t0 = time.perf_counter()
     x_T = draw_x_T(stop - start, shape, float(sched.sigmas[0]), float(sched.scales[0]), bseed)
     run = sample(den, steps=steps, solver=solver, schedule=schedule, seed=bseed, x_T=x_T, labels=label,
-                 sigma_stop=sigma_stop, progress=False, **(solver_options or {}))
+                 sigma_stop=sigma_stop, progress=False, callback=None if tick is None else (lambda _: tick()),
+                 **(solver_options or {}))
     mem = memorization(run.samples, den, MEMORIZED_RATIO, labels=label)
     return {
         "batch": np.int64(b),
@@ -253,7 +256,7 @@ def run_sample_job(
     n, batch_size, steps, solver, schedule, seed, sigma_stop, solver_options: as in
         ``optden.sampling.sample``; batch b's noise is seeded by ``batch_seed(seed, b)``.
     label: sample from one class (class-conditional denoiser), or None.
-    progress: tqdm bar over batches (default: when stderr is a terminal).
+    progress: tqdm bar that moves per solver step (default: when stderr is a terminal).
     log: callable taking a line of text (e.g. ``print``), or None.
     load_results: return the samples and x_T in memory (False: ``samples`` and ``x_T``
         are None; read ``out_dir/samples.npy``, e.g. memory-mapped, instead).
@@ -306,19 +309,21 @@ def run_sample_job(
         say(f"resuming {out}: skipping {len(skip)} finished batch(es) of {len(batches)}")
 
     computed = []
-    bar = tqdm(total=n, initial=sum(e - a for b, a, e in batches if b in skip), unit="sample",
-               desc="sample job", disable=rank != 0 or not progress_enabled(progress))
+    per_batch = evaluation_steps(schedule, steps, sigma_stop)
+    bar = tqdm(total=len(batches) * per_batch, initial=len(skip) * per_batch, unit="step", desc="sample job",
+               disable=rank != 0 or not progress_enabled(progress))
     try:
         for b, a, e in batches:
             if b in skip:
                 continue
-            arrays = _run_batch(den, b, a, e, shape, steps, solver, schedule, seed, label, sigma_stop, solver_options)
+            bar.set_postfix(batch=f"{b + 1}/{len(batches)}")
+            arrays = _run_batch(den, b, a, e, shape, steps, solver, schedule, seed, label, sigma_stop, solver_options,
+                                tick=lambda: bar.update(1))
             if rank == 0:
                 _save_batch(_batch_path(out, b), arrays)
                 say(f"batch {b + 1}/{len(batches)}: samples {a}..{e - 1}, "
                     f"memorized {float(arrays['memorized'].mean()):.3f}, {float(arrays['seconds']):.2f} s")
             computed.append(b)
-            bar.update(e - a)
     finally:
         bar.close()
 

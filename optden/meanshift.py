@@ -136,6 +136,7 @@ def mean_shift(
     progress: bool | None = None,
     device=None,
     dtype: torch.dtype | None = None,
+    class_labels=None,
 ) -> MeanShiftResult:
     """Mean shift at a fixed bandwidth: iterate ``x <- D(x; sigma)`` until it stops moving.
 
@@ -145,7 +146,8 @@ def mean_shift(
     max_iter: most iterations per point (>= 1).
     tol: a point has converged when its update ``||D(x) - x||`` (Euclidean, absolute) is
         < tol; from then on it is frozen and no longer sent to the denoiser.
-    labels: per-point class labels for class-conditional denoisers (``D(x, sigma, labels)``).
+    labels: per-point class labels for class-conditional denoisers (``D(x, sigma, labels)``);
+        ``class_labels`` is EDM's name for it (pass one of them; one-hot vectors accepted).
     record: keep ``step_norms`` and the ``trajectory`` of every iteration.
     batch_size: most points per denoiser call.
 
@@ -158,7 +160,7 @@ def mean_shift(
     sig = check_sigma(sigma, n, "sigma")
     max_iter = check_positive_int(max_iter, "max_iter")
     tol = _check_tol(tol)
-    sh = _Shifter(den, pts, labels, batch_size, device, dtype)
+    sh = _Shifter(den, pts, as_labels(labels, n, class_labels), batch_size, device, dtype)
     converged = torch.zeros(n, dtype=torch.bool)
     active = torch.arange(n)
     norms, traj = [], [pts.clone()] if record else None
@@ -219,6 +221,7 @@ def annealed_mean_shift(
     progress: bool | None = None,
     device=None,
     dtype: torch.dtype | None = None,
+    class_labels=None,
 ) -> MeanShiftResult:
     """Mean shift along a decreasing bandwidth schedule.
 
@@ -238,7 +241,7 @@ def annealed_mean_shift(
     levels = _levels(sigmas)
     ips = check_positive_int(iters_per_sigma, "iters_per_sigma")
     tol = _check_tol(tol)
-    sh = _Shifter(den, pts, labels, batch_size, device, dtype)
+    sh = _Shifter(den, pts, as_labels(labels, n, class_labels), batch_size, device, dtype)
     norms, traj = [], [pts.clone()] if record else None
     converged = torch.zeros(n, dtype=torch.bool)
     from tqdm.auto import tqdm

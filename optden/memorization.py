@@ -13,6 +13,7 @@ import torch
 
 from .data.dataset import Dataset
 from .denoiser import OptimalDenoiser
+from .calling import as_labels
 from .errors import DtypeError, InputError
 from .sampling import SampleRun
 from .validate import as_tensor, check_positive_int
@@ -66,14 +67,15 @@ class Memorization:
 
 
 def memorization(samples, ds_or_den, threshold: float = MEMORIZED_RATIO, labels=None, batch_size: int = 4096,
-                 device=None) -> Memorization:
+                 device=None, class_labels=None) -> Memorization:
     """Nearest and second-nearest training rows of each sample, and the memorized flags.
 
     samples: (n, *shape) in model space, or a ``SampleRun`` (its ``samples``).
     ds_or_den: a ``Dataset`` (an exact ``OptimalDenoiser`` is built on ``device``, default
         CPU) or an ``OptimalDenoiser`` (anything with ``nearest(x, k) -> (dist, idx)``).
     threshold: memorized when ``nn1 / nn2 < threshold`` (in (0, 1]).
-    labels: per-sample class labels: search only the rows of the sample's class.
+    labels: per-sample class labels (or EDM's name, ``class_labels``; one-hot vectors
+        accepted): search only the rows of the sample's class.
     batch_size: samples per ``nearest`` call.
     """
     if isinstance(samples, SampleRun):
@@ -96,16 +98,14 @@ def memorization(samples, ds_or_den, threshold: float = MEMORIZED_RATIO, labels=
     if x.dim() < 2 or x.shape[0] == 0:
         raise InputError(f"samples: expected a non-empty batch (n, *shape), got shape {tuple(x.shape)}")
     n = x.shape[0]
+    lab = as_labels(labels, n, class_labels)
     d1 = torch.empty(n, dtype=torch.float64)
     d2 = torch.empty(n, dtype=torch.float64)
     i1 = torch.empty(n, dtype=torch.int64)
     i2 = torch.empty(n, dtype=torch.int64)
     for a in range(0, n, batch_size):
         b = min(n, a + batch_size)
-        kw = {}
-        if labels is not None:
-            lab = torch.as_tensor(labels).reshape(-1)
-            kw["labels"] = lab[a:b] if lab.numel() == n else int(lab[0])
+        kw = {} if lab is None else {"labels": lab[a:b]}
         dist, idx = den.nearest(x[a:b], k=2, **kw)
         dist, idx = torch.as_tensor(dist).cpu().to(torch.float64), torch.as_tensor(idx).cpu().to(torch.int64)
         d1[a:b], d2[a:b], i1[a:b], i2[a:b] = dist[:, 0], dist[:, 1], idx[:, 0], idx[:, 1]

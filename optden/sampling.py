@@ -58,6 +58,7 @@ __all__ = [
     "churn",
     "churn_gamma",
     "draw_x_T",
+    "evaluation_steps",
 ]
 
 # Samples per block of churn noise: noise of sample j at step i comes from a generator
@@ -149,8 +150,9 @@ def churn(x: torch.Tensor, sigma: float, gamma: float, noise: torch.Tensor | Non
 
 
 def churn_gamma(sigma: float, steps: int, S_churn: float, S_min: float, S_max: float) -> float:
-    """EDM's ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` if S_min <= sigma <= S_max, else 0."""
-    if S_churn > 0 and S_min <= sigma <= S_max:
+    """EDM's ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` if S_min <= sigma <= S_max, else 0
+    (0 at sigma = inf: pure noise needs no more)."""
+    if S_churn > 0 and S_min <= sigma <= S_max and sigma < math.inf:
         return min(S_churn / steps, math.sqrt(2.0) - 1.0)
     return 0.0
 
@@ -240,14 +242,15 @@ def _generator(seed) -> torch.Generator:
 
 
 def draw_x_T(n: int, shape: tuple, sigma_max: float, scale: float = 1.0, seed=0) -> torch.Tensor:
-    """Initial noise in the original coordinate: ``x_T = s_0 sigma_0 n``, (n, *shape) float64 CPU.
+    """Initial noise in the original coordinate: ``x_T = s_0 sigma_0 n``, (n, *shape) float64 CPU
+    (``x_T = n`` at sigma_0 = inf, s_0 = 0: pure noise, see ``optden.schedules``).
 
     The standard normal ``n`` is ``torch.randn((n, *shape), generator, float64)`` from a CPU
     generator seeded with ``seed``: the same on every device and for every batch size.
     """
     g = _generator(seed)
     z = torch.randn((n, *shape), generator=g, dtype=torch.float64)
-    return z * (sigma_max * scale)
+    return z if math.isinf(sigma_max) else z * (sigma_max * scale)
 
 
 class _ChurnNoise:
@@ -283,8 +286,9 @@ class SampleRun:
 
     samples:    (n, *shape) the generated samples (sigma = 0, where s = 1).
     trajectory: (K + 1, n, *shape) the sampling trajectory in the scaled coordinate
-                ``u = x / s`` at the grid sigmas, x_T / s_0 first, the samples last;
-                None unless ``record``. K = steps, or the ODE-jump step count.
+                ``u = x / s`` at the grid sigmas, x_T / s_0 first (x_T itself when s_0 = 0,
+                sigma_0 = inf), the samples last; None unless ``record``. K = steps, or
+                the ODE-jump step count.
     denoised:   (K, n, *shape) the denoising trajectory: D at each step's starting point
                 (for the stochastic sampler: at the churned point, sigma = ``eval_sigmas``);
                 with ``sigma_stop`` the last entry is the ODE-jump output (= samples).
@@ -320,7 +324,8 @@ class SampleRun:
         """The sampling trajectory in the original coordinate ``x = s u``: (K + 1, n, *shape)."""
         if self.trajectory is None:
             return None
-        return self.trajectory * self.scales.reshape(-1, *([1] * (self.trajectory.dim() - 1)))
+        sc = self.scales.reshape(-1, *([1] * (self.trajectory.dim() - 1)))
+        return torch.where(sc == 0, self.trajectory, self.trajectory * sc)  # s = 0: x_T is held as is
 
     def __repr__(self) -> str:
         return (
@@ -371,6 +376,14 @@ def _stop_index(sigmas: torch.Tensor, sigma_stop) -> int | None:
     return None if k == sigmas.numel() - 1 else k
 
 
+def evaluation_steps(schedule, steps: int | None = None, sigma_stop: float | None = None) -> int:
+    """How many steps (denoiser evaluations of a batch, callback calls, progress-bar ticks)
+    ``sample`` makes on this grid: its steps, or up to the ODE-jump with ``sigma_stop``."""
+    sched = get_schedule(schedule, steps if isinstance(schedule, str) else None)
+    k = _stop_index(sched.sigmas, sigma_stop)
+    return sched.steps if k is None else k + 1
+
+
 def _run_batch(D: Denoise, u: torch.Tensor, plan: _Plan, solver: Solver, opts: dict, noise, rows: slice,
                traj, dens, callback, bar) -> torch.Tensor:
     """Integrate one batch (rows of the run) from u = x_T / s_0 and return its samples.
@@ -387,8 +400,13 @@ def _run_batch(D: Denoise, u: torch.Tensor, plan: _Plan, solver: Solver, opts: d
         x_hat, sigma_hat = u, plan.sigma_hat(i)
         if solver.churns and plan.gammas[i] > 0:
             x_hat, sigma_hat = churn(u, sigma, plan.gammas[i], noise(i), opts["S_noise"])
-        # 2. the solver's step from sigma_hat to sigma_next
-        u, den_i = solver.step(D, x_hat, sigma_hat, sigma_next, prev)
+        # 2. the solver's step from sigma_hat to sigma_next; from pure noise (sigma = inf, u
+        #    holds x_T = n) every step has one limit, u' = D(.; inf) + sigma_next n
+        if math.isinf(sigma_hat):
+            den_i = _denoise(D, x_hat, sigma_hat)
+            u = den_i + sigma_next * x_hat if sigma_next > 0 else den_i.clone()
+        else:
+            u, den_i = solver.step(D, x_hat, sigma_hat, sigma_next, prev)
         prev = (sigma, den_i)
         # 3. record and report
         if traj is not None:
@@ -410,7 +428,7 @@ def _run_batch(D: Denoise, u: torch.Tensor, plan: _Plan, solver: Solver, opts: d
     return u
 
 
-def ode_jump(den, x, sigma, labels=None, device=None, dtype=None) -> torch.Tensor:
+def ode_jump(den, x, sigma, labels=None, device=None, dtype=None, class_labels=None) -> torch.Tensor:
     """The ODE-jump: one Euler step from sigma straight to 0, i.e. ``D(x; sigma)``.
 
     x: (n, *shape) in the scaled coordinate; sigma: a positive float or (n,).
@@ -419,7 +437,7 @@ def ode_jump(den, x, sigma, labels=None, device=None, dtype=None) -> torch.Tenso
     t = check_points(den, x, "x")
     s = check_sigma(sigma, t.shape[0], "sigma")
     call = DenoiserCall(den, device, dtype)
-    lab = as_labels(labels, t.shape[0])
+    lab = as_labels(labels, t.shape[0], class_labels)
     u = t.to(device=call.device, dtype=torch.float64)
     return call(u, s, None if lab is None else lab.to(call.device)).cpu()
 
@@ -441,6 +459,7 @@ def sample(
     device=None,
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
+    class_labels=None,
     **solver_kwargs,
 ) -> SampleRun:
     """Sample with any denoiser ``D(x, sigma)`` by a PF-ODE solver (or EDM's SDE sampler).
@@ -459,7 +478,8 @@ def sample(
     x_T: (n, *shape) initial points in the original coordinate x (replaces the noise).
     sigma_stop: ODE-jump: integrate down to the first grid sigma <= sigma_stop, then
         return ``D(x; sigma)`` there as the sample.
-    labels: per-sample class labels (n,) (or one int), passed as ``D(x, sigma, labels)``.
+    labels: per-sample class labels (n,) (or one int), passed as ``D(x, sigma, labels)``;
+        ``class_labels`` is EDM's name for it (pass one of them; one-hot vectors accepted).
     batch_size: samples per batch (default: all n at once).
     progress: tqdm bar (default: only when stderr is a terminal).
     device / dtype: where and in which dtype D is called (default: ``den.device`` or the
@@ -491,7 +511,7 @@ def sample(
         n = check_positive_int(n, "n")
         shp = image_shape_of(den, shape)
         xT = draw_x_T(n, shp, float(sigmas[0]), float(scales[0]), gen)
-    lab = as_labels(labels, n)
+    lab = as_labels(labels, n, class_labels)
     bs = n if batch_size is None else check_positive_int(batch_size, "batch_size")
     if callback is not None and not callable(callback):
         raise DtypeError(f"callback: expected a callable taking a dict, got {type(callback).__name__}")
@@ -520,7 +540,7 @@ def sample(
             D = call.bind(None if lab is None else lab[b0:b1].to(call.device))
             noise = None if churn_noise is None else (lambda i, b0=b0, b1=b1: churn_noise(i, b0, b1))
             calls_before = call.calls
-            u = (xT[b0:b1] / float(scales[0])).to(call.device)
+            u = (xT[b0:b1] if float(scales[0]) == 0 else xT[b0:b1] / float(scales[0])).to(call.device)
             u = _run_batch(D, u, plan, slv, opts, noise, slice(b0, b1), traj, dens, callback, bar)
             samples[b0:b1] = u.cpu()
             nfe = call.calls - calls_before

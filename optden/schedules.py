@@ -14,6 +14,10 @@ ending with ``sigma_N = 0``, together with the scale ``s_i`` at each point:
 
 Samplers integrate in the scaled coordinate ``u = x / s``, where the probability-flow
 ODE is exactly the VE one in sigma; the scales only matter to map back to ``x``.
+
+Pure noise. A grid may start at ``sigma = inf`` with ``s = 0`` (flow matching at t = 1,
+``flow_schedule(eps=0)``, as diffusers' FlowMatchEulerDiscreteScheduler starts; VP with a
+zero terminal SNR): there ``x = n`` is standard noise and D(x; inf) is the data mean.
 """
 from __future__ import annotations
 
@@ -43,8 +47,10 @@ __all__ = [
 class Schedule:
     """A sampling grid in EDM's general form ``x = s * (x0 + sigma * n)``.
 
-    sigmas: (steps + 1,) float64, strictly decreasing positive values then a final 0.
-    scales: (steps + 1,) float64 positive ``s_i`` (all ones for VE schedules).
+    sigmas: (steps + 1,) float64, strictly decreasing positive values then a final 0; the
+            first may be ``inf`` (pure noise) where its scale is 0.
+    scales: (steps + 1,) float64 positive ``s_i`` (all ones for VE schedules); 0 only at
+            ``sigma = inf``, where ``x = n`` is pure standard noise.
     times:  (steps + 1,) float64 diffusion times ``t_i`` of VP / flow schedules, else None
             (for VE schedules ``t = sigma``).
     name:   the schedule's name (``"custom"`` for user lists).
@@ -67,8 +73,12 @@ class Schedule:
                 raise InputError(
                     f"scales: expected one scale per sigma ({sig.numel()} values), got {sc.numel()}"
                 )
-            if not bool(torch.isfinite(sc).all()) or bool((sc <= 0).any()):
-                raise InputError("scales: every scale s must be finite and > 0")
+            pure = torch.isinf(sig)
+            if not bool(torch.isfinite(sc).all()) or bool((sc[~pure] <= 0).any()):
+                raise InputError("scales: every scale s must be finite and > 0 (0 only at sigma = inf)")
+        if bool((sc[torch.isinf(sig)] != 0).any()):
+            raise InputError("sigmas: inf (pure noise) needs a schedule whose scale is 0 there (flow matching at "
+                             "t = 1: get_schedule('flow', steps, eps=0)); a VE grid cannot start from infinite noise")
         object.__setattr__(self, "scales", sc)
         if self.times is not None:
             t = _as_float64_vector(self.times, "times")
@@ -126,14 +136,14 @@ def _as_float64_vector(values, name: str) -> torch.Tensor:
 def check_sigma_list(values, name: str) -> torch.Tensor:
     """Validate a user sigma grid; returns (K + 1,) float64 ending with 0.
 
-    Accepts finite values, positive and strictly decreasing, optionally ending with a
-    single 0 (appended when missing).
+    Accepts positive, strictly decreasing values, optionally ending with a single 0
+    (appended when missing); the first may be inf (pure noise, see ``Schedule``).
     """
     s = _as_float64_vector(values, name)
     if s.numel() == 0:
         raise InputError(f"{name}: expected at least one positive sigma, got an empty list")
-    if not bool(torch.isfinite(s).all()):
-        raise InputError(f"{name}: contains NaN or inf")
+    if not bool(torch.isfinite(s[1:]).all()) or bool(torch.isnan(s[:1]).any()) or float(s[0]) == -math.inf:
+        raise InputError(f"{name}: contains NaN or inf (only the first sigma may be inf: pure noise)")
     if float(s[-1]) != 0.0:
         s = torch.cat([s, s.new_zeros(1)])
     pos = s[:-1]
@@ -262,19 +272,20 @@ def vp_schedule(steps: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: 
 def flow_schedule(steps: int, eps: float = 1e-3, shift: float = 1.0) -> Schedule:
     """Flow matching / rectified flow ``x_t = (1 - t) x0 + t n``.
 
-    1. uniform time grid ``t_i = (1 - eps) (1 - i / N)``, i = 0..N (from 1 - eps down to 0);
+    1. uniform time grid ``t_i = (1 - eps) (1 - i / N)``, i = 0..N (from 1 - eps down to 0;
+       ``eps = 0`` starts at t = 1: pure noise, sigma = inf, as diffusers' flow matching does);
     2. optional time shift (as in Stable Diffusion 3): ``t <- shift t / (1 + (shift - 1) t)``;
     3. ``s_i = 1 - t_i``, ``sigma_i = t_i / (1 - t_i)``.
     """
     steps = check_positive_int(steps, "steps")
-    eps = _open_unit(eps, "eps")
+    eps = 0.0 if isinstance(eps, numbers.Real) and not isinstance(eps, bool) and eps == 0 else _open_unit(eps, "eps")
     shift = _positive(shift, "shift")
     i = torch.arange(steps + 1, dtype=torch.float64)
     t = (1.0 - eps) * (1.0 - i / steps)
     if shift != 1.0:
         t = shift * t / (1.0 + (shift - 1.0) * t)
     t[-1] = 0.0
-    sig = t / (1.0 - t)
+    sig = t / (1.0 - t)  # inf at t = 1 (eps = 0)
     return Schedule(sigmas=sig, scales=1.0 - t, times=t, name="flow", options=dict(eps=eps, shift=shift))
 
 

@@ -62,16 +62,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def check_sigma(sigma, n: int, name: str = "sigma", allow_zero: bool = False) -> torch.Tensor:
-    """Validate a noise level: a positive finite scalar or one value per query.
+def check_sigma(sigma, n: int, name: str = "sigma", allow_zero: bool = False, allow_inf: bool = True) -> torch.Tensor:
+    """Validate a noise level: a positive scalar or one value per query.
 
-    Returns a float64 CPU tensor of shape (n,).
+    ``+inf`` is a noise level (pure noise: D(x; inf) is the data mean) unless
+    ``allow_inf`` is False; NaN and -inf never are. Returns a float64 CPU tensor of shape (n,).
     """
     if isinstance(sigma, bool) or sigma is None:
         raise DtypeError(f"{name}: expected a positive number or a tensor of shape ({n},), got {sigma!r}")
     if isinstance(sigma, numbers.Real):
         v = float(sigma)
-        if not math.isfinite(v):
+        if math.isnan(v) or v == -math.inf or (v == math.inf and not allow_inf):
             raise InputError(f"{name}: contains NaN or inf")
         if v < 0 or (v == 0 and not allow_zero):
             raise InputError(f"{name}: must be {'>=' if allow_zero else '>'} 0, got min {v}")
@@ -88,7 +89,7 @@ def check_sigma(sigma, n: int, name: str = "sigma", allow_zero: bool = False) ->
             raise InputError(
                 f"{name}: expected a scalar or one value per query (shape ({n},)), got shape {tuple(t.shape)}"
             )
-    if not bool(torch.isfinite(s).all()):
+    if not bool((torch.isfinite(s) | ((s == math.inf) & allow_inf)).all()):
         raise InputError(f"{name}: contains NaN or inf")
     if allow_zero:
         if bool((s < 0).any()):

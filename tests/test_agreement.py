@@ -18,6 +18,10 @@ def ds(digits_u8):
     return optden.Dataset.from_array(digits_u8[:150].reshape(-1, 1, 8, 8), labels=np.arange(150) % 2)
 
 
+def test_exported():
+    assert optden.agreement is agreement and optden.LocalDenoiser is LocalDenoiser
+
+
 def test_r2_scores_by_hand(rng):
     t = torch.from_numpy(rng.standard_normal((3, 4, 1, 5, 5)))
     p = t + 0.1 * torch.from_numpy(rng.standard_normal(t.shape))
@@ -83,5 +87,12 @@ def test_compare_command(tmp_path, capsys):
     assert summary["model"]["gaussian"]["r2_median"] == pytest.approx([1.0] * 3)
     assert (out / "compare.png").stat().st_size > 1000
     assert "median r^2" in capsys.readouterr().out
+    # class-conditional: the model, D* and the local denoiser all of class 3; figure as SVG
+    assert main(["compare", "digits", "--max-rows", "150", "--n", "2", "--steps", "3", "--candidates",
+                 "dstar,local,gaussian", "--label", "3", "--format", "svg", "--out", str(out / "c3")]) == 0
+    summary = json.loads((out / "c3" / "compare.json").read_text())
+    assert summary["label"] == 3 and summary["model"]["gaussian"]["r2_median"] == pytest.approx([1.0] * 3)
+    assert (out / "c3" / "compare.svg").read_text().lstrip().startswith("<?xml")
+    capsys.readouterr()
     assert main(["compare", "digits", "--candidates", "dstar,global", "--out", str(out)]) == 2
     assert "unknown candidate" in capsys.readouterr().err

@@ -19,9 +19,9 @@ from optden.engine.precision import EXACT, certify
 from tolerances import DENOISE_RTOL, LOG_DENSITY_RTOL, SIGMAS, model_rows, rel_err
 
 C = _ext.C
-# the kernel paths this CPU runs (cpu_features lists them; not only the default, which
+# the kernel paths this CPU runs (build_info lists them; not only the default, which
 # OPTDEN_CPU_PATH may lower)
-PATHS = ["portable"] + [p for p in ("avx2", "avx512") if p in C.cpu_features()["dense_paths"]]
+PATHS = ["portable"] + [p for p in ("avx2", "avx512") if p in C.build_info()["cpu"]["dense_paths"]]
 
 
 def make_ds(dtype: str, M: int, d: int, rng) -> optden.Dataset:
@@ -238,19 +238,6 @@ def test_labels_posterior_nearest(digits_u8, rng):
     dr, nr = R.nearest(x, y, 3)
     np.testing.assert_allclose(dist.numpy(), dr, rtol=1e-10)
     np.testing.assert_array_equal(nidx.numpy(), nr)
-
-
-def test_rescore_method_matches_precision(faces_u8, rng):
-    from optden.engine.precision import rescore
-
-    ds = optden.Dataset.from_array(faces_u8)
-    den = optden.OptimalDenoiser(ds, backend="cpu")
-    src = den.source()
-    x = model_rows(ds)[:3] + 0.01 * rng.standard_normal((3, ds.d))
-    v, coef = centered(ds, src, x, 0.01)
-    idx = torch.from_numpy(rng.integers(0, ds.M, (3, 9)))
-    torch.testing.assert_close(dispatch.get("cpu").rescore(v, coef, src, idx), rescore(v, coef, src, idx),
-                               rtol=1e-13, atol=0.0)
 
 
 def test_dense_pass_errors(rng):
@@ -512,10 +499,15 @@ def test_one_query_all_limbs_in_one_pass(d, rng):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_center_rows_convert_exactly(path, rng):
+@pytest.mark.parametrize("N", [1, 5])
+def test_float_path_converts_rows_exactly(path, N, rng):
     """The float path's rows in float64: every finite fp16 and bf16 value (subnormals, -0,
     the largest), fp32 extremes and every uint8 convert exactly on every kernel path, the
-    one rounding being the subtraction of the center; widths that leave vector tails."""
+    one rounding being the subtraction of the center. A pass over one row gives it the
+    weight exp(l - max l) = 1 exactly, so its weighted sum is the centered row itself.
+    N = 1 centers the rows in registers inside the weighted sum (acc_raw), N = 5 through a
+    float64 copy (center_row). Widths: 4096 (every value in the vector loop), 4101 (a
+    tail of 5 per row, converted one by one) and 3 (all in the tail, a random subset)."""
     h = np.arange(1 << 16, dtype=np.uint16)
     finite16 = h[(h & 0x7C00) != 0x7C00]  # fp16 exponent not all ones
     finite_bf = h[(h & 0x7F80) != 0x7F80]
@@ -528,12 +520,15 @@ def test_center_rows_convert_exactly(path, rng):
         ("uint8", np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.float64)),
     ]
     for dtype, bits, exact in cases:
-        for w in (37, 8, 3):
-            n = len(bits) // w * w
-            rows = np.ascontiguousarray(bits[:n].reshape(-1, w))
+        for w in (4096, 4101, 3):
+            pick = np.arange(len(bits)) if w > 3 else rng.choice(len(bits), min(len(bits), 3 * 128), replace=False)
+            pick = np.resize(pick, -(-len(pick) // w) * w).reshape(-1, w)  # the last row wraps around
             center = np.round(rng.standard_normal(w) * 4.0, 2)
-            out = C.center_rows(rows, center, dtype, path)
-            ref = exact[:n].reshape(-1, w) - center
-            assert np.array_equal(out.view(np.uint64), ref.view(np.uint64)), (dtype, w)  # -0.0 too
-    with pytest.raises(ValueError, match="item size"):
-        C.center_rows(np.zeros((2, 3), np.float32), np.zeros(3), "float16", path)
+            for row in pick:
+                raw = np.ascontiguousarray(bits[row][None])
+                ref = exact[row] - center
+                csq = np.array([ref @ ref])
+                dp = C.DensePass(np.zeros((N, w)), np.ones(N), center, float(np.sqrt(csq[0])), 1, dtype, path)
+                dp.update(raw, csq, 0)
+                _, s, acc, *_ = dp.finish()
+                assert np.all(s == 1.0) and np.array_equal(acc, np.broadcast_to(ref, acc.shape)), (dtype, w, row[:4])

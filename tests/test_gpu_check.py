@@ -7,6 +7,7 @@ step the budget cannot hold must be skipped, not started.
 """
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -27,13 +28,17 @@ def test_dry_run_passes_every_step(tmp_path):
     r = _run(tmp_path)
     summary = (tmp_path / "summary.txt").read_text()
     assert r.returncode == 0, summary + (tmp_path / "check.log").read_text()[-6000:]
-    for step in ("env", "build", "smoke", "tests-a", "bench-in", "bench-c", "nccl", "bench-cu", "local"):
+    for step in ("env", "build", "smoke", "bench-pass", "tests-gemm", "tests-a", "bench-in", "bench-c", "nccl", "bench-cu", "local"):
         assert f"OK    {step}" in summary, summary
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8, files
     assert "SMOKE backend cpu" in (tmp_path / "check.log").read_text()
     rows = (tmp_path / "bench-cifar.csv").read_text().splitlines()
     assert rows[0].startswith("size,M,d,N,method") and len(rows) > 2
+    gemm = list(csv.DictReader((tmp_path / "bench-pass.csv").open()))
+    methods = {r["method"] for r in gemm}
+    assert {"gemm-pass", "gemm-certified", "fused-pass", "check"} <= methods, methods
+    assert all(r["note"].startswith("ok D* rel") for r in gemm if r["method"] == "check"), gemm
 
 
 def test_a_step_the_budget_cannot_hold_is_skipped(tmp_path):

@@ -1,7 +1,8 @@
 """The Triton kernels and the ``triton`` backend, checked on CPU in Triton's interpreter.
 
 Triton reads TRITON_INTERPRET when ``triton`` is imported, so the kernel cases
-(tests/triton_cases.py) run once, in a child pytest with TRITON_INTERPRET=1: the variable
+(tests/triton_cases.py: the fused pass and the backend; tests/triton_gemm_cases.py: the
+GEMM pass) run once, in a child pytest with TRITON_INTERPRET=1: the variable
 never enters this process, and GPU tests in the same session still compile for the GPU.
 Each case of the child run is reported here as its own test. Tests below that need no
 interpreter run in this process.
@@ -24,7 +25,7 @@ from optden.engine import dispatch
 from optden.errors import BackendUnavailableError
 
 HERE = Path(__file__).resolve().parent
-CASES_FILE = HERE / "triton_cases.py"
+CASES_FILES = [HERE / "triton_cases.py", HERE / "triton_gemm_cases.py"]
 
 
 def _session_seed() -> int:
@@ -36,7 +37,7 @@ def _session_seed() -> int:
     return int(np.random.SeedSequence().entropy % 2**32)
 
 
-CASES = [n.name for n in ast.parse(CASES_FILE.read_text()).body
+CASES = [n.name for f in CASES_FILES for n in ast.parse(f.read_text()).body
          if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
 
 
@@ -55,7 +56,7 @@ def interpreter_incompatibility() -> str | None:
 
 @pytest.fixture(scope="module")
 def interpreter_run(tmp_path_factory):
-    """Run tests/triton_cases.py under TRITON_INTERPRET=1; returns {test id: outcome, "_output": text}."""
+    """Run the case files under TRITON_INTERPRET=1; returns {test id: outcome, "_output": text}."""
     why = interpreter_incompatibility()
     if why:
         pytest.skip(why)
@@ -63,7 +64,7 @@ def interpreter_run(tmp_path_factory):
     seed = _session_seed()
     env = {**os.environ, "TRITON_INTERPRET": "1", "OPTDEN_TEST_SEED": str(seed)}
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES_FILE), f"--junitxml={xml}"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, CASES_FILES), f"--junitxml={xml}"],
         cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900,
     )
     out = {"_output": f"child run (OPTDEN_TEST_SEED={seed}):\n" + r.stdout[-12000:] + r.stderr[-4000:]}

@@ -110,7 +110,11 @@ def test_delta_bounds_every_coarse_logit(K, dtype, rng):
         w = torch.softmax(ex, 1)
         dc_ref = w @ (rows[0].double() - src.center)
         scale = w @ (rows[0].double().abs() + src.center.abs())
-        assert ((p.acc / p.s[:, None] - dc_ref).abs() <= torch.expm1(3 * p.delta)[:, None] * scale + 1e-12).all()
+        # a pass may leave acc NaN for a query whose bound keeps it from DENSE (the GEMM pass)
+        has = torch.isfinite(p.acc).all(1)
+        assert (has | (p.delta >= 0.25)).all()
+        err = (p.acc / p.s[:, None] - dc_ref).abs()
+        assert (err[has] <= torch.expm1(3 * p.delta[has])[:, None] * scale[has] + 1e-12).all()
 
 
 @pytest.mark.parametrize("data", ["digits_u8", "faces_u8"])

@@ -3,6 +3,8 @@
 ``optden dataset build SRC DIR`` turns a folder or zip of PNG/JPEG images into a dataset
 directory (``optden.data.ingest``): progress bar, checksums, resumable after an
 interruption, unreadable or mis-sized images left out and listed (``--strict``: fail).
+Any other source ``Dataset.open`` reads (a ``.npy`` / ``.npz`` file, the CIFAR-10/100
+python pickles, a Hugging Face datasets folder or parquet file) is read whole and saved.
 ``optden dataset info DIR`` prints its metadata (``--verify`` checks the checksums).
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InputError
 from ._args import positive_int
 
 
@@ -25,8 +28,20 @@ def _resolution(text: str):
 
 
 def run_build(args) -> int:
+    from ..data import Dataset
     from ..data.ingest import build_dataset
+    from ..data.sources import kind_of
 
+    kind = kind_of(args.src)
+    if kind != "images":
+        if kind == "dataset":
+            raise InputError(f"src: {args.src} is already a dataset directory")
+        ds = Dataset.open(args.src, split=args.split, channels_last={"auto": None, "nchw": False, "nhwc": True}[
+            args.layout], resolution=args.resolution)
+        ds.save(args.dir)
+        print(f"dataset  {ds}")
+        print(f"saved    {args.dir} ({kind} source, {ds.M} rows)")
+        return 0
     ds, rep = build_dataset(args.src, args.dir, resolution=args.resolution, chunk_size=args.chunk_size,
                             strict=args.strict, workers=args.workers, progress=args.progress,
                             labels=None if args.no_labels else "auto")
@@ -67,7 +82,12 @@ def register(sub) -> None:
     p = sub.add_parser("dataset", help="build or inspect a dataset directory", description=__doc__.split("\n\n")[0])
     dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     b = dsub.add_parser("build", help="folder or zip of PNG/JPEG images -> dataset directory (resumable)")
-    b.add_argument("src", help="folder (searched recursively) or zip file of PNG/JPEG images")
+    b.add_argument("src", help="folder (searched recursively) or zip file of PNG/JPEG images; or a .npy / .npz "
+                                "file, CIFAR-10/100 python pickles (.tar.gz or folder), a Hugging Face datasets "
+                                "folder or .parquet file")
+    b.add_argument("--split", default=None, help="CIFAR / Hugging Face split: train (default), test; CIFAR: all")
+    b.add_argument("--layout", choices=("auto", "nchw", "nhwc"), default="auto",
+                   help="image layout of a 4-D .npy / .npz array (default auto: detected, ambiguous shapes refused)")
     b.add_argument("dir", help="output dataset directory")
     b.add_argument("--resolution", type=_resolution, default=None,
                    help="resize every image to N (square) or H,W; default: all must match the first image")

@@ -206,17 +206,23 @@ def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
     figs = {}
     pictures = len(ds.image_shape) == 3 and ds.image_shape[0] in (1, 3)
     show = list(range(min(n, 4)))
+    data_name = f"{args.data} (M={ds.M})"
+    model_names = {"optimal": "optimal denoiser D*", "gaussian": "Gaussian linear denoiser", "mlp": "trained MLP"}
     if pictures:
         figs["trajectory"] = trajectory_strip(run_opt, out / "trajectory.png", ds, samples=show, zoom=6,
-                                              sigma_labels=True)
-        figs["nearest"] = nearest_grid(run_opt, mem, ds, out / "nearest.png")
+                                              sigma_labels=True, title=f"{data_name}: {model_names['optimal']}")
+        figs["nearest"] = nearest_grid(run_opt, mem, ds, out / "nearest.png",
+                                       title=f"{data_name}: {model_names['optimal']} | nearest training image")
         for name, (dev, m, _) in models.items():
             figs[f"trajectory_{name}"] = trajectory_strip(dev.model_run, out / f"trajectory_{name}.png", ds,
-                                                          samples=show, zoom=6, sigma_labels=True)
-            figs[f"nearest_{name}"] = nearest_grid(dev.model_run, m, ds, out / f"nearest_{name}.png")
-    figs["geometry"] = geometry_curves(geo, out / "geometry.png")
+                                                          samples=show, zoom=6, sigma_labels=True,
+                                                          title=f"{data_name}: {model_names[name]}")
+            figs[f"nearest_{name}"] = nearest_grid(dev.model_run, m, ds, out / f"nearest_{name}.png",
+                                                   title=f"{data_name}: {model_names[name]} | nearest training image")
+    figs["geometry"] = geometry_curves(geo, out / "geometry.png", title=f"{data_name}: {model_names['optimal']}")
     for name, (dev, _, _) in models.items():
-        figs[f"deviation_{name}"] = deviation_curves(dev, out / f"deviation_{name}.png")
+        figs[f"deviation_{name}"] = deviation_curves(dev, out / f"deviation_{name}.png",
+                                                     title=f"{data_name}: {model_names[name]} vs D*")
     if locality is not None:
         figs.update(loc_figs)
     timings["figures"] = time.perf_counter() - t0

@@ -24,14 +24,15 @@ def run(args) -> int:
     from ..plot import nearest_grid
     from ..schedules import get_schedule
 
-    ds = open_dataset(args.data, args.max_rows, args.seed)
+    ds = open_dataset(args.data, args.max_rows, args.seed, args.split, args.layout)
     den = make_denoiser(ds, args.device, args.backend)
     out = out_dir(args.out)
     g = torch.Generator().manual_seed(args.seed)
     shape = ds.image_shape
     start_rows = None
     if args.start == "data":
-        start_rows = torch.randint(0, ds.M, (args.n,), generator=g)
+        pool = torch.arange(ds.M) if args.label is None else torch.from_numpy(ds.rows_with_label(args.label))
+        start_rows = pool[torch.randint(0, pool.numel(), (args.n,), generator=g)]
         noise = torch.randn((args.n, *shape), generator=g, dtype=torch.float64)
         x0 = ds.images(start_rows.numpy()) + args.sigma * noise
     else:
@@ -42,15 +43,16 @@ def run(args) -> int:
         if not args.sigma < args.sigma_max:
             raise InputError(f"sigma: must be < --sigma-max ({args.sigma_max:g}) with --annealed, got {args.sigma:g}")
         sched = get_schedule(args.schedule, args.steps, sigma_min=args.sigma, sigma_max=args.sigma_max)
-        res = annealed_mean_shift(den, x0, sched, iters_per_sigma=args.max_iter, tol=args.tol)
+        res = annealed_mean_shift(den, x0, sched, iters_per_sigma=args.max_iter, tol=args.tol, labels=args.label)
     else:
-        res = mean_shift(den, x0, args.sigma, max_iter=args.max_iter, tol=args.tol)
+        res = mean_shift(den, x0, args.sigma, max_iter=args.max_iter, tol=args.tol, labels=args.label)
     seconds = time.perf_counter() - t0
-    mem = memorization(res.modes, den)
+    mem = memorization(res.modes, den, labels=args.label)
     np.save(out / "modes.npy", res.modes.numpy())
     summary = {
         "data": args.data, "M": ds.M, "d": ds.d, "n": args.n, "sigma": args.sigma, "start": args.start,
         "annealed": bool(args.annealed), "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
+        "label": args.label,
         "converged": int(res.n_converged),
         "fraction_converged": res.n_converged / args.n,
         "iterations_mean": float(res.iterations.double().mean()),
@@ -67,7 +69,8 @@ def run(args) -> int:
         summary["fraction_back_to_start_row"] = float((res.nearest_index == start_rows).double().mean())
     (out / "meanshift.json").write_text(json.dumps(summary, indent=2))
     if len(shape) == 3 and shape[0] in (1, 3):
-        nearest_grid(res.modes, mem, ds, out / "modes.png")
+        nearest_grid(res.modes, mem, ds, out / "modes.png",
+                     title=f"{args.data} (M={ds.M}): mean-shift modes at sigma {args.sigma:g} | nearest training image")
     print(f"data        {ds}")
     print(f"mean shift  {'annealed to ' if args.annealed else ''}sigma={args.sigma:g}, {args.n} points from "
           f"{args.start}: {res.n_converged}/{args.n} converged (tol {args.tol:g}), iterations mean "

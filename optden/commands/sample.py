@@ -2,9 +2,10 @@
 
 Writes ``--out`` as it goes (see ``optden.jobs``): ``manifest.json``, one
 ``batch_<b>.npz`` per finished batch (samples, x_T, NN1/NN2 distances and indices,
-statistics), then ``samples.npy``, ``nearest.npz`` and ``summary.json``. Run the same
-command again after an interruption: finished batches are skipped. Under torchrun,
-``--distributed`` shards the rows over the ranks (rank 0 writes).
+statistics), then ``samples.npy``, ``nearest.npz``, ``summary.json`` and ``nearest.png``
+(the first samples beside their nearest training image). Run the same command again
+after an interruption: finished batches are skipped. Under torchrun, ``--distributed``
+shards the rows over the ranks (rank 0 writes). The progress bar moves per solver step.
 """
 from __future__ import annotations
 
@@ -12,27 +13,31 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ._args import nonneg_int, positive_int
-
-DEMOS = ("digits", "patches")
+from ._args import add_data_argument, nonneg_int, open_dataset, positive_int
 
 
-def open_dataset(spec: str):
-    """A Dataset from a dataset directory, a ``.npy`` file (memory-mapped), or ``demo:NAME``."""
-    from ..data import Dataset
+def _solver_option_names() -> list[str]:
+    """Every option some solver of ``SOLVERS`` takes (EDM's S_churn, S_min, S_max, S_noise)."""
+    from ..sampling import SOLVERS
 
-    name = spec[5:] if spec.startswith("demo:") else spec
-    path = Path(spec)
-    if path.is_dir():
-        return Dataset.load(path)
-    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
-        return Dataset.from_npy(path)
-    if name in DEMOS and (spec.startswith("demo:") or not path.exists()):
-        return Dataset.demo(name)
-    raise InputError(
-        f"dataset: {spec!r} is not a dataset directory, a .npy file, or a demo name "
-        f"({', '.join('demo:' + d for d in DEMOS)})"
-    )
+    return sorted({k for s in SOLVERS.values() for k in s.options})
+
+
+def _nearest_png(out: Path, ds, title: str) -> Path:
+    """The first samples of a finished job beside their nearest training image."""
+    import numpy as np
+    import torch
+
+    from ..memorization import MEMORIZED_RATIO, Memorization
+    from ..plot import nearest_grid
+
+    near = np.load(out / "nearest.npz")
+    k = min(32, near["nn_idx"].shape[0])
+    t = {name: torch.from_numpy(np.ascontiguousarray(near[name][:k])) for name in near.files}
+    mem = Memorization(t["nn_dist"][:, 0], t["nn_dist"][:, 1], t["nn_idx"][:, 0], t["nn_idx"][:, 1],
+                       t["nn_ratio"], t["memorized"], MEMORIZED_RATIO)
+    samples = torch.from_numpy(np.array(np.load(out / "samples.npy", mmap_mode="r")[:k]))
+    return nearest_grid(samples, mem, ds, out / "nearest.png", title=title)
 
 
 def run(args) -> int:
@@ -40,7 +45,8 @@ def run(args) -> int:
     from ..engine.rows import parse_bytes
 
     budget = parse_bytes(args.memory_budget, "--memory-budget")
-    ds = open_dataset(args.dataset)
+    opts = {k: getattr(args, k) for k in _solver_option_names() if getattr(args, k) is not None}
+    ds = open_dataset(args.data, args.max_rows, args.seed, args.split, args.layout)
     rank = 0
     if args.distributed:
         from ..distributed import ShardedDenoiser, init_distributed
@@ -73,7 +79,7 @@ def run(args) -> int:
     res = run_sample_job(
         den, args.out, n=args.n, batch_size=args.batch_size, steps=args.steps, solver=args.solver,
         schedule=args.schedule, seed=args.seed, label=args.label, sigma_stop=args.sigma_stop,
-        progress=args.progress, log=say, load_results=False,
+        solver_options=opts, progress=args.progress, log=say, load_results=False,
     )
     if args.distributed:
         from ..distributed import shutdown
@@ -84,23 +90,34 @@ def run(args) -> int:
         print(f"done     computed {len(res.computed)} batch(es), skipped {len(res.skipped)} finished before; "
               f"memorized fraction {s['memorized_fraction']:.3f} (NN1/NN2 < 1/3), mean NN1 {s['nn1_mean']:.4g}",
               flush=True)
-        print(f"wrote    {Path(args.out) / 'samples.npy'}, nearest.npz, summary.json", flush=True)
+        pictures = len(ds.image_shape) == 3 and ds.image_shape[0] in (1, 3)
+        if pictures:
+            _nearest_png(Path(args.out), ds, f"{args.data} (M={ds.M}): D* samples ({args.solver}, {args.steps} steps) "
+                                             "| nearest training image")
+        print(f"wrote    {Path(args.out) / 'samples.npy'}, nearest.npz, summary.json"
+              + (", nearest.png" if pictures else ""), flush=True)
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="sample with the optimal denoiser (resumable job)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset", help="dataset directory, .npy file, or demo:digits / demo:patches")
+    add_data_argument(p)
     p.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=64,
                    help="number of samples (default 64); under torchrun write --num-samples (torchrun "
                         "takes --n for an abbreviation of its own options)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch file (default 64)")
     p.add_argument("--steps", type=positive_int, default=18, help="solver steps (default 18)")
-    p.add_argument("--solver", default="heun", help="euler, heun, dpmpp2m or edm_stochastic (default heun)")
+    from ..sampling import SOLVERS
+
+    p.add_argument("--solver", default="heun", help="; ".join(f"{k}: {v.description}" for k, v in SOLVERS.items())
+                   + " (default heun)")
+    for name in _solver_option_names():
+        takes = [k for k, v in SOLVERS.items() if name in v.options]
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=None,
+                       help=f"{', '.join(takes)} only (default {SOLVERS[takes[0]].options[name]})")
     p.add_argument("--schedule", default="edm", help="edm, polynomial, loguniform, vp or flow (default edm)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
-    p.add_argument("--label", type=int, default=None, help="sample one class (class-conditional)")
     p.add_argument("--sigma-stop", type=float, default=None, help="ODE-jump at the first sigma <= this")
     p.add_argument("--out", default="sample_out", help="job directory (default sample_out)")
     p.add_argument("--device", default="cpu",

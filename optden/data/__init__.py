@@ -5,6 +5,8 @@
 * ``storage``: the storage-dtype table (uint8 / float16 / bfloat16 / float32).
 * ``format``: the dataset directory on disk (data.npy, norms, labels, meta.json with checksums).
 * ``images``: folders and zips of PNG/JPEG, decoding, EDM's dataset.json labels.
+* ``sources``: CIFAR-10/100 pickles, Hugging Face folders / parquet, torch datasets, image
+  layouts (NCHW / NHWC), what a path is (``Dataset.open`` reads them all).
 * ``demo``: bundled real arrays (scikit-learn digits, scikit-image / scikit-learn photo patches).
 * ``ingest``: resumable ``optden dataset build`` of large image sets.
 """
@@ -14,7 +16,8 @@ from .dataset import BLOCK_BYTES, Dataset, patches_dataset
 from .demo import PATCH_SOURCES
 from .format import FORMAT_VERSION
 from .ingest import BuildReport, build_dataset, list_images
+from .sources import ModelSpaceWarning
 from .storage import DTYPE_NAMES, STORAGE_DTYPES
 
 __all__ = ["Dataset", "patches_dataset", "PATCH_SOURCES", "FORMAT_VERSION", "BLOCK_BYTES", "DTYPE_NAMES",
-           "STORAGE_DTYPES", "build_dataset", "BuildReport", "list_images"]
+           "STORAGE_DTYPES", "build_dataset", "BuildReport", "list_images", "ModelSpaceWarning"]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import numbers
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,11 +24,13 @@ import torch
 from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 from ..validate import as_tensor
 from . import demo, format as fmt
+from . import sources
 from .images import ImageSource, check_resolution, decode_all, labels_from_dataset_json
+from .sources import ModelSpaceWarning, image_layout, tell_unit_range, value_bounds  # noqa: F401
 from .storage import (DTYPE_NAMES, FLOAT_DTYPE_NAMES, STORAGE_DTYPES, bf16_bits_to_f32, by_numpy, storage_dtype,
                       to_float64, to_torch)
 
-__all__ = ["Dataset", "patches_dataset", "BLOCK_BYTES"]
+__all__ = ["Dataset", "patches_dataset", "BLOCK_BYTES", "ModelSpaceWarning"]
 
 BLOCK_BYTES = 64 << 20
 """Working-set size of one block in the streaming passes (float64 bytes per block)."""
@@ -485,11 +488,12 @@ class Dataset:
 
     @classmethod
     def from_array(cls, x, labels=None, scale=None, offset=None, image_shape=None, *,
-                   num_classes=None, dtype: str | None = None, channels_last: bool = False) -> "Dataset":
+                   num_classes=None, dtype: str | None = None, channels_last: bool | None = None) -> "Dataset":
         """A dataset from a numpy array or torch tensor.
 
-        ``x``: rows (M, d), grayscale images (M, H, W) or images (M, C, H, W)
-        (``channels_last=True`` for (M, H, W, C), which is transposed, copying).
+        ``x``: rows (M, d), grayscale images (M, H, W) or images (M, C, H, W) or
+        (M, H, W, C) (transposed, copying): ``channels_last`` None detects the layout
+        (``sources.image_layout``) and refuses a shape it cannot tell; True / False says it.
         Dtypes: uint8, float16, bfloat16 (torch, or numpy uint16 bits with
         ``dtype="bfloat16"``), float32. float64 is converted to float32 (a copy); other
         integer types, bool, complex and object arrays are refused (DtypeError).
@@ -518,8 +522,9 @@ class Dataset:
             else:
                 arr = t.numpy()
                 name = _storage_dtype_name(arr.dtype, False, "x")
-        ish = _infer_image_shape(arr.shape, None if channels_last else image_shape, "x")
-        if channels_last and arr.ndim == 4:
+        nhwc = image_shape is None and image_layout(arr.shape, channels_last, "x")
+        ish = _infer_image_shape(arr.shape, None if nhwc else image_shape, "x")
+        if nhwc and arr.ndim == 4:
             arr = arr.transpose(0, 3, 1, 2)
             ish = _infer_image_shape(arr.shape, image_shape, "x")
         M = arr.shape[0]
@@ -538,12 +543,13 @@ class Dataset:
         else:
             raw = _convert_float_rows(arr.reshape(M, d), name or str(arr.dtype), target, "x")
         _check_finite(raw, target, "x")
+        tell_unit_range(raw, target, scale, offset, "x")
         return cls(raw, target, ish, scale, offset, labels, num_classes, source="array")
 
     @classmethod
     def from_npy(cls, path, labels=None, scale=None, offset=None, image_shape=None, *,
                  num_classes=None, dtype: str | None = None, key: str | None = None,
-                 check_finite: bool = True) -> "Dataset":
+                 check_finite: bool = True, channels_last: bool | None = None) -> "Dataset":
         """A dataset from a ``.npy`` file (memory-mapped read-only, never read whole) or ``.npz``.
 
         The file holds (M, d), (M, H, W) or (M, C, H, W) rows of uint8, float16, float32
@@ -553,6 +559,7 @@ class Dataset:
         the only array, or the first of "x", "data", "images", "arr_0"; labels default to
         the archive's "labels" or "y" array. ``labels`` may also be the path of a
         ``.npy`` file. ``check_finite`` streams the file once to refuse NaN/inf.
+        (M, H, W, C) images are detected as in :meth:`from_array` and transposed into memory.
         """
         path = Path(path)
         if not path.exists():
@@ -571,7 +578,7 @@ class Dataset:
         if dtype is not None and dtype not in DTYPE_NAMES:
             raise DtypeError(f"dtype: expected one of {DTYPE_NAMES} or None, got {dtype!r}")
         if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):
-            return cls._from_npz(path, labels, scale, offset, image_shape, num_classes, dtype, key)
+            return cls._from_npz(path, labels, scale, offset, image_shape, num_classes, dtype, key, channels_last)
         shape, fortran, ndt, _ = fmt.read_npy_header(path)
         if fortran and len(shape) > 1:
             raise DatasetError(
@@ -588,6 +595,9 @@ class Dataset:
             raise DatasetError(f"path: {path} holds an empty array of shape {shape}")
         mm = fmt.open_npy(path)
         target = dtype or name or "float32"
+        if image_shape is None and image_layout(shape, channels_last, f"path ({path.name})"):
+            return cls.from_array(np.asarray(mm), labels, scale, offset, num_classes=num_classes, dtype=dtype,
+                                  channels_last=True)._sourced(str(path))
         if name and target == name:
             raw = mm.reshape(M, d)
             mmap_file = path
@@ -598,10 +608,11 @@ class Dataset:
             mmap_file = None
         if check_finite:
             _check_finite(raw, target, f"path ({path.name})")
+        tell_unit_range(raw, target, scale, offset, f"path ({path.name})")
         return cls(raw, target, ish, scale, offset, labels, num_classes, source=str(path), _mmap_file=mmap_file)
 
     @classmethod
-    def _from_npz(cls, path, labels, scale, offset, image_shape, num_classes, dtype, key):
+    def _from_npz(cls, path, labels, scale, offset, image_shape, num_classes, dtype, key, channels_last=None):
         try:
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
@@ -626,9 +637,12 @@ class Dataset:
             raise  # our own message (a bad key), not a broken file
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise DatasetError(f"path: {path} is not a valid .npz file ({e})") from None
-        ds = cls.from_array(x, labels, scale, offset, image_shape, num_classes=num_classes, dtype=dtype)
-        ds._source = str(path)
-        return ds
+        return cls.from_array(x, labels, scale, offset, image_shape, num_classes=num_classes, dtype=dtype,
+                              channels_last=channels_last)._sourced(str(path))
+
+    def _sourced(self, source: str) -> "Dataset":
+        self._source = source
+        return self
 
     @classmethod
     def from_images(cls, path, resolution=None, labels="auto", *, scale=None, offset=None,
@@ -677,6 +691,42 @@ class Dataset:
         ds._stats = st.stats
         ds._rows_sha256 = st.data_sha256  # verified: the fingerprint needs no second read
         return ds
+
+    @classmethod
+    def open(cls, source, *, split: str | None = None, channels_last: bool | None = None, key: str | None = None,
+             image_column: str | None = None, label_column: str | None = None, resolution=None,
+             scale=None, offset=None) -> "Dataset":
+        """A dataset from whatever ``source`` is (``optden.data.sources``): a saved dataset
+        directory, ``demo:NAME`` (or a bare demo name), a ``.npy`` / ``.npz`` file, the
+        CIFAR-10/100 python pickles (``.tar.gz`` or folder; ``split`` "train", "test" or
+        "all"), a Hugging Face ``datasets`` folder or parquet file(s) (``split``,
+        ``image_column``, ``label_column``; ``pip install optden[hf]``), a folder or zip of
+        PNG/JPEG images (``resolution``), or an indexable torch ``Dataset`` object.
+
+        Float data whose values all lie in [0, 1] is mapped to model space [-1, 1]
+        (scale 2, offset -1; ``source`` says so) unless ``scale`` / ``offset`` are given;
+        uint8 images map to [-1, 1] as everywhere.
+        """
+        if not isinstance(source, (str, os.PathLike)):
+            rows = sources.read_torch(source)
+        elif str(source).startswith("demo:") or (str(source) in ("digits", "patches") and not Path(source).exists()):
+            return cls.demo(str(source).removeprefix("demo:"))
+        else:
+            kind = sources.kind_of(source)
+            if kind == "dataset":
+                return cls.load(source)
+            if kind == "images":
+                return cls.from_images(source, resolution, scale=scale, offset=offset)
+            rows = None if kind == "npy" else sources.read_cifar(source, split or "train") if kind == "cifar" else \
+                sources.read_hf(source, split, image_column, label_column, resolution)
+        with warnings.catch_warnings():  # the map is chosen below, not left at [0, 1]
+            warnings.simplefilter("ignore", ModelSpaceWarning)
+            if rows is None:
+                ds = cls.from_npy(source, key=key, channels_last=channels_last, scale=scale, offset=offset)
+            else:
+                ds = cls.from_array(rows.x, rows.labels, scale, offset, num_classes=rows.num_classes,
+                                    channels_last=False)._sourced(rows.source)
+        return _unit_mapped(ds, scale is not None or offset is not None)
 
     @classmethod
     def demo(cls, name: str, max_rows: int | None = None) -> "Dataset":
@@ -739,6 +789,16 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------- module helpers
+
+
+def _unit_mapped(ds: Dataset, given: bool) -> Dataset:
+    """``Dataset.open``'s map: float rows in [0, 1] to model space [-1, 1], unless a map was given."""
+    bounds = None if given else value_bounds(ds.raw, ds.dtype)
+    if bounds is None or not (0.0 <= bounds[0] and bounds[1] <= 1.0):
+        return ds
+    return Dataset(ds.raw, ds.dtype, ds.image_shape, 2.0, -1.0, ds.labels, ds.num_classes, path=ds.path,
+                   source=f"{ds._source}; float values in [0, 1] mapped to model space [-1, 1]",
+                   _mmap_file=ds._mmap_file)
 
 
 def _convert_float_rows(rows: np.ndarray, src: str, target: str, name: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DatasetError, InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSource", "check_resolution", "decode_image", "decode_all",
+__all__ = ["IMAGE_EXTENSIONS", "ImageSource", "check_resolution", "image_array", "decode_image", "decode_all",
            "labels_from_dataset_json", "list_some"]
 
 #: File extensions read as images (case-insensitive).
@@ -117,32 +117,40 @@ def labels_from_dataset_json(text: bytes, names: list[str], path: Path):
     return np.asarray(out, dtype=np.int64)
 
 
-def decode_image(data: bytes, resolution):
-    """Encoded PNG/JPEG bytes -> uint8 (H, W, C) with C in {1, 3}; raises ValueError with a reason.
+def image_array(im, resolution=None) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, C) with C in {1, 3}; raises ValueError with a reason.
 
     Grayscale gives C = 1, anything else RGB (alpha dropped, palettes expanded);
     ``resolution`` (H, W) resizes (Lanczos) when the size differs.
     """
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise ValueError(f"{mode} (16-bit or float) images are not supported; convert to 8-bit")
+    if mode in ("L", "LA", "1", "La"):
+        im = im.convert("L")
+    elif mode != "RGB":
+        im = im.convert("RGB")
+    if resolution is not None and im.size != (resolution[1], resolution[0]):
+        im = im.resize((resolution[1], resolution[0]), Image.Resampling.LANCZOS)
+    a = np.asarray(im, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def decode_image(data: bytes, resolution):
+    """Encoded PNG/JPEG bytes -> uint8 (H, W, C) with C in {1, 3} (``image_array``); raises
+    ValueError with a reason."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            mode = im.mode
-            if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                raise ValueError(f"{mode} (16-bit or float) images are not supported; convert to 8-bit")
-            if mode in ("L", "LA", "1", "La"):
-                im = im.convert("L")
-            elif mode != "RGB":
-                im = im.convert("RGB")
-            if resolution is not None and im.size != (resolution[1], resolution[0]):
-                im = im.resize((resolution[1], resolution[0]), Image.Resampling.LANCZOS)
-            a = np.asarray(im, dtype=np.uint8)
+            return image_array(im, resolution)
     except UnidentifiedImageError:
         raise ValueError("not a readable image") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"unreadable ({e})") from None
-    return a[:, :, None] if a.ndim == 2 else a
 
 
 def decode_all(source: ImageSource, resolution, workers: int | None = None):

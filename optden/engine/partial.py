@@ -44,7 +44,9 @@ class Partial:
 
     m:        (N,) running max of the logits (-inf before any row).
     s:        (N,) sum_i exp(l_i - m).
-    acc:      (N, d) sum_i exp(l_i - m) q_i (centered raw space).
+    acc:      (N, d) sum_i exp(l_i - m) q_i (centered raw space). A backend may leave a
+              query's row NaN when its delta is >= 0.25 (never DENSE for tol < 1, so
+              ``certify`` never reads it): the triton backend's GEMM pass does.
     top_val:  (N, K) the K largest logits, descending (-inf padded).
     top_idx:  (N, K) their positions in the row source (int64; ``source.global_index``
               maps them to dataset rows).

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the fused dense pass of ``optden._C`` (csrc/dense_cpu.cpp).
+"""The ``cpu`` backend: the fused dense pass of ``optden._C`` (csrc/dense_pass.h: the overview; dense_cpu.cpp, dense_limbs.cpp, dense_float.cpp, cpu_dispatch.cpp).
 
 One pass over blocks of rows computes, per query, the coarse logits, an online softmax,
 the weighted sum (float64) and the top-K logits, in OpenMP threads with the GIL released;
@@ -116,17 +116,6 @@ class CpuBackend(Backend):
         self.last_info = {"path": dp.path, "arith": dp.arith, "limbs": list(dp.limbs), "refined": dp.refined}
         t = torch.from_numpy  # CPU tensors, as v (this backend runs on nothing else)
         return Partial(m=t(m), s=t(s), acc=t(acc), top_val=t(tv), top_idx=t(ti), delta=t(delta))
-
-    def rescore(self, v: torch.Tensor, coef: torch.Tensor, source, top_idx: torch.Tensor) -> torch.Tensor:
-        """Exact float64 logits (n, K) of the rows at source positions top_idx (n, K), in C++."""
-        rows = to_numpy(source.gather(top_idx))
-        idx = np.arange(rows.shape[0], dtype=np.int64).reshape(top_idx.shape)
-        out = _ext.C.rescore(
-            np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float64),
-            np.ascontiguousarray(coef.detach().cpu().numpy(), dtype=np.float64),
-            rows, idx, np.ascontiguousarray(source.center.cpu().numpy(), dtype=np.float64), source.dtype,
-        )
-        return torch.from_numpy(out).to(v.device)
 
 
 dispatch.register("cpu", CpuBackend)
