@@ -60,6 +60,8 @@ from optden import reference as R
 from optden.local import LocalDenoiser
 
 EDM_SIGMAS = (0.002, 0.05, 0.5, 5.0, 80.0)
+#: Issue 21's targets on this 2-core CPU: {(kind, M, B): seconds per certified evaluation}.
+ISSUE_TARGETS = {("local", 50_000, 64): 2.0, ("composite", 50_000, 64): 2.0, ("equivariant", 2_000, 16): 30.0}
 
 
 # ----------------------------------------------------------------------------- data and limits
@@ -400,8 +402,11 @@ def main(argv=None) -> int:
                                                    args.k, args.err_rows, device, rng, args.backend, args.size)
     for (method, kind), e in sorted(err.items()):
         print(f"# accuracy {method:>6} {kind:>12}: max relative error of the image {e:.2e}")
-    targets = {("local", args.M, args.B): 2.0, ("composite", args.M, args.B): 2.0,
-               ("equivariant", max(args.els_M), args.els_B): 30.0}
+    targets = {key: limit for key, limit in ISSUE_TARGETS.items()
+               if key in {("local", args.M, args.B), ("composite", args.M, args.B), ("equivariant", max(args.els_M),
+                                                                                    args.els_B)}}
+    if not targets:
+        print("# the issue's targets are at LS / composite M = 50000 B = 64 and ELS M = 2000 B = 16: not in this run")
     table(rows, err, targets)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
