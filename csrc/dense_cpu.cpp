@@ -46,8 +46,8 @@ __attribute__((target_clones("fma", "default"))) double sumsq2(const double* x, 
 DensePass::DensePass(py::array_t<double, py::array::c_style | py::array::forcecast> v,
                      py::array_t<double, py::array::c_style | py::array::forcecast> coef,
                      py::array_t<double, py::array::c_style | py::array::forcecast> center, double max_cnorm, int64_t k,
-                     const std::string& dtype, const std::string& path, double target_delta, int limbs)
-    : kern_(&pick_kernels(path)), dtype_(parse_dtype(dtype)), target_(target_delta) {
+                     const std::string& dtype, const std::string& path, double target_delta, int limbs, bool stats)
+    : kern_(&pick_kernels(path)), dtype_(parse_dtype(dtype)), target_(target_delta), stats_(stats) {
   if (v.ndim() != 2) throw std::invalid_argument("v: expected a 2-D (N, d) float64 array");
   N_ = (int)v.shape(0);
   d_ = (int)v.shape(1);
@@ -75,6 +75,8 @@ DensePass::DensePass(py::array_t<double, py::array::c_style | py::array::forceca
   s_.assign(N_, 0.0);
   xs_.assign(N_, 0.0);
   es_.assign(N_, 0.0);
+  s2_.assign(N_, 0.0);
+  e1_.assign(N_, 0.0);
   acc_.assign((size_t)N_ * d_, 0.0);
   top_.assign(N_, TopHeap());
 }
@@ -127,6 +129,18 @@ py::tuple DensePass::finish() {
   return py::make_tuple(m, s, acc, tv, ti, delta);
 }
 
+py::tuple DensePass::stats() const {
+  if (!stats_) throw std::runtime_error("DensePass: constructed without stats=True");
+  if (!finished_) throw std::runtime_error("DensePass: stats() before finish()");
+  py::array_t<double> s2(N_), e1(N_), out(N_);
+  for (int n = 0; n < N_; ++n) {
+    s2.mutable_data()[n] = s2_[n];
+    e1.mutable_data()[n] = e1_[n];
+    out.mutable_data()[n] = s_[n] > 0.0 ? 1.01 * xs_[n] / s_[n] : 0.0;
+  }
+  return py::make_tuple(s2, e1, out);
+}
+
 // ---- one update(): its B rows in sub-blocks of kSB, in OpenMP threads
 void DensePass::run_block(const void* X, const double* csq, int64_t B, int64_t offset) {
   const int nsb = (int)((B + kSB - 1) / kSB);
@@ -136,7 +150,7 @@ void DensePass::run_block(const void* X, const double* csq, int64_t B, int64_t o
   {
     const int nthr = omp_get_num_threads();
     ThreadState& st = ts[omp_get_thread_num()];
-    st.start(N_, d_, int_path_);
+    st.start(N_, d_, int_path_, stats_);
     BlockBuffers buf(N_, Rr_, int_path_, int_path_ ? kern_->ws_scratch(d_) : 0);
     // static: which thread sees which sub-blocks, and so its running max, its skip
     // decisions and its weights' quantization, is the same on every run (bit-identical
@@ -179,6 +193,10 @@ void DensePass::softmax_block(int nb, int64_t row0, ThreadState& st, BlockBuffer
     if (bm > st.m[n]) {
       if (std::isfinite(st.m[n])) {
         const double a = std::exp(st.m[n] - bm);
+        if (stats_) {  // e1 moves from m to bm: + (m - bm) s, before s is rescaled
+          st.e1[n] = a * (st.e1[n] + (st.m[n] - bm) * st.s[n]);
+          st.s2[n] *= a * a;
+        }
         st.s[n] *= a;
         st.xs[n] *= a;
         st.es[n] *= a;
@@ -189,7 +207,7 @@ void DensePass::softmax_block(int nb, int64_t row0, ThreadState& st, BlockBuffer
       st.m[n] = bm;
     }
     const double mn = st.m[n];
-    double sum = 0.0, dropped = 0.0;
+    double sum = 0.0, dropped = 0.0, sum2 = 0.0, sum1 = 0.0;
     if (c < nb) {  // gather the listed logits so the rest of P can be zeroed
       for (int t = 0; t < c; ++t) Dl[t] = Pn[ln[t]];
       std::fill(Pn, Pn + nb, 0.0);
@@ -200,6 +218,7 @@ void DensePass::softmax_block(int nb, int64_t row0, ThreadState& st, BlockBuffer
       heap_push(st.top[n], K_, l, row0 + i);
       const double p = std::exp(l - mn);
       sum += p;
+      if (stats_) sum2 += p * p, sum1 += p * (l - mn);
       // weights below 2^-80 of the running max are left out of the weighted sum
       // (float path: they stay in the normaliser, at most M 2^-80 relative; int path:
       // counted in the weight error es)
@@ -211,6 +230,7 @@ void DensePass::softmax_block(int nb, int64_t row0, ThreadState& st, BlockBuffer
       }
     }
     st.s[n] += sum;
+    if (stats_) st.s2[n] += sum2, st.e1[n] += sum1;
     if (int_path_) st.es[n] += dropped;  // missing from the int path's weighted sum
     if (buf.nskip[n]) st.xs[n] += buf.nskip[n] * std::exp(buf.skmax[n] - mn);
   }
@@ -226,6 +246,10 @@ void DensePass::merge_threads(std::vector<ThreadState>& ts) {
     for (auto& st : ts) mm = std::max(mm, st.m[n]);
     if (!std::isfinite(mm)) continue;
     const double a0 = s_[n] > 0.0 ? std::exp(m_[n] - mm) : 0.0;
+    if (stats_) {
+      e1_[n] = s_[n] > 0.0 ? a0 * (e1_[n] + (m_[n] - mm) * s_[n]) : 0.0;
+      s2_[n] *= a0 * a0;
+    }
     s_[n] *= a0;
     xs_[n] *= a0;
     es_[n] *= a0;
@@ -234,6 +258,10 @@ void DensePass::merge_threads(std::vector<ThreadState>& ts) {
     for (auto& st : ts) {
       if (!(st.s[n] > 0.0)) continue;
       const double a = std::exp(st.m[n] - mm);
+      if (stats_) {
+        e1_[n] += a * (st.e1[n] + (st.m[n] - mm) * st.s[n]);
+        s2_[n] += a * a * st.s2[n];
+      }
       s_[n] += st.s[n] * a;
       xs_[n] += st.xs[n] * a;
       es_[n] += st.es[n] * a;
@@ -260,17 +288,21 @@ void register_dense(py::module_& m) {
       .def(py::init<py::array_t<double, py::array::c_style | py::array::forcecast>,
                     py::array_t<double, py::array::c_style | py::array::forcecast>,
                     py::array_t<double, py::array::c_style | py::array::forcecast>, double, int64_t, const std::string&,
-                    const std::string&, double, int>(),
+                    const std::string&, double, int, bool>(),
            py::arg("v"), py::arg("coef"), py::arg("center"), py::arg("max_cnorm"), py::arg("k"), py::arg("dtype"),
-           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0,
+           py::arg("path") = "auto", py::arg("target_delta") = 1e-8, py::arg("limbs") = 0, py::arg("stats") = false,
            "v (N, d) float64 centered queries; coef (N,) > 0; center (d,); max_cnorm >= max_i ||raw_i - center||; "
            "k top logits kept; dtype of the rows; path 'auto'|'avx512'|'avx2'|'portable'; target_delta the logit "
-           "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path).")
+           "error the limb count aims for; limbs 0 (automatic) or 1..4 (uint8 int path); stats: also accumulate the "
+           "pass statistics s2 and e1 (see stats()).")
       .def("update", &DensePass::update, py::arg("raw"), py::arg("csq"), py::arg("offset"),
            "raw (B, d) rows in the pass dtype (bfloat16 as uint16 bits), csq (B,) float64 ||raw_i - center||^2, "
            "offset = source position of raw[0]. Releases the GIL.")
       .def("finish", &DensePass::finish,
            "-> (m (N,), s (N,), acc (N, d) centered, top_val (N, K) descending, top_idx (N, K) int64, delta (N,))")
+      .def("stats", &DensePass::stats,
+           "-> (s2 (N,), e1 (N,), left_out (N,)) after finish(), for a pass built with stats=True: "
+           "s2 = sum exp(2 (l - m)), e1 = sum exp(l - m) (l - m), left_out the relative weight left out of s")
       .def_property_readonly("path", &DensePass::path)
       .def_property_readonly("arith", &DensePass::arith)
       .def_property_readonly("limbs", &DensePass::limbs)

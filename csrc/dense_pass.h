@@ -103,20 +103,23 @@ inline void heap_push(TopHeap& h, size_t K, double val, int64_t idx) {
 struct ThreadState {
   // m running max, s normaliser, xs bound on the weight left out, es weight error of the
   // quantized weights (int path), acc centered weighted sum (float path), accr raw weighted
-  // sum and ps the sum of its weights (int path); all but m relative to exp(m)
-  std::vector<double> m, s, xs, es, ps, acc, accr;
+  // sum and ps the sum of its weights (int path); all but m relative to exp(m). With pass
+  // statistics: s2 = sum exp(2 (l - m)) and e1 = sum exp(l - m) (l - m) (see optden/engine/partial.py)
+  std::vector<double> m, s, xs, es, ps, acc, accr, s2, e1;
   int64_t refined = 0;
   int dense_run = 0;  // one query: how many sub-blocks in a row needed every limb of every row
   std::vector<TopHeap> top;
 
   // Empty sums for N queries of width d. The float path sums centered rows into acc, the
-  // int path raw rows into accr (centered once, when the threads are merged).
-  void start(int N, int d, bool int_path) {
+  // int path raw rows into accr (centered once, when the threads are merged); stats: the
+  // pass statistics s2 and e1 as well.
+  void start(int N, int d, bool int_path, bool stats) {
     m.assign(N, -std::numeric_limits<double>::infinity());
     s.assign(N, 0.0);
     xs.assign(N, 0.0);
     es.assign(N, 0.0);
     ps.assign(N, 0.0);
+    if (stats) s2.assign(N, 0.0), e1.assign(N, 0.0);
     (int_path ? accr : acc).assign((size_t)N * d, 0.0);
     top.assign(N, TopHeap());
   }
@@ -201,13 +204,17 @@ class DensePass {
   DensePass(py::array_t<double, py::array::c_style | py::array::forcecast> v,
             py::array_t<double, py::array::c_style | py::array::forcecast> coef,
             py::array_t<double, py::array::c_style | py::array::forcecast> center, double max_cnorm, int64_t k,
-            const std::string& dtype, const std::string& path, double target_delta, int limbs);
+            const std::string& dtype, const std::string& path, double target_delta, int limbs, bool stats);
 
   // Add rows raw (B, d) whose positions in the row source start at `offset`.
   void update(py::array raw, py::array_t<double, py::array::c_style | py::array::forcecast> csq, int64_t offset);
 
   // (m (N,), s (N,), acc (N, d) centered, top_val (N, K) descending, top_idx (N, K), delta (N,))
   py::tuple finish();
+
+  // The pass statistics after finish(): (s2 (N,), e1 (N,), left_out (N,)), s2 and e1 relative
+  // to m like s, left_out the relative weight of the rows left out of s, s2 and e1.
+  py::tuple stats() const;
 
   std::string path() const { return kern_->name; }
   std::string arith() const { return int_path_ ? "int-limbs" : "float64"; }
@@ -258,6 +265,7 @@ class DensePass {
   const Kernels* kern_;
   DType dtype_;
   double target_;
+  bool stats_ = false;
   int N_ = 0, d_ = 0, dp_ = 0, Rr_ = 0;
   size_t K_ = 1;
   bool int_path_ = false, finished_ = false;
@@ -278,6 +286,7 @@ class DensePass {
   std::vector<double> es_;  // per query: sum |p - p_hat| of the quantized weights (scaled like s_)
   int64_t refined_ = 0, pairs_ = 0;
   std::vector<double> m_, s_, acc_;
+  std::vector<double> s2_, e1_;  // pass statistics (stats_), scaled like s_
   std::vector<TopHeap> top_;
 };
 

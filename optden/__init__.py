@@ -56,6 +56,7 @@ from .geometry import TrajectoryGeometry, trajectory_geometry  # noqa: E402
 from .local import LocalDenoiser, LocalEvaluation  # noqa: E402
 from .meanshift import MeanShiftResult, annealed_mean_shift, mean_shift  # noqa: E402
 from .memorization import Memorization, memorization  # noqa: E402
+from .posterior import CovEig, Diagnostics, PosteriorCov  # noqa: E402
 from .sampling import SampleRun, ode_jump, sample  # noqa: E402
 from .schedules import Schedule, get_schedule  # noqa: E402
 
@@ -88,6 +89,9 @@ __all__ = [
     "memorization",
     "Memorization",
     "GaussianDenoiser",
+    "Diagnostics",
+    "PosteriorCov",
+    "CovEig",
     "LocalDenoiser",
     "LocalEvaluation",
     "agreement",

@@ -12,16 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
+from . import autograd
 from .engine import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .calling import one_hot_to_index
 from .data.storage import STORAGE_DTYPES
 from .engine import dispatch
 from .errors import DatasetError, DtypeError, InputError
 from .prune import Pruner, PruneIndex
-from .engine.bounds import dense_threshold
-from .engine.precision import DEFAULT_TOL, MODE_NAMES, Certified, certify, exact_pass, rescore
+from .engine.bounds import dense_threshold, query_shift
+from .engine.precision import DEFAULT_TOL, EXACT, MODE_NAMES, Certified, certify, exact_pass, rescore
 from .engine.partial import Partial
 from .engine.rows import RowSource
+from .engine.stats import from_partial
+from .posterior import Diagnostics, PosteriorCov, diagnostics_from, uniform_diagnostics
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
 
@@ -408,7 +411,13 @@ class OptimalDenoiser:
         ``net(x, sigma, class_labels)``; ``labels`` is an alias): None, a class, (B,)
         classes or (B, label_dim) one-hot vectors, for class-conditional denoising;
         s: scalar or (B,), EDM's scaling (VE: 1).
+        With x (or sigma, s) taking part in autograd (``requires_grad``, forward-mode
+        tangents, ``torch.func``), D* is differentiable: its derivatives are the exact
+        posterior moments (``optden.autograd``), the result in x's dtype.
         """
+        if autograd.needs_autograd(x, sigma, s):
+            t, u, ops = self._differentiable(x, s, class_labels, labels)
+            return autograd.denoise(u, sigma, *ops[:2]).reshape(t.shape).to(t.dtype)
         t, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0])
         out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]))
@@ -421,14 +430,25 @@ class OptimalDenoiser:
         return self.evaluate(u, sig, self._labels(class_labels, labels, u.shape[0]))
 
     def score(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
-        """grad log p_sigma(u) = (D*(u) - u) / sigma^2 at u = x / s: same shape as x, float64."""
+        """grad log p_sigma(u) = (D*(u) - u) / sigma^2 at u = x / s: same shape as x, float64
+        (differentiable through D* when x, sigma or s take part in autograd)."""
+        if autograd.needs_autograd(x, sigma, s):
+            t, u, ops = self._differentiable(x, s, class_labels, labels)
+            D = autograd.denoise(u, sigma, *ops[:2])
+            sig = sigma.to(D.device, torch.float64).reshape(-1, 1) if isinstance(sigma, torch.Tensor) else float(sigma)
+            return ((D - u.to(torch.float64)) / sig**2).reshape(t.shape)
         t, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
         out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]))
         return ((out - u) / sig[:, None] ** 2).reshape(t.shape)
 
     def log_density(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
-        """log p_sigma(u) of the smoothed empirical distribution (of the class, if labels): (B,) float64."""
+        """log p_sigma(u) of the smoothed empirical distribution (of the class, if labels): (B,) float64
+        (differentiable, with the score and d log p / d sigma as derivatives, when x, sigma or s
+        take part in autograd)."""
+        if autograd.needs_autograd(x, sigma, s):
+            _, u, ops = self._differentiable(x, s, class_labels, labels)
+            return autograd.log_density(u, sigma, *ops)
         _, u = self._queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
         lab = self._labels(class_labels, labels, u.shape[0])
@@ -489,3 +509,170 @@ class OptimalDenoiser:
             dist[qd] = torch.sqrt(torch.clamp(-best, min=0.0)) * ds.scale
             idx[qd] = src.global_index(cand)
         return dist, idx
+
+    # ------------------------------------------------------------------ what the posterior says
+    def diagnostics(self, x, sigma, class_labels=None, *, k: int | None = None, s=1.0, labels=None) -> Diagnostics:
+        """How concentrated the posterior is at u = x / s, certified, from the pass that computes D*.
+
+        Returns ``optden.posterior.Diagnostics``: per query the effective sample size, the
+        weights' entropy, the largest weight and the mass of the k heaviest rows, log
+        p_sigma(u) and d log p_sigma(u) / d sigma, the index of the heaviest row, D* itself,
+        each with a certified error bound (``optden.engine.stats``; the contract of
+        docs/design.md, section 2, at this denoiser's ``tol``). Same arguments as
+        ``__call__``; k: the top-mass count (1 <= k <= the rows available; default
+        min(10, rows available)). Runs dense
+        passes (no pruning); a memorization alarm is ``max_weight -> 1``, ``ess -> 1``.
+        """
+        _, u = self._queries(x, s)
+        n = u.shape[0]
+        sig = check_sigma(sigma, n).to(self.device)
+        return self._diagnose(u, sig, self._labels(class_labels, labels, n), k)
+
+    def _stats_pass(self, v: torch.Tensor, coef: torch.Tensor, src: RowSource, kk: int) -> Certified:
+        """A certified pass that accumulates the pass statistics: the backend's when it
+        declares them (``Backend.statistics``), else the float64 torch pass."""
+        b = dispatch.statistics_backend(self.backend)
+        precise = dispatch.get("torch")
+        fb = None if b is precise else (lambda vv, cc: precise.partial(vv, cc, src, kk, stats=True))
+        return certify(b.partial(v, coef, src, kk, stats=True), v, coef, src, self.tol, fallback=fb)
+
+    def _diagnose(self, u: torch.Tensor, sig: torch.Tensor, lab, k: int) -> Diagnostics:
+        """``diagnostics`` of validated inputs: u (N, d) model space on the device, sig (N,)."""
+        if getattr(self, "is_distributed", False):
+            raise InputError("diagnostics: not available on a ShardedDenoiser (its ranks merge no pass statistics); "
+                             "use an OptimalDenoiser")
+        n, ds = u.shape[0], self.dataset
+        groups = [(None, None)] if lab is None else [
+            (int(c), (lab == c).nonzero().flatten()) for c in lab.unique().tolist()]
+        avail = min(self.source(c).M for c, _ in groups)
+        k = min(10, avail) if k is None else check_positive_int(k, "k", 1, avail)
+        pure = sig == math.inf
+        if bool(pure.any()):  # sigma = inf: uniform weights, known without a pass
+            return self._diagnose_pure_noise(u, sig, lab, k, pure)
+        coef_all = self._coef(sig)
+        out = None if lab is None else Diagnostics.empty(n, self.d, k, self.device)
+        for label, qi in groups:
+            src = self.source(label)
+            kk = min(max(k, self.topk), src.M)
+            # one group of all queries (no labels): slices, and its Diagnostics is the result
+            idx = None if qi is None else qi.tolist()
+            qd = slice(None) if qi is None else qi.to(self.device)
+            v = (u[qd] - ds.offset) / ds.scale - src.center
+            coef, sg = coef_all[qd], sig[qd]
+            rows = torch.full_like(sg, float(src.M))
+            cert = self._stats_pass(v, coef, src, kk)
+            diag = diagnostics_from(cert.stats, (cert.dc + src.center) * ds.scale + ds.offset, sg, rows, self.d, k,
+                                    src.global_index(cert.top_idx[:, 0]), [MODE_NAMES[m] for m in cert.mode.tolist()],
+                                    self.tol)
+            # bounds over the contract (a logit bound at the DENSE threshold, a left-out mass near
+            # tol_mass): the exact float64 pass, a few queries at a time
+            redo = (~diag.certified & (cert.mode != EXACT)).nonzero().flatten().tolist()
+            for a in range(0, len(redo), 8):
+                j = torch.tensor(redo[a:a + 8], dtype=torch.int64, device=self.device)
+                ex = exact_pass(v[j], coef[j], src, kk, stats=True)
+                st = from_partial(ex, src.M, coef[j], v[j].norm(dim=1), query_shift(v[j], src.center), src.max_cnorm,
+                                  self.d, exact=True)
+                sub = diagnostics_from(st, (ex.mean() + src.center) * ds.scale + ds.offset, sg[j], rows[j], self.d, k,
+                                       src.global_index(ex.top_idx[:, 0]), ["exact"] * j.numel(), self.tol)
+                diag.put(redo[a:a + 8], sub)
+            if out is None:
+                return diag
+            out.put(idx, diag)
+        return out
+
+    def _diagnose_pure_noise(self, u: torch.Tensor, sig: torch.Tensor, lab, k: int, pure: torch.Tensor) -> Diagnostics:
+        """``_diagnose`` of queries some of which (``pure``, (N,) bool) are at sigma = inf:
+        those from ``uniform_diagnostics``, the others from their pass."""
+        n = u.shape[0]
+        out = Diagnostics.empty(n, self.d, k, self.device)
+        rest = (~pure).nonzero().flatten()
+        if rest.numel():
+            out.put(rest.tolist(), self._diagnose(u[rest], sig[rest], None if lab is None else lab[rest], k))
+        flat = pure.nonzero().flatten()
+        fl = None if lab is None else lab[flat.cpu()]
+        srcs = [self.source(None if fl is None else int(c)) for c in (fl.tolist() if fl is not None else [None] * len(flat))]
+        rows = torch.tensor([float(sr.M) for sr in srcs], dtype=torch.float64, device=self.device)
+        first = torch.stack([sr.global_index(torch.zeros(1, dtype=torch.int64, device=self.device))[0] for sr in srcs])
+        out.put(flat.tolist(), uniform_diagnostics(self._denoised(u[flat], sig[flat], fl), rows, self.d, k, first))
+        return out
+
+    def posterior_cov(self, x, sigma, class_labels=None, *, s=1.0, labels=None,
+                      memory_budget: int = 1 << 28) -> PosteriorCov:
+        """The posterior covariance ``Cov[y | u]`` at u = x / s (model units), certified:
+        ``.matvec(v)`` (batched over v), ``.eig(k)``, ``.bound`` (see
+        ``optden.posterior.PosteriorCov``); ``dD*/du = Cov / sigma^2``. Same arguments as
+        ``__call__``; memory_budget: bytes of float64 support rows held for all queries
+        (a query whose rows do not fit streams them at every product).
+        """
+        _, u = self._queries(x, s)
+        n = u.shape[0]
+        sig = _finite_sigma(check_sigma(sigma, n), "posterior_cov").to(self.device)
+        return self._posterior_cov(u, sig, self._labels(class_labels, labels, n), memory_budget)
+
+    def _posterior_cov(self, u: torch.Tensor, sig: torch.Tensor, lab, memory_budget: int) -> PosteriorCov:
+        if getattr(self, "is_distributed", False):
+            raise InputError("posterior_cov: not available on a ShardedDenoiser; use an OptimalDenoiser")
+        n, ds = u.shape[0], self.dataset
+        groups = [(None, None)] if lab is None else [
+            (int(c), (lab == c).nonzero().flatten()) for c in lab.unique().tolist()]
+        coef_all = self._coef(sig)
+        denoised = torch.full((n, self.d), torch.nan, dtype=torch.float64, device=self.device)
+        cov = PosteriorCov(self.d, ds.scale, sig, denoised, [""] * n)
+        for label, qi in groups:
+            src = self.source(label)
+            idx = list(range(n)) if qi is None else qi.tolist()
+            qd = torch.tensor(idx, dtype=torch.int64, device=self.device)
+            v = (u[qd] - ds.offset) / ds.scale - src.center
+            cert = self._stats_pass(v, coef_all[qd], src, min(self.topk, src.M))
+            denoised[qd] = (cert.dc + src.center) * ds.scale + ds.offset
+            for j, m in zip(idx, cert.mode.tolist()):
+                cov.mode[j] = MODE_NAMES[m]
+            cov.add_group(idx, src, v, coef_all[qd], cert, self.tol, memory_budget)
+        return cov
+
+    # ------------------------------------------------------------------ autograd (optden.autograd)
+    def _differentiable(self, x, s, class_labels, labels):
+        """(x, u = x / s as (B, d), (forward, cov, diagnose)) for a call inside autograd: the
+        shapes are checked here (x may be a torch.func-wrapped tensor); the values, on the
+        plain tensors the Functions see, by the closures."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise DtypeError("x: a differentiable call needs a floating torch tensor")
+        n = x.shape[0] if x.dim() else 0
+        if n == 0 or x.numel() != n * self.d:
+            raise InputError(f"x: expected a non-empty batch (B, ...) of {self.d} values per query, got shape "
+                             f"{tuple(x.shape)}")
+        u = x.reshape(n, self.d)
+        if isinstance(s, torch.Tensor):
+            u = u / s.to(u.dtype).reshape(-1, 1)
+        elif not (isinstance(s, (int, float)) and s == 1):
+            u = u / check_sigma(s, n, name="s").to(u.device, u.dtype)[:, None]
+        lab = self._labels(class_labels, labels, n)
+
+        def checked(u, sigma):
+            if not bool(torch.isfinite(u).all()):
+                raise InputError("x: contains NaN or inf")
+            return u.to(self.device), check_sigma(sigma.cpu(), u.shape[0]).to(self.device)
+
+        def forward(u, sigma):
+            uu, sg = checked(u, sigma)
+            return self._denoised(uu, sg, lab).to(u.device)
+
+        def cov(u, sigma):
+            uu, sg = checked(u, sigma)
+            return self._posterior_cov(uu, _finite_sigma(sg, "the derivatives of D*"), lab, 1 << 28)
+
+        def diagnose(u, sigma):
+            uu, sg = checked(u, sigma)
+            return self._diagnose(uu, sg, lab, 1)
+
+        return x, u, (forward, cov, diagnose)
+
+
+def _finite_sigma(sig: torch.Tensor, what: str) -> torch.Tensor:
+    """sig (N,) checked by ``check_sigma``, refused where it is +inf for ``what`` (the
+    posterior statistics and covariance, whose bounds need logits 1 / (2 sigma^2) > 0)."""
+    if bool((sig == math.inf).any()):
+        raise InputError(f"sigma: got inf, but {what} takes finite noise levels only (about 1e-150 < sigma < 1e150); "
+                         "at sigma = inf the posterior is uniform over the rows (ESS = M, Cov = the data "
+                         "covariance, dD*/dx = 0)")
+    return sig

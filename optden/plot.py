@@ -1,11 +1,12 @@
-"""Pictures: trajectory strips, samples beside their nearest training image (Pillow), and
-deviation / geometry curves against sigma (matplotlib, no pyplot).
+"""Pictures: trajectory strips, samples beside their nearest training image (Pillow),
+deviation / geometry / posterior-concentration curves against sigma and eigenvector
+images (matplotlib, no pyplot).
 
 The image grids write a PNG to ``path`` (parent folders created) and return the path; a
-``title`` (the data set and the model, say) heads them. The curves draw into the
-matplotlib axes ``ax=`` when given (the caller's figure), else into a figure of their
-own saved to ``path`` as PNG, SVG or PDF (by its suffix). Images are (n, C, H, W) or
-(n, d) model-space tensors; ``value_range`` = (lo, hi) maps model values to 0..255
+``title`` (the data set and the model, say) heads them. The curves and eigenvector images
+draw into the matplotlib axes ``ax=`` when given (the caller's figure), else into a figure
+of their own saved to ``path`` as PNG, SVG or PDF (by its suffix). Images are (n, C, H, W)
+or (n, d) model-space tensors; ``value_range`` = (lo, hi) maps model values to 0..255
 (default: the data set's own map for uint8 data, else (-1, 1)).
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from .errors import InputError
 from .validate import as_tensor, check_positive_int
 
-__all__ = ["to_pictures", "trajectory_strip", "nearest_grid", "deviation_curves", "geometry_curves", "agreement_curves"]
+__all__ = ["to_pictures", "trajectory_strip", "nearest_grid", "deviation_curves", "geometry_curves",
+           "concentration_curves", "eigenvector_images", "agreement_curves"]
 
 _PAD = 2
 _BG = (255, 255, 255)
@@ -318,6 +320,72 @@ def _suptitle(fig, axes, title) -> None:
         fig.suptitle(title)
     else:
         axes[0].set_title(f"{title}\n{axes[0].get_title()}")
+
+
+def concentration_curves(diag, path=None, *, ax=None, width: float = 10.0, height: float = 3.8):
+    """How concentrated the posterior is against sigma (the memorization alarm): the
+    effective sample size (left, log scale, between 1 and M) and the weights' entropy
+    (right), mean over samples with the 10-90 % band.
+
+    diag: an ``optden.posterior.Diagnostics`` with (K, n) fields (``SampleRun.diagnostics``
+    of ``sample(..., record=True)``) or (n,) fields at n sigmas (one curve, no band).
+    ax: two matplotlib Axes to draw on (then nothing is saved and the axes are returned);
+    else a new figure (width * 100, height * 100 pixels) is written to ``path`` (PNG, SVG or PDF).
+    """
+    fig, axes = _axes(ax, 2, width, height, path)
+    if len(axes) != 2:
+        raise InputError(f"ax: expected 2 matplotlib Axes (ESS, entropy), got {len(axes)}")
+    a1, a2 = axes
+    sig = diag.sigma if diag.sigma.dim() == 1 else diag.sigma[:, 0]
+    for a, v, title in ((a1, diag.ess, "effective sample size 1 / sum w^2"), (a2, diag.entropy, "entropy of the weights")):
+        v2 = v[:, None] if v.dim() == 1 else v
+        mean = v2.double().mean(1).numpy()
+        line, = a.plot(sig.numpy(), mean, marker="o", ms=3)
+        if v2.shape[1] > 1:
+            lo, hi = torch.quantile(v2.double(), 0.1, dim=1).numpy(), torch.quantile(v2.double(), 0.9, dim=1).numpy()
+            a.fill_between(sig.numpy(), lo, hi, color=line.get_color(), alpha=0.15)
+        a.set_xscale("log")
+        a.set_xlabel(r"$\sigma$")
+        a.set_title(title)
+        a.invert_xaxis()
+        a.grid(True, which="both", alpha=0.3)
+    a1.set_yscale("log")
+    return _finish(fig, axes, path)
+
+
+def eigenvector_images(vectors, image_shape, path=None, *, ax=None, row_labels=None, col_labels=None,
+                       width: float = 8.0, height: float | None = None):
+    """Eigenvectors as images (e.g. of the Jacobian of D*, ``PosteriorCov.eig``): a grid
+    with one row per query and one column per eigenvector, each scaled to its own largest
+    magnitude (grayscale images on a diverging map, red > 0 > blue; RGB images as
+    0.5 + 0.5 v / max |v|).
+
+    vectors: (rows, k, d); image_shape: (C, H, W) with C = 1 or 3. ax: one matplotlib
+    Axes to draw on (nothing saved; returned), else a new figure written to ``path``.
+    """
+    v = as_tensor(vectors, "vectors").detach().to("cpu", torch.float64)
+    if v.dim() != 3:
+        raise InputError(f"vectors: expected (rows, k, d), got shape {tuple(v.shape)}")
+    C, H, W = (int(s) for s in image_shape)
+    if C not in (1, 3) or C * H * W != v.shape[2]:
+        raise InputError(f"image_shape: expected (C, H, W) with C = 1 or 3 and C H W = {v.shape[2]}, got {image_shape}")
+    rows, k = v.shape[:2]
+    scale = v.abs().amax(2, keepdim=True).clamp(min=1e-300)
+    img = (v / scale).reshape(rows, k, C, H, W).permute(0, 3, 1, 4, 2)  # rows, H, k, W, C
+    pad = torch.full((rows, H, k, 1, C), torch.nan, dtype=torch.float64)
+    mosaic = torch.cat([img, pad], 3).reshape(rows, H, k * (W + 1), C)
+    mosaic = torch.cat([mosaic, torch.full((rows, 1, k * (W + 1), C), torch.nan, dtype=torch.float64)], 1)
+    mosaic = mosaic.reshape(rows * (H + 1), k * (W + 1), C).numpy()
+    fig, (a,) = _axes(ax, 1, width, height if height is not None else width * rows * (H + 1) / (k * (W + 1)) + 0.6,
+                      path)
+    if C == 1:
+        a.imshow(np.ma.masked_invalid(mosaic[..., 0]), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    else:
+        a.imshow(np.nan_to_num(np.clip(0.5 + 0.5 * mosaic, 0.0, 1.0), nan=1.0), interpolation="nearest")
+    a.set_xticks([j * (W + 1) + W / 2 for j in range(k)], col_labels or [str(j + 1) for j in range(k)], fontsize=7)
+    a.set_yticks([i * (H + 1) + H / 2 for i in range(rows)], row_labels or [str(i) for i in range(rows)], fontsize=7)
+    a.tick_params(length=0)
+    return a if path is None else _finish(fig, [a], path)
 
 
 def agreement_curves(result, path=None, width: float = 11.0, height: float = 4.0, ax=None, title: str | None = None):

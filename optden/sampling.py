@@ -295,6 +295,9 @@ class SampleRun:
     sigmas:     (K + 1,) the grid actually used (truncated and ended with 0 by ``sigma_stop``).
     scales:     (K + 1,) s at those sigmas.
     eval_sigmas:(K,) the sigma at which each ``denoised`` entry was evaluated.
+    diagnostics:``optden.posterior.Diagnostics`` with (K, n) fields, the certified posterior
+                diagnostics (ESS, entropy, top weights, log p, ...) at each ``denoised`` entry
+                (the same pass); None unless ``record`` and the denoiser has ``diagnostics``.
     x_T:        (n, *shape) the initial point in the original coordinate x.
     nfe:        denoiser evaluations per sample (a batched call counts once; independent of
                 ``batch_size``).
@@ -314,6 +317,7 @@ class SampleRun:
     schedule: str = "edm"
     sigma_stop: float | None = None
     solver_options: dict = field(default_factory=dict)
+    diagnostics: object | None = None
 
     @property
     def steps(self) -> int:
@@ -361,6 +365,45 @@ class _Plan:
 
     def sigma_hat(self, i: int) -> float:
         return self.sig[i] * (1.0 + self.gammas[i])
+
+
+class _DiagnosticsRecorder:
+    """Stands in for a denoiser with ``diagnostics`` (``OptimalDenoiser``) while ``sample``
+    records: each call runs ``den.diagnostics`` (D* and the diagnostics from one pass) and
+    returns D*; ``step_done`` keeps the step's first evaluation (the ``denoised`` entry)."""
+
+    def __init__(self, den):
+        self.den = den
+        self.device = getattr(den, "device", None)
+        self.d = getattr(den, "d", None)
+        self.pending: list = []
+        self.steps: list = []
+
+    def __call__(self, x, sigma, labels=None):
+        diag = self.den.diagnostics(x, sigma, labels)
+        self.pending.append(diag)
+        return diag.denoised.reshape(x.shape)
+
+    def step_done(self, info=None) -> None:
+        self.steps.append(self.pending[0])
+        self.pending = []
+
+    def take(self) -> list:
+        steps, self.steps = self.steps, []
+        return steps
+
+
+def _records_diagnostics(den, record: bool, diagnostics) -> bool:
+    """Whether ``sample`` records the diagnostics (see its ``diagnostics`` argument)."""
+    if diagnostics is not None and not isinstance(diagnostics, bool):
+        raise DtypeError(f"diagnostics: expected None, True or False, got {diagnostics!r}")
+    has = callable(getattr(den, "diagnostics", None))
+    if diagnostics is True and not has:
+        raise InputError("diagnostics: this denoiser has no diagnostics method (an optden.OptimalDenoiser has)")
+    if not record or diagnostics is False or not has:
+        return False
+    pruner = getattr(den, "pruner", None)
+    return diagnostics is True or not (callable(pruner) and pruner() is not None)
 
 
 def _stop_index(sigmas: torch.Tensor, sigma_stop) -> int | None:
@@ -460,6 +503,7 @@ def sample(
     dtype: torch.dtype | None = None,
     callback: Callable[[dict], None] | None = None,
     class_labels=None,
+    diagnostics: bool | None = None,
     **solver_kwargs,
 ) -> SampleRun:
     """Sample with any denoiser ``D(x, sigma)`` by a PF-ODE solver (or EDM's SDE sampler).
@@ -473,7 +517,12 @@ def sample(
     schedule: a name (``"edm"``, ``"polynomial"``, ``"loguniform"``, ``"vp"``, ``"flow"``), a
         list of sigmas, or a ``Schedule`` from ``get_schedule`` (to set its options).
     seed: int or CPU ``torch.Generator``: x_T = s_0 sigma_0 randn((n, *shape), float64).
-    record: keep the sampling and denoising trajectories.
+    record: keep the sampling and denoising trajectories (and the diagnostics, below).
+    diagnostics: with ``record``, also keep the certified posterior diagnostics at every
+        ``denoised`` entry (``SampleRun.diagnostics``: ESS, entropy, top weights, log p;
+        from the pass that computes D*), for a denoiser with a ``diagnostics`` method
+        (``OptimalDenoiser``). Default (None): yes when it has one and does not prune
+        (the diagnostics run dense passes; True asks for them from a pruning one too).
     shape: per-sample shape; defaults to ``den.image_shape``.
     x_T: (n, *shape) initial points in the original coordinate x (replaces the noise).
     sigma_stop: ODE-jump: integrate down to the first grid sigma <= sigma_stop, then
@@ -499,7 +548,8 @@ def sample(
     sched = get_schedule(schedule, steps if isinstance(schedule, str) else None)
     sigmas, scales = sched.sigmas, sched.scales
     N = sched.steps
-    call = DenoiserCall(den, device, dtype)
+    recorder = _DiagnosticsRecorder(den) if _records_diagnostics(den, record, diagnostics) else None
+    call = DenoiserCall(den if recorder is None else recorder, device, dtype)
     gen = _generator(seed)
     if x_T is not None:
         xT = check_points(den, x_T, "x_T").clone()
@@ -534,6 +584,13 @@ def sample(
     n_batches = (n + bs - 1) // bs
     bar = tqdm(total=n_batches * plan.K, desc=f"sample[{name}]", unit="step", disable=not progress_enabled(progress))
     nfe = 0
+    per_batch = []
+    steps_cb = callback
+    if recorder is not None:
+        def steps_cb(info):
+            recorder.step_done()
+            if callback is not None:
+                callback(info)
     try:
         for b0 in range(0, n, bs):
             b1 = min(n, b0 + bs)
@@ -541,8 +598,10 @@ def sample(
             noise = None if churn_noise is None else (lambda i, b0=b0, b1=b1: churn_noise(i, b0, b1))
             calls_before = call.calls
             u = (xT[b0:b1] if float(scales[0]) == 0 else xT[b0:b1] / float(scales[0])).to(call.device)
-            u = _run_batch(D, u, plan, slv, opts, noise, slice(b0, b1), traj, dens, callback, bar)
+            u = _run_batch(D, u, plan, slv, opts, noise, slice(b0, b1), traj, dens, steps_cb, bar)
             samples[b0:b1] = u.cpu()
+            if recorder is not None:
+                per_batch.append(recorder.take())
             nfe = call.calls - calls_before
     finally:
         bar.close()
@@ -556,7 +615,13 @@ def sample(
         used_sig = torch.cat([sigmas[: k + 1], sigmas.new_zeros(1)])
         used_sc = torch.cat([scales[: k + 1], scales.new_ones(1)])
         eval_sig = torch.tensor([plan.sigma_hat(i) for i in range(k)] + [sig[k]], dtype=torch.float64)
+    diagnostics = None
+    if recorder is not None:
+        from .posterior import Diagnostics
+
+        diagnostics = Diagnostics.stack([Diagnostics.cat([b[i] for b in per_batch]) for i in range(plan.K)])
     return SampleRun(
+        diagnostics=diagnostics,
         samples=samples,
         trajectory=traj,
         denoised=dens,

@@ -34,6 +34,12 @@ def test_demo_quick(tmp_path, capsys):
     assert "agreement_cnn" in s["figures"]
     assert len(s["stand_in_models"]["gaussian"]["deviation"]["optimal"]["mean"]) == 10
     assert s["timings_seconds"]["total"] > 0
+    # issue 20: the posterior section, ESS / entropy curves and the Jacobian's top eigenvectors
+    assert {"concentration", "jacobian_eigenvectors"} <= set(s["figures"])
+    post = s["posterior"]
+    assert post["fraction_certified"] == 1.0 and len(post["ess_mean"]) == len(post["sigmas"])
+    assert post["jacobian_eigen"] and all(  # residuals of Cov's pairs: Cov's eigenvalues are sigma^2 the Jacobian's
+        max(e["residuals"]) < 1e-6 * e["sigma"] ** 2 * max(e["jacobian_eigenvalues"]) for e in post["jacobian_eigen"])
     md = (out / "summary.md").read_text()
     for name in s["figures"].values():
         assert f"]({name})" in md

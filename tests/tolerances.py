@@ -17,6 +17,32 @@ def rel_err(out, ref) -> float:
     return float((np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
 
 
+def scaled_norm(a, axis: int = 1) -> np.ndarray:
+    """Euclidean norms along ``axis``, scaled first: numpy's squares underflow below 1e-154
+    (a concentrated posterior's covariance products are 1e-240 and still exact)."""
+    a = np.asarray(a, dtype=np.float64)
+    m = np.abs(a).max(axis=axis, keepdims=True)
+    return np.squeeze(m, axis) * np.linalg.norm(a / np.where(m > 0, m, 1.0), axis=axis)
+
+
 def model_rows(ds) -> np.ndarray:
     """Every row of a Dataset in model space, (M, d) float64."""
     return ds.model_rows(np.arange(ds.M)).numpy()
+
+# What the posterior says (issue 20; docs/design.md, section 2): ESS, entropy, top mass and
+# d log p / d sigma relative (entropy against max(1, H), d log p / d sigma against
+# max(|value|, d / sigma): absolute near zero); covariance matvecs and Jacobian products
+# relative to ||C||_2 ||v|| (normwise).
+DIAGNOSTIC_RTOL = 1e-6
+COV_RTOL = 1e-5
+JACOBIAN_RTOL = 1e-5
+
+
+def diagnostic_scale(name: str, value, d: int, sigma):
+    """The magnitude each diagnostic's error is measured against (the contract's)."""
+    v = np.abs(np.asarray(value, dtype=np.float64))
+    if name in ("entropy", "log_p"):
+        return np.maximum(v, 1.0)
+    if name == "dlogp_dsigma":
+        return np.maximum(v, d / np.asarray(sigma, dtype=np.float64))
+    return v

@@ -11,7 +11,9 @@
    annealed along the schedule it reproduces the ODE samples.
 6. Score deviation of stand-in models: the linear denoiser of a fitted Gaussian and a
    small torch MLP trained for a few seconds, against D*, on both trajectories.
-7. Locality: a small CNN trained for a few seconds against D*, LS and ELS (r^2 per sigma
+7. What the posterior says: ESS and entropy along the optimal trajectories, and the
+   top eigenvectors of the Jacobian of D* at a few of their points.
+8. Locality: a small CNN trained for a few seconds against D*, LS and ELS (r^2 per sigma
    on its own trajectory, ``optden.agreement``; commands/demo_locality.py).
 
 Writes a report folder (``--out``, default ./report): PNG figures, summary.md and
@@ -223,6 +225,11 @@ def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
     for name, (dev, _, _) in models.items():
         figs[f"deviation_{name}"] = deviation_curves(dev, out / f"deviation_{name}.png",
                                                      title=f"{data_name}: {model_names[name]} vs D*")
+    if run_opt.diagnostics is not None:
+        from .posterior import report_section
+
+        post, post_figs, post_md = timed("posterior", lambda: report_section(den, ds, run_opt, out))
+        figs.update(post_figs)
     if locality is not None:
         figs.update(loc_figs)
     timings["figures"] = time.perf_counter() - t0
@@ -248,12 +255,17 @@ def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
             name: {"fraction_memorized": m.fraction, **extra, "deviation": dev.to_dict()}
             for name, (dev, m, extra) in models.items()
         },
+        "posterior": post if run_opt.diagnostics is not None else None,
         "locality": locality,
         "figures": {k: str(Path(v).name) for k, v in figs.items()},
         "timings_seconds": timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_markdown(summary, models))
+    md = _markdown(summary, models)
+    if run_opt.diagnostics is not None:  # before the timings table
+        head, sep, tail = md.partition("## Timings")
+        md = head + "\n".join(post_md) + "\n" + sep + tail
+    (out / "summary.md").write_text(md)
     print(f"report      {out}/summary.md, summary.json and {len(figs)} figures; total {_fmt_s(timings['total'])}")
     return 0
 

@@ -8,7 +8,9 @@
 3. The fp32 GPU passes (Triton and CUDA kernels, ``fp32_pass_delta``); notation below.
 4. FAISS's float32 distances (``dot_rel_err``, ``faiss_distance_interval``): the bounds that
    make a pruned candidate search certified (``optden.prune``).
-5. The local denoisers' float64 direct-difference passes over patches (``direct_pass_delta``,
+5. The posterior statistics (``optden.engine.stats``: ESS, entropy, mean logit, top
+   weights) from a pass's certificate (``multiplicative``, ``relative_to_top``, ``excluded``).
+6. The local denoisers' float64 direct-difference passes over patches (``direct_pass_delta``,
    ``SKIP_LOGITS``): ``optden.engine.patch_pass`` and csrc/patch_*.cpp.
 
 The C++ cpu backend computes its own bound in csrc/ (see ``optden.engine.backends.cpu``).
@@ -53,7 +55,9 @@ import torch
 
 __all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "EPS64", "U32", "U_GPU32",
            "U_TF32_IN", "DISTANCE_MARGIN", "gamma", "gemm_delta", "softmax_delta", "fp32_pass_delta",
-           "dot_rel_err", "float32_shift", "faiss_distance_interval",
+           "dot_rel_err", "float32_shift", "faiss_distance_interval", "float64_logit_error", "accumulation_eta",
+           "query_shift", "shifted_logit_error", "multiplicative", "relative_to_top", "excluded", "MAX_EXCLUDED", "covariance_error",
+           "gap_covariance_error",
            "SKIP_LOGITS", "EXP_REL_ERR", "direct_pass_delta", "accumulation_error"]
 
 # ----------------------------------------------------------------------------- 1. the tolerance's shares
@@ -206,6 +210,248 @@ def faiss_distance_interval(D: np.ndarray, x32: np.ndarray, shift: np.ndarray, *
     up = np.sqrt(up2) * (1.0 + DISTANCE_MARGIN) + shift
     return low, up
 
+
+# ----------------------------------------------------------------------------- 5. posterior statistics
+#
+# The statistics of the posterior weights w (``optden.engine.stats``): P = sum w^2 (ESS = 1/P),
+# the entropy H = -sum w log w, A = -sum w l (the mean negative logit, E ||u - y||^2 / 2 sigma^2),
+# lse = log sum e^l and the top weights. Each is bounded from what the pass's certificate
+# says, in one of two forms, then widened for the rows the result leaves out (``excluded``):
+#
+# * a logit bound (DENSE, EXACT): every kept row's computed logit l' is within eta of the
+#   truth, so every normalised weight is off by a factor within exp(+-2 eta) (``multiplicative``);
+# * exact logits of the top K rows (RESCORED): per row, the gap x_j = l_0 - l_j to the
+#   top row is known to within eta_j, and every statistic is a monotone function of the
+#   sums R = sum_{j>0} e^{-x_j}, Q = sum e^{-2 x_j}, G = sum x_j e^{-x_j} (``relative_to_top``):
+#   tight where the posterior is concentrated (ESS - 1 and H of order e^{-gap}), where a
+#   multiplicative bound would be far too loose.
+#
+# Intervals are (lo, hi) pairs of (N,) float64 tensors, widened for their own float64 rounding.
+
+
+def float64_logit_error(lam: torch.Tensor, coef: torch.Tensor, qmax: float, d: int) -> torch.Tensor:
+    """Bound (n, K) on |fl(l) - l| of float64 direct-difference logits ``lam`` (n, K) =
+    -coef ||v - (raw - center)||^2 (``precision.exact_logits``), coef (n,).
+
+    The d differences, d squares, d - 1 additions and the product with coef give a relative
+    error gamma_{d+3} (Higham, sums of positive terms); rows centered in float64 (float data)
+    move each difference by u |q_j|, at most ``2 u coef ||v - q|| ||q||`` on the logit.
+    """
+    g = gamma(d + 3, EPS64)
+    a = lam.abs() / (1.0 - g)
+    return g * a + 2.01 * EPS64 * torch.sqrt(a * coef[:, None]) * qmax
+
+
+def query_shift(v: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Bound (N,) on how far float64 moved the centered raw queries ``v = (u - offset) / scale
+    - center`` (N, d) from the model-space queries u they stand for: three roundings, of
+    at most u |t| each with |t| <= |v_j| + |center_j|, so ``||dv|| <= 1.01 u (3 ||v|| + 2 ||center||)``."""
+    return 1.01 * EPS64 * (3.0 * v.norm(dim=1) + 2.0 * float(center.norm()))
+
+
+def shifted_logit_error(dist: torch.Tensor, coef: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Bound on how much a query shift of ``shift`` (N,) moves the logit -coef ||v - q||^2 of
+    a row at distance ``dist`` (N,) or (N, K): ``coef (2 dist shift + shift^2)``."""
+    if dist.dim() == 2:
+        coef, shift = coef[:, None], shift[:, None]
+    return coef * (2.0 * dist * shift + shift * shift)
+
+
+def accumulation_eta(rows: int) -> float:
+    """Logit-equivalent relative error of a float64 pass's sums of positive terms over ``rows``
+    rows (exp's rounding, the rescalings of the online softmax, the additions): each term of
+    s, s2 and -e1 is off by a relative factor within exp(+-eta)."""
+    return gamma(2 * rows + 8, EPS64) + 4 * EPS64
+
+
+def _widen(lo, hi, rel: float):
+    return lo - rel * lo.abs(), hi + rel * hi.abs()
+
+
+def multiplicative(eta, m, s, s2, e1, delta, slack=None):
+    """Intervals of the statistics of a pass whose kept rows' logits are within ``delta`` of
+    the truth, its sums within the logit-equivalent ``eta`` (>= delta; ``accumulation_eta``
+    added), over the kept rows (before ``excluded``). m, s, s2, e1 (N,): the pass's
+    ``Partial`` (``STATS``). slack (N,): an absolute error of the computed -e1 / s (rows the
+    exact pass counted beyond its cut), or None.
+
+    With r = e^{2 eta} - 1 and w' = w r_i (r_i in e^{+-2 eta}) normalised:
+    - P' = s2 / s^2 is within e^{+-4 eta} of P;
+    - H' = log s - e1 / s: H' - H = sum (1 - r_i) w_i log w_i - sum w'_i log r_i, so
+      |H' - H| <= r H + 2 eta;
+    - A' = -m - e1 / s: |A' - A| <= delta + sum |w' - w| |l - m'| <= delta + r (e^{2 eta} G' + delta)
+      with G' = -e1 / s = E_w' [m' - l'] (and 2 eta G' for the rounding of e1);
+    - lse' = m + log s within delta + eta.
+    Returns dict name -> (value, lo, hi) for "P", "H", "A", "lse".
+    """
+    r = torch.expm1(2.0 * eta)
+    P = s2 / (s * s)
+    G = -e1 / s
+    sl = torch.zeros_like(G) if slack is None else slack
+    H = torch.log(s) + G
+    A = -m + G
+    lse = m + torch.log(s)
+    a_err = delta + r * ((r + 1.0) * (G + sl) + delta) + 2.0 * eta * G + sl + 4.0 * EPS64 * A.abs()
+    h_lo = ((H - sl - 2.0 * eta) / (1.0 + r)).clamp(min=0.0)
+    h_hi = (H + sl + 2.0 * eta) / (1.0 - r)
+    l_err = delta + eta + 2.0 * EPS64 * (lse.abs() + 1.0)
+    rel = 8 * EPS64
+    return {
+        "P": (P, *_widen(P * torch.exp(-4.0 * eta), P * torch.exp(4.0 * eta), rel)),
+        "H": (H, *_widen(h_lo, h_hi, rel)),
+        "A": (A, *_widen(A - a_err, A + a_err, rel)),
+        "lse": (lse, lse - l_err, lse + l_err),
+    }
+
+
+def _xexp(x):
+    return x * torch.exp(-x)
+
+
+def relative_to_top(lam: torch.Tensor, err: torch.Tensor):
+    """Intervals of the statistics of the rows of exact logits ``lam`` (n, K), sorted
+    descending, each within ``err`` (n, K) of the truth (``float64_logit_error``), over
+    these K rows (before ``excluded``).
+
+    With x'_j = lam_0 - lam_j, the true gap x_j is within eta_j = err_0 + err_j (+ the
+    rounding of x') of x'_j; R, Q, G (module comment) are sums of terms monotone in x_j
+    (x e^{-x} rises to 1/e at x = 1, then falls), bounded term by term; then
+    ESS = (1 + R)^2 / (1 + Q) rises with R and falls with Q, H = log(1 + R) + G / (1 + R)
+    rises with G and, in R, falls then rises (its minimum at R = G - 1), A = -l_0 + G / (1 + R),
+    lse = l_0 + log(1 + R), and each true weight w_j = e^{-x_j} / (1 + R).
+    Returns (dict name -> (value, lo, hi) for "P", "H", "A", "lse"; w (n, K) the computed
+    weights; w_lo, w_hi (n, K) bounds on the true ones).
+    """
+    n, K = lam.shape
+    x = lam[:, :1] - lam
+    eta = err[:, :1] + err + 2.0 * EPS64 * x
+    eta[:, 0] = 0.0
+    one = torch.ones(n, 1, dtype=lam.dtype, device=lam.device)
+    e_mid = torch.exp(-x)
+    e_lo, e_hi = torch.exp(-(x + eta)), torch.exp(-(x - eta))
+    f_a, f_b = _xexp(x - eta), _xexp(x + eta)
+    f_lo = torch.minimum(f_a, f_b)
+    f_hi = torch.where((x - eta <= 1.0) & (x + eta >= 1.0), torch.full_like(x, math.exp(-1.0)), torch.maximum(f_a, f_b))
+    gk = gamma(K + 2, EPS64)
+
+    def tail(t):  # sum over j > 0
+        return t[:, 1:].sum(1)
+
+    R, R_lo, R_hi = tail(e_mid), tail(e_lo) * (1 - gk), tail(e_hi) * (1 + gk)
+    Q, Q_lo, Q_hi = tail(e_mid**2), tail(e_lo**2) * (1 - gk), tail(e_hi**2) * (1 + gk)
+    G, G_lo, G_hi = tail(_xexp(x)), tail(f_lo) - gk * tail(f_lo.abs()), tail(f_hi) + gk * tail(f_hi.abs())
+
+    def ent(r, g):
+        return torch.log1p(r) + g / (1.0 + r)
+
+    def ratio_lo(g):  # smallest g / (1 + R) over R in [R_lo, R_hi]
+        return torch.where(g >= 0, g / (1.0 + R_hi), g / (1.0 + R_lo))
+
+    def ratio_hi(g):
+        return torch.where(g >= 0, g / (1.0 + R_lo), g / (1.0 + R_hi))
+
+    P = (1.0 + Q) / (1.0 + R) ** 2
+    P_lo, P_hi = (1.0 + Q_lo) / (1.0 + R_hi) ** 2, (1.0 + Q_hi) / (1.0 + R_lo) ** 2
+    H = ent(R, G)
+    H_lo = ent(torch.minimum(torch.maximum(G_lo - 1.0, R_lo), R_hi), G_lo).clamp(min=0.0)
+    H_hi = torch.maximum(ent(R_lo, G_hi), ent(R_hi, G_hi))
+    l0, e0 = lam[:, 0], err[:, 0]
+    A = -l0 + G / (1.0 + R)
+    A_lo, A_hi = -l0 - e0 + ratio_lo(G_lo), -l0 + e0 + ratio_hi(G_hi)
+    lse = l0 + torch.log1p(R)
+    lse_lo, lse_hi = l0 - e0 + torch.log1p(R_lo), l0 + e0 + torch.log1p(R_hi)
+    w = e_mid / (1.0 + R)[:, None]
+    w_lo = torch.cat([one, e_lo[:, 1:]], 1) / (1.0 + R_hi)[:, None]
+    w_hi = torch.cat([one, e_hi[:, 1:]], 1) / (1.0 + R_lo)[:, None]
+    rel = gamma(4 * K + 16, EPS64)
+    out = {
+        "P": (P, *_widen(P_lo, P_hi, rel)),
+        "H": (H, *_widen(H_lo, H_hi, rel)),
+        "A": (A, *_widen(A_lo, A_hi, rel)),
+        "lse": (lse, *_widen(lse_lo, lse_hi, rel)),
+    }
+    return out, w, *_widen(w_lo, w_hi, rel)
+
+
+#: Left-out mass above which ``excluded`` gives up (the entropy bound needs eps <= 1/e).
+MAX_EXCLUDED = 1.0 / 3.0
+
+
+def excluded(iv: dict, eps: torch.Tensor, n_out: torch.Tensor):
+    """Widen the intervals ``iv`` (``multiplicative`` / ``relative_to_top``) of the statistics
+    over the kept rows for up to ``eps`` (N,) of the total weight lying on at most
+    ``n_out`` (N,) other rows.
+
+    The true weights are (1 - eps_t) w on the kept rows and eps_t <= eps elsewhere, so
+    - P = (1 - eps_t)^2 P_kept + P_out, 0 <= P_out <= eps_t^2;
+    - H = (1 - eps_t) H_kept - (1 - eps_t) log(1 - eps_t) + H_out, 0 <= H_out <= eps_t log(n_out / eps_t)
+      (the uniform spread maximises it; both extra terms rise with eps_t for eps_t <= 1/e);
+    - A = (1 - eps_t) A_kept + sum_out w (-l), and sum_out w (-l) = sum_out (-w log w) - eps_t lse
+      is in [0, eps_t log(n_out / eps_t) + eps_t max(0, -lse)] (logits are <= 0);
+    - lse = lse_kept - log(1 - eps_t).
+    Beyond ``MAX_EXCLUDED`` the bounds are the trivial ones (inf). Returns a new dict.
+    """
+    big = eps > MAX_EXCLUDED
+    e = eps.clamp(min=0.0, max=MAX_EXCLUDED)
+    nout = n_out.to(e.dtype).clamp(min=1.0)
+    spread = torch.where(e > 0, e * torch.log(nout / e.clamp(min=1e-300)), torch.zeros_like(e))
+    inf = torch.full_like(e, math.inf)
+    out = {}
+    P, P_lo, P_hi = iv["P"]
+    out["P"] = (P, (1.0 - e) ** 2 * P_lo, torch.where(big, inf, P_hi + e * e))
+    H, H_lo, H_hi = iv["H"]
+    out["H"] = (H, (1.0 - e) * H_lo, torch.where(big, inf, H_hi - (1.0 - e) * torch.log1p(-e) + spread))
+    lse, lse_lo, lse_hi = iv["lse"]
+    A, A_lo, A_hi = iv["A"]
+    out["A"] = (A, (1.0 - e) * A_lo, torch.where(big, inf, A_hi + spread + e * (-lse_lo).clamp(min=0.0)))
+    out["lse"] = (lse, lse_lo, torch.where(big, inf, lse_hi - torch.log1p(-e)))
+    return out
+
+
+def covariance_error(S2, eta, eps, coef, n_out, lse_lo, A_hi, round_err):
+    """Bound on ||C' - C||_2 of a computed posterior covariance C' (raw units), its weights
+    normalised over kept rows whose logits are within ``eta`` of each other's truth (the
+    computed weights within e^{+-2 eta} of the true renormalised ones), with ``eps`` of the
+    weight elsewhere: ``(rel, abs)`` (N,) each, ``||C' - C||_2 <= rel ||C||_2 + abs``.
+
+    S2 = sum w' ||q - q_top||^2 (>= tr C of the kept rows, up to e^{2 eta}); with
+    r = e^{2 eta} - 1 and C computed around the weighted mean:
+    - reweighting: sum (w' - w)(q - D)(q - D)^T lies between -r C and r C (PSD order): at most
+      r ||C||; the mean moves by ||D' - D|| <= r sqrt(tr C): r^2 tr C <= r^2 e^{2 eta} S2;
+    - the rows outside: C = (1 - eps) C_kept + B, B = eps C_out + eps (1 - eps) (mu_kept -
+      mu_out)(...)^T >= 0 below sum_out w (q - mu_kept)(q - mu_kept)^T, whose trace is at most
+      (2 / coef) sum_out w (-l) + 2 eps ||v - mu_kept||^2 <= (2 eps / coef) (log(n_out / eps)
+      + max(0, -lse_lo) + A_hi) (``excluded``'s bound on sum_out w (-l); Jensen's
+      ||v - mu||^2 <= E ||v - q||^2 = A / coef); and ||C_kept|| <= ||C|| / (1 - eps), so the
+      reweighting and the eps C_kept term are (r + eps) / (1 - eps) relative;
+    - ``round_err``: the float64 rounding of the products (per caller), absolute.
+    """
+    r = torch.expm1(2.0 * eta)
+    e = eps.clamp(min=0.0, max=0.5)
+    spread = torch.where(e > 0, torch.log(n_out.to(e.dtype).clamp(min=1.0) / e.clamp(min=1e-300)),
+                         torch.zeros_like(e))
+    rel = (r + e) / (1.0 - e)
+    absolute = r * r * (1.0 + r) * S2 + (2.0 * e / coef) * (spread + (-lse_lo).clamp(min=0.0) + A_hi) + round_err
+    return torch.where(eps > 0.5, torch.full_like(rel, math.inf), rel), absolute
+
+
+def gap_covariance_error(S2, Exx, eta, round_err):
+    """Bound (N,) per unit ||V|| on the error of a computed Cov_w(V . q, x) (x = l_top - l the
+    logit gaps; d D* / d sigma = (2 / sigma) Cov_w(q, x) in raw units), with the weights as
+    in ``covariance_error`` and every gap within eta. With r = e^{2 eta} - 1, S2 and
+    Exx = E_w' [x'^2] the computed second moments:
+    - the gaps' error: sum w' (a - a') xi <= eta sqrt(V^T C' V) <= eta sqrt((1 + r) S2);
+    - the reweighting: Cov_w'(a, x) - Cov_w(a, x) = sum (w' - w)(a - a)(x - x) - (a' - a)(x' - x),
+      at most (r + r^2) sd_a sd_x with sd_a <= sqrt((1 + r) S2) ||V|| and
+      sd_x <= sqrt(1 + r) (sqrt(Exx) + eta);
+    - ``round_err``: the float64 rounding (per caller).
+    """
+    r = torch.expm1(2.0 * eta)
+    sa = torch.sqrt((1.0 + r) * S2)
+    sx = torch.sqrt(1.0 + r) * (torch.sqrt(Exx) + eta)
+    return eta * sa + (r + r * r) * sa * sx + round_err
+
+
 # ----------------------------------------------------------------------------- the GEMM pass
 # Rigorous error bound (``delta``) of the GEMM pass (``optden.kernels.dense_gemm``,
 # host side in ``optden.engine.backends.gpu_gemm_pass``).
@@ -263,7 +509,7 @@ def gemm_logits_delta(v: torch.Tensor, resid: torch.Tensor, absum: torch.Tensor,
     return torch.where(valid, out, torch.full_like(out, math.inf))
 
 
-# ----------------------------------------------------------------------------- 5. direct-difference patch passes
+# ----------------------------------------------------------------------------- 6. direct-difference patch passes
 
 #: Rows whose logit is more than SKIP_LOGITS below the best one are left out of the local
 #: denoisers' passes (``optden.engine.patch_pass``, csrc/patch_*.cpp): each weighs less than

@@ -21,7 +21,7 @@ import torch
 from .. import _ext
 from ..data.storage import DTYPE_NAMES
 from ..errors import BackendUnavailableError, InputError
-from .partial import Partial
+from .partial import STATS, Partial
 
 
 _DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
@@ -43,6 +43,10 @@ class Backend(abc.ABC):
     devices_note: str = ""
     max_d: int | None = None
     max_d_why: str = ""
+    #: The pass statistics (``partial.STATS``) its ``partial(..., stats=True)`` accumulates
+    #: in the same sweep; () for a backend that cannot (``statistics_backend`` then runs
+    #: the float64 torch pass for them).
+    statistics: tuple[str, ...] = ()
 
     def availability(self) -> list[str]:
         """Reasons this backend cannot run at all on this installation ([] if it can)."""
@@ -78,6 +82,8 @@ class Backend(abc.ABC):
 
         v: (N, d) float64 centered raw queries on ``source.device``; coef: (N,) float64.
         k: number of top logits to keep (1 <= k <= source.M).
+        A backend that declares ``statistics`` takes ``stats=True`` as well and returns
+        them in the Partial (``s2``, ``e1``, ``left_out``).
         """
 
 
@@ -120,6 +126,12 @@ def select(name: str, device: torch.device, dtype: str, d: int) -> Backend:
         if not reasons(candidate, device, dtype, d):
             return get(candidate)
     raise BackendUnavailableError(f"no backend can run {dtype} data on {device}")  # torch always can
+
+
+def statistics_backend(backend: Backend) -> Backend:
+    """The backend to run a pass with statistics (``partial.STATS``): ``backend`` when it
+    declares them all, else the float64 torch pass (on any device)."""
+    return backend if set(STATS) <= set(backend.statistics) else get("torch")
 
 
 def info() -> dict:

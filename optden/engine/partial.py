@@ -14,6 +14,18 @@ each to the common maximum, add, and keep the K largest of the union. Every pass
 the torch backend and the exact float64 pass block by block (``absorb``), the GPU host
 code over the splits of a kernel launch (``absorb_splits``), the distributed merge over
 ranks (``scaled_to`` + ``select_topk``). ``D = acc / s`` and ``lse = m + log s``.
+
+Pass statistics (``STATS``, asked for with ``Partial.empty(..., stats=True)``): two more
+sums that ``absorb`` updates in the same sweep, from which ``optden.engine.stats`` gets
+the posterior's effective sample size, entropy and mean logit:
+
+    s2  = sum_i exp(2 (l_i - m))           (sum of squared weights: s2 / s^2)
+    e1  = sum_i exp(l_i - m) (l_i - m)     (<= 0; entropy = log s - e1 / s)
+
+e1 is kept relative to the running max, so that neither it nor the entropy cancels
+(``log s >= 0`` and ``-e1 / s >= 0``); a new max m' rescales it exactly as
+``e1' = alpha (e1 + (m - m') s)``. ``left_out`` is the relative mass of rows a pass left
+out of s (the cpu pass's rows far below the max; None: every row is in s).
 """
 from __future__ import annotations
 
@@ -21,7 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Partial", "merge_topk", "select_topk"]
+__all__ = ["Partial", "STATS", "merge_topk", "select_topk"]
+
+#: The pass statistics a Partial can accumulate besides s and acc (see the module docstring).
+STATS = ("s2", "e1")
 
 
 def select_topk(val: torch.Tensor, idx: torch.Tensor, k: int):
@@ -51,6 +66,8 @@ class Partial:
     top_idx:  (N, K) their positions in the row source (int64; ``source.global_index``
               maps them to dataset rows).
     delta:    (N,) bound on |coarse logit - exact logit| over every row (set by the backend).
+    s2, e1:   (N,) the pass statistics (``STATS``), or None when the pass was not asked for them.
+    left_out: (N,) relative weight of rows left out of s, s2, e1 (folded into delta too), or None (no row).
     """
 
     m: torch.Tensor
@@ -59,10 +76,16 @@ class Partial:
     top_val: torch.Tensor
     top_idx: torch.Tensor
     delta: torch.Tensor
+    s2: torch.Tensor | None = None
+    e1: torch.Tensor | None = None
+    left_out: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, n: int, d: int, k: int, device, dtype: torch.dtype = torch.float64) -> "Partial":
-        """The partial of no rows: m = -inf, s = acc = 0, an empty top K (k = 0 keeps none)."""
+    def empty(cls, n: int, d: int, k: int, device, dtype: torch.dtype = torch.float64,
+              stats: bool = False) -> "Partial":
+        """The partial of no rows: m = -inf, s = acc = 0, an empty top K (k = 0 keeps none);
+        stats: also accumulate the pass statistics s2 and e1."""
+        zero = (lambda: torch.zeros(n, dtype=dtype, device=device)) if stats else (lambda: None)
         return cls(
             m=torch.full((n,), -torch.inf, dtype=dtype, device=device),
             s=torch.zeros(n, dtype=dtype, device=device),
@@ -70,7 +93,13 @@ class Partial:
             top_val=torch.full((n, k), -torch.inf, dtype=dtype, device=device),
             top_idx=torch.zeros(n, k, dtype=torch.int64, device=device),
             delta=torch.zeros(n, dtype=dtype, device=device),
+            s2=zero(),
+            e1=zero(),
         )
+
+    @property
+    def has_stats(self) -> bool:
+        return self.s2 is not None and self.e1 is not None
 
     @property
     def k(self) -> int:
@@ -82,6 +111,11 @@ class Partial:
         new_m = torch.maximum(self.m, logits.max(dim=1).values)
         alpha = torch.exp(self.m - new_m)  # 0 on the first block (m = -inf)
         p = torch.exp(logits - new_m[:, None])
+        if self.s2 is not None:
+            # e1 is relative to the max: moving it from m to new_m adds (m - new_m) s (0 before any row)
+            shift = torch.where(self.s > 0, self.m - new_m, torch.zeros_like(new_m))
+            self.e1 = alpha * (self.e1 + shift * self.s) + (p * (logits - new_m[:, None])).sum(1)
+            self.s2 = self.s2 * (alpha * alpha) + (p * p).sum(1)
         self.s = self.s * alpha + p.sum(1)
         self.acc = torch.addmm(self.acc * alpha[:, None], p, rows)
         self.m = new_m
@@ -121,7 +155,11 @@ class Partial:
     def absorb_splits(self, m: torch.Tensor, s: torch.Tensor, acc: torch.Tensor, group_bytes: int = 1 << 26) -> None:
         """Fold in the states of S splits over other rows: m, s (S, N) and acc (S, N, d),
         any float dtype (converted to the partial's). The weighted sums are merged in groups
-        of splits whose converted temporaries stay under ``group_bytes``."""
+        of splits whose converted temporaries stay under ``group_bytes``. Split states carry
+        no pass statistics: a partial that accumulates them cannot take them."""
+        if self.has_stats:
+            raise ValueError("absorb_splits: split states carry no pass statistics (s2, e1); "
+                             "run the statistics on a backend that declares them (Backend.statistics)")
         ms = m.to(self.m.dtype)
         new_m = torch.maximum(self.m, ms.max(0).values)
         w = torch.exp(ms - new_m[None, :])  # (S, N)

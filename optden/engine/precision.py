@@ -18,6 +18,10 @@ softmax). ``certify`` then picks, per query:
 
 Logits are ``l_i = -coef ||v - q_i||^2`` with ``v`` the centered raw query and ``q_i``
 the centered raw row (``coef = scale^2 / (2 sigma^2)``).
+
+A pass that accumulated the pass statistics (``Partial.has_stats``) is certified with
+them: ``Certified.stats`` holds the posterior's ESS, entropy, mean logit and top weights
+with bounds from the same mode (``optden.engine.stats``).
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .bounds import dense_threshold, mass_tolerance
+from .bounds import dense_threshold, mass_tolerance, query_shift
 from .partial import Partial
+from .stats import PassStats, from_partial, from_topk
 
 DENSE, RESCORED, EXACT = 0, 1, 2
 MODE_NAMES = {DENSE: "dense", RESCORED: "rescored", EXACT: "exact"}
@@ -47,6 +52,8 @@ class Certified:
     mode:      (N,) int8, DENSE / RESCORED / EXACT.
     delta:     (N,) the coarse-pass bound that was certified against (the fallback's, for
                the queries the fallback certified).
+    stats:     the posterior statistics and their bounds (``optden.engine.stats.PassStats``),
+               when the pass accumulated them; else None.
     """
 
     dc: torch.Tensor
@@ -56,6 +63,7 @@ class Certified:
     excluded: torch.Tensor
     mode: torch.Tensor
     delta: torch.Tensor
+    stats: PassStats | None = None
 
 
 def exact_logits(v: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -81,12 +89,12 @@ def rescore(v, coef, source, top_idx, chunk_bytes=1 << 27):
     return torch.cat(out)
 
 
-def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
+def exact_pass(v: torch.Tensor, coef: torch.Tensor, source, k: int, stats: bool = False) -> Partial:
     """Online softmax over every row with float64 direct-difference logits: a ``Partial``
     whose logits are exact (delta 0). Memory is one block of ``n * B * d`` doubles, so the
-    caller passes few queries."""
+    caller passes few queries. stats: accumulate the pass statistics too."""
     n, d = v.shape
-    part = Partial.empty(n, d, k, v.device)
+    part = Partial.empty(n, d, k, v.device, stats=stats)
     rows_per_block = max(1, (1 << 24) // max(1, n * d))
     for off, raw, _ in source.blocks():
         for a in range(0, raw.shape[0], rows_per_block):
@@ -114,6 +122,10 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
     excluded = torch.expm1(2.0 * p.delta)
     delta = p.delta.clone()  # per query: the bound of the pass that certified it
     mode = torch.full((n,), DENSE, dtype=torch.int8, device=v.device)
+    stats = None
+    if p.has_stats:  # DENSE statistics for all; the other modes overwrite theirs below
+        vnorm, shift, qmax, d = v.norm(dim=1), query_shift(v, source.center), source.max_cnorm, v.shape[1]
+        stats = from_partial(p, M, coef, vnorm, shift, qmax, d)
 
     need = ~(p.delta <= dense_threshold(tol))  # a NaN bound (overflowing input) is never DENSE
     if bool(need.any()):
@@ -137,15 +149,19 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
                 torch.tensor(k >= M, device=v.device), torch.zeros_like(out_log), torch.exp(out_log)
             )
             mode[sel] = RESCORED
+            if stats is not None:
+                stats.put(sel, from_topk(lg, p.top_val[sel, -1] + p.delta[sel], M, coef[sel], shift[sel], qmax, d))
         fail = (need & ~ok_topk).nonzero().flatten()
         if fail.numel() and fallback is not None:
             sub = certify(fallback(v[fail], coef[fail]), v[fail], coef[fail], source, tol)
             dc[fail], lse[fail], top_w[fail], top_idx[fail] = sub.dc, sub.lse, sub.top_w, sub.top_idx
             excluded[fail], mode[fail], delta[fail] = sub.excluded, sub.mode, sub.delta
+            if stats is not None:  # a fallback without statistics leaves them poisoned
+                stats.put(fail, sub.stats if sub.stats is not None else PassStats.empty(fail.numel(), k, v.device))
             fail = fail[:0]
         for a in range(0, fail.numel(), 8):
             idx = fail[a : a + 8]
-            ex = exact_pass(v[idx], coef[idx], source, k)
+            ex = exact_pass(v[idx], coef[idx], source, k, stats=stats is not None)
             lse_e = ex.lse()
             dc[idx] = ex.mean()
             lse[idx] = lse_e
@@ -153,4 +169,7 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
             top_idx[idx] = ex.top_idx
             excluded[idx] = 0.0
             mode[idx] = EXACT
-    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta)
+            if stats is not None:
+                stats.put(idx, from_partial(ex, M, coef[idx], vnorm[idx], shift[idx], qmax, d, exact=True))
+    return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta,
+                     stats=stats)

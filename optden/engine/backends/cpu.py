@@ -46,7 +46,7 @@ from ... import _ext
 from ...data.storage import STORAGE_DTYPES, to_numpy
 from .. import dispatch
 from ..dispatch import Backend
-from ..partial import Partial
+from ..partial import STATS, Partial
 
 # Rows per call into the extension: up to 256 MB of raw rows. Each call is one OpenMP
 # parallel region; few, long ones keep threads from spin-waiting at barriers (costly when
@@ -72,6 +72,7 @@ class CpuBackend(Backend):
     priority = 10
     devices = ("cpu",)
     description = "optden._C fused pass: exact int8/int16-limb dots for uint8 (AVX-512 VNNI / AVX2 / portable), float64 otherwise"
+    statistics = STATS
 
     def __init__(self, path: str = "auto", target_delta: float = 1e-8, limbs: int = 0):
         self.path = path
@@ -100,8 +101,10 @@ class CpuBackend(Backend):
         for off, raw, csq in source.blocks(rows=rows):
             yield off, to_numpy(raw), csq.detach().cpu().numpy()
 
-    def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
-        """See ``Backend.partial``. v: (N, d) float64 CPU, coef: (N,) float64; k <= source.M."""
+    def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int, stats: bool = False) -> Partial:
+        """See ``Backend.partial``. v: (N, d) float64 CPU, coef: (N,) float64; k <= source.M;
+        stats: accumulate ``STATS`` over the rows the pass keeps (the ones it leaves out,
+        far below the max, are ``left_out``)."""
         C = _ext.C
         if C is None:
             raise RuntimeError(self.availability()[0])
@@ -109,13 +112,17 @@ class CpuBackend(Backend):
         cn = np.ascontiguousarray(coef.detach().cpu().numpy(), dtype=np.float64)
         center = np.ascontiguousarray(source.center.cpu().numpy(), dtype=np.float64)
         dp = C.DensePass(vn, cn, center, float(source.max_cnorm), int(k), source.dtype, self.path,
-                         self.target_delta, self.limbs)
+                         self.target_delta, self.limbs, bool(stats))
         for off, raw, csq in self._blocks(source):
             dp.update(raw, np.ascontiguousarray(csq, dtype=np.float64), int(off))
         m, s, acc, tv, ti, delta = dp.finish()
         self.last_info = {"path": dp.path, "arith": dp.arith, "limbs": list(dp.limbs), "refined": dp.refined}
         t = torch.from_numpy  # CPU tensors, as v (this backend runs on nothing else)
-        return Partial(m=t(m), s=t(s), acc=t(acc), top_val=t(tv), top_idx=t(ti), delta=t(delta))
+        part = Partial(m=t(m), s=t(s), acc=t(acc), top_val=t(tv), top_idx=t(ti), delta=t(delta))
+        if stats:
+            s2, e1, left_out = dp.stats()
+            part.s2, part.e1, part.left_out = t(s2), t(e1), t(left_out)
+        return part
 
 
 dispatch.register("cpu", CpuBackend)

@@ -11,7 +11,7 @@ import torch
 
 from ..bounds import EPS64, gemm_delta
 from ..dispatch import Backend
-from ..partial import Partial
+from ..partial import STATS, Partial
 
 
 class TorchBackend(Backend):
@@ -19,11 +19,12 @@ class TorchBackend(Backend):
     priority = 0
     description = "blocked float64 streaming with an online softmax; any torch device"
     devices = None  # any torch device
+    statistics = STATS
 
-    def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int) -> Partial:
-        """See ``Backend.partial``. v: (N, d) float64, coef: (N,) float64."""
+    def partial(self, v: torch.Tensor, coef: torch.Tensor, source, k: int, stats: bool = False) -> Partial:
+        """See ``Backend.partial``. v: (N, d) float64, coef: (N,) float64; stats: accumulate ``STATS``."""
         n, d = v.shape
-        part = Partial.empty(n, d, k, v.device)
+        part = Partial.empty(n, d, k, v.device, stats=stats)
         vsq = (v * v).sum(1)
         for off, raw, csq in source.blocks():
             q = raw.to(torch.float64) - source.center  # exact for uint8 with an integer center

@@ -1,0 +1,142 @@
+"""The posterior covariance Cov[y | u] (issue 20): certified matvecs batched over vectors,
+eigenpairs with residuals, against the float64 oracle ``optden.reference.posterior_cov``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import optden
+from optden import reference as R
+from test_precision import queries
+from tolerances import COV_RTOL, SIGMAS, model_rows, scaled_norm
+
+
+def check_matvecs(cov, x, y, sigma, rng, J=3):
+    C = R.posterior_cov(x, y, sigma)
+    V = rng.standard_normal((len(x), y.shape[1], J))
+    out = cov.matvec(torch.from_numpy(V)).numpy()
+    err = scaled_norm(out - np.einsum("nij,njk->nik", C, V))  # (N, J)
+    vn = np.linalg.norm(V, axis=1)
+    norm = np.linalg.norm(C, ord=2, axis=(1, 2))
+    # the certified bound holds (with the oracle's own rounding, 1e-13 of ||C||) ...
+    assert (err <= cov.bound.numpy()[:, None] * vn * (1 + 1e-9) + 1e-13 * norm[:, None] * vn + 1e-300).all(), sigma
+    # ... and where the covariance is representable, so does the contract
+    big = norm > 1e-250
+    assert (err[big] <= COV_RTOL * norm[big, None] * vn[big]).all(), (sigma, err / (norm[:, None] * vn))
+    rel = cov.rel_bound.numpy()  # the tight bound, relative to ||C||_2 (inf where C underflows)
+    fin = np.isfinite(rel)
+    tight = rel[fin, None] * norm[fin, None] * vn[fin] * (1 + 1e-9) + 1e-13 * norm[fin, None] * vn[fin] + 1e-300
+    assert (err[fin] <= tight).all(), (sigma, err, rel)
+    ok = cov.certified.numpy()
+    assert (rel[ok] <= COV_RTOL * (1 + 1e-9)).all()
+    return norm
+
+
+@pytest.mark.parametrize("data", ["digits_u8", "faces_u8"])
+def test_matvec_contract_real_images(data, request, rng):
+    ds = optden.Dataset.from_array(request.getfixturevalue(data))
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    for sigma in SIGMAS:
+        x = queries(y, sigma, rng, n=1)
+        cov = den.posterior_cov(torch.from_numpy(x), sigma)
+        norm = check_matvecs(cov, x, y, sigma, rng)
+        # certified wherever float64 holds the covariance (it underflows on a posterior on one row)
+        assert cov.certified.numpy()[norm > 1e-250].all(), (sigma, norm, cov.rel_bound)
+        # matvec of (N, d) and of images keeps the shape
+        v = torch.from_numpy(rng.standard_normal((len(x), ds.d)))
+        assert cov.matvec(v).shape == v.shape
+        assert torch.allclose(cov.matvec(v), cov.matvec(v[:, :, None])[..., 0], rtol=0, atol=1e-300)
+
+
+def test_streamed_rows_agree(digits_u8, rng):
+    """A query whose support does not fit the memory budget streams its rows at every product."""
+    ds = optden.Dataset.from_array(digits_u8)
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    for sigma in (0.3, 1.0, 10.0):
+        x = y[rng.integers(0, ds.M, 3)] + sigma * rng.standard_normal((3, ds.d))
+        cov = den.posterior_cov(torch.from_numpy(x), sigma, memory_budget=0)
+        assert all(s is None for s in cov.support_rows)
+        check_matvecs(cov, x, y, sigma, rng)
+
+
+def test_limits(digits_u8, rng):
+    ds = optden.Dataset.from_array(digits_u8)
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    v = torch.from_numpy(rng.standard_normal((2, ds.d)))
+    # sigma -> infinity: Cov -> the data covariance
+    x = torch.from_numpy(rng.standard_normal((2, ds.d)))
+    cov = den.posterior_cov(x, 1e8)
+    data_cov = np.cov(y.T, bias=True)
+    ref = v.numpy() @ data_cov
+    assert np.abs(cov.matvec(v).numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
+    # sigma -> 0 on a unique nearest row: Cov -> 0 (exactly, below float64's range)
+    near = torch.from_numpy(y[:2] + 1e-4 * rng.standard_normal((2, ds.d)))
+    assert torch.all(den.posterior_cov(near, 1e-3).matvec(v) == 0)
+    # a duplicated row and a close third one (3 pixels off): at the midpoint, Cov is theirs
+    near_row = digits_u8[:1].copy()
+    near_row[0, [10, 20, 30]] = np.where(near_row[0, [10, 20, 30]] > 127, 0, 255)
+    raw = np.concatenate([digits_u8[:1], digits_u8[:1], near_row, digits_u8[5:200]])
+    dd = optden.Dataset.from_array(raw)
+    yy = model_rows(dd)
+    mid = torch.from_numpy(0.5 * (yy[0] + yy[2])[None])
+    cv = optden.OptimalDenoiser(dd).posterior_cov(mid, 1e-2)
+    b = yy[2] - yy[0]
+    # weights 1/3, 1/3, 1/3 on (y0, y0, y2): Cov = (2/9) b b^T
+    out = cv.matvec(torch.from_numpy(b[None])).numpy()[0]
+    assert np.allclose(out, (2.0 / 9.0) * b * (b @ b), rtol=1e-9)
+
+
+def test_eig(digits_u8, faces_u8, rng):
+    for raw, sigmas in ((digits_u8, (0.3, 1.0, 3.0)), (faces_u8, (0.1, 1.0))):
+        ds = optden.Dataset.from_array(raw)
+        den = optden.OptimalDenoiser(ds)
+        y = model_rows(ds)
+        for sigma in sigmas:
+            x = y[rng.integers(0, ds.M, 2)] + sigma * rng.standard_normal((2, ds.d))
+            cov = den.posterior_cov(torch.from_numpy(x), sigma)
+            eg = cov.eig(4)
+            ref = np.linalg.eigvalsh(R.posterior_cov(x, y, sigma))[:, ::-1][:, :4]
+            top = ref[:, :1]
+            assert np.allclose(eg.values.numpy(), ref, rtol=0, atol=COV_RTOL * top.max()), (sigma, eg.values, ref)
+            Q = eg.vectors.numpy()
+            assert np.allclose(Q @ Q.transpose(0, 2, 1), np.eye(4), atol=1e-8)
+            assert (eg.residuals.numpy() <= 1e-8 * np.maximum(top, 1e-300)).all()
+
+
+def test_bad_arguments(digits_u8):
+    den = optden.OptimalDenoiser(optden.Dataset.from_array(digits_u8[:50]))
+    cov = den.posterior_cov(torch.zeros(2, 64, dtype=torch.float64), 1.0)
+    with pytest.raises(optden.InputError, match="v:"):
+        cov.matvec(torch.zeros(3, 64))
+    with pytest.raises(optden.InputError, match="v:"):
+        cov.matvec(torch.zeros(2, 63))
+    with pytest.raises(optden.InputError, match="v:"):
+        cov.matvec(torch.full((2, 64), float("nan")))
+    with pytest.raises(optden.InputError, match="k:"):
+        cov.eig(65)
+    with pytest.raises(optden.InputError, match="sigma: got inf"):
+        den.posterior_cov(torch.zeros(2, 64, dtype=torch.float64), float("inf"))
+
+
+def test_bench_posterior_quick(monkeypatch, capsys):
+    """bench/bench_posterior.py --quick runs end to end and prints its table."""
+    import importlib.util
+    import os
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench")
+    monkeypatch.syspath_prepend(bench)  # as `python bench/bench_posterior.py` has it: bench/_common.py
+    spec = importlib.util.spec_from_file_location("bench_posterior", os.path.join(bench, "bench_posterior.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        assert mod.main(["--quick", "--threads", "1", "--N", "2", "--J", "2", "--sigmas", "3.0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for name in ("| D* |", "| diagnostics |", "| matvec |", "| matvec streamed |", "| D* + vjp |", "naive cov fp32"):
+        assert name in out
