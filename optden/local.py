@@ -306,6 +306,22 @@ class LocalDenoiser(OptimalDenoiser):
         return patch_pass
 
     # ------------------------------------------------------------------ what is not defined here
+    # OptimalDenoiser's posterior statistics, covariance and derivatives are those of D*'s
+    # single posterior: none of them is a local denoiser's, so each is refused rather than
+    # inherited (sample(record=True) then records no diagnostics and calls this denoiser).
+    @property
+    def diagnostics(self):
+        raise AttributeError("diagnostics: a local denoiser has one posterior per output position, not D*'s; "
+                             "use OptimalDenoiser.diagnostics")
+
+    def posterior_cov(self, *args, **kwargs):
+        raise InputError("posterior_cov: a local denoiser's Jacobian is not a posterior covariance; "
+                         "use OptimalDenoiser")
+
+    def _differentiable(self, x, s, class_labels, labels):
+        raise InputError("x: a local denoiser is not differentiable in optden (its derivatives are not D*'s "
+                         "posterior moments); call it on tensors that do not require grad (x.detach())")
+
     def log_density(self, *args, **kwargs):
         raise InputError("log_density: a local denoiser has no density (it is a product of local posteriors, "
                          "not a smoothed distribution); use OptimalDenoiser")

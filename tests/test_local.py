@@ -241,6 +241,25 @@ def test_sampling_and_analyses_take_it(kind, digits_ds):
     assert score.shape == (3, 1, 8, 8)
 
 
+def test_what_only_dstar_has_is_refused(digits_ds):
+    """D*'s diagnostics, covariance and derivatives are not a local denoiser's: refused, and
+    sample(record=True) records none and samples the local denoiser itself."""
+    den = LocalDenoiser(digits_ds.subset(np.arange(40)), 3)
+    rec = optden.sample(den, n=2, steps=3, seed=4, record=True)
+    plain = optden.sample(den, n=2, steps=3, seed=4)
+    assert rec.diagnostics is None
+    torch.testing.assert_close(rec.samples, plain.samples, rtol=0, atol=0)
+    dstar = optden.sample(optden.OptimalDenoiser(den.dataset), n=2, steps=3, seed=4)
+    assert (dstar.samples - plain.samples).abs().max() > 1e-3  # what recording D*'s pass would have given
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(AttributeError, match="diagnostics"):
+        den.diagnostics(x, 0.5)
+    with pytest.raises(optden.InputError, match="posterior_cov"):
+        den.posterior_cov(x, 0.5)
+    with pytest.raises(optden.InputError, match="differentiable"):
+        den(x.requires_grad_(True), 0.5)
+
+
 class TestErrors:
     def test_bad_construction(self, digits_ds):
         with pytest.raises(optden.InputError, match="kind"):
