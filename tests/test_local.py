@@ -241,6 +241,20 @@ def test_sampling_and_analyses_take_it(kind, digits_ds):
     assert score.shape == (3, 1, 8, 8)
 
 
+def test_infinite_sigma(digits_ds, rng):
+    """sigma = inf (a flow-matching grid's first point): uniform weights, the oracle's limit
+    (sigma 1e12), for every kind and padding; a flow-schedule run samples."""
+    ds = digits_ds.subset(np.arange(30))
+    y = ds.images(np.arange(ds.M)).numpy()
+    x = rng.standard_normal((2, 1, 8, 8))
+    for kind in ("local", "equivariant", "composite"):
+        for padding in ("circular", "zero"):
+            out = LocalDenoiser(ds, 3, kind=kind, padding=padding)(torch.from_numpy(x), float("inf"))
+            assert rel_err(out, ORACLES[kind](x, y, 1e12, 3, padding)) <= 1e-12, (kind, padding)
+    run = optden.sample(LocalDenoiser(ds, 3), n=2, steps=3, schedule="flow")
+    assert torch.isfinite(run.samples).all()
+
+
 def test_what_only_dstar_has_is_refused(digits_ds):
     """D*'s diagnostics, covariance and derivatives are not a local denoiser's: refused, and
     sample(record=True) records none and samples the local denoiser itself."""
