@@ -10,6 +10,8 @@
    make a pruned candidate search certified (``optden.prune``).
 5. The posterior statistics (``optden.engine.stats``: ESS, entropy, mean logit, top
    weights) from a pass's certificate (``multiplicative``, ``relative_to_top``, ``excluded``).
+6. The local denoisers' float64 direct-difference passes over patches (``direct_pass_delta``,
+   ``SKIP_LOGITS``): ``optden.engine.patch_pass`` and csrc/patch_*.cpp.
 
 The C++ cpu backend computes its own bound in csrc/ (see ``optden.engine.backends.cpu``).
 
@@ -55,7 +57,8 @@ __all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance
            "U_TF32_IN", "DISTANCE_MARGIN", "gamma", "gemm_delta", "softmax_delta", "fp32_pass_delta",
            "dot_rel_err", "float32_shift", "faiss_distance_interval", "float64_logit_error", "accumulation_eta",
            "query_shift", "shifted_logit_error", "multiplicative", "relative_to_top", "excluded", "MAX_EXCLUDED", "covariance_error",
-           "gap_covariance_error", "orthonormality_slack", "embedding_float64_error", "embedding_error", "embedding_lower",
+           "gap_covariance_error", "SKIP_LOGITS", "EXP_REL_ERR", "direct_pass_delta", "accumulation_error",
+           "orthonormality_slack", "embedding_float64_error", "embedding_error", "embedding_lower",
            "embedding_lower_terms", "scan_lower_terms"]
 
 # ----------------------------------------------------------------------------- 1. the tolerance's shares
@@ -576,3 +579,48 @@ def gemm_logits_delta(v: torch.Tensor, resid: torch.Tensor, absum: torch.Tensor,
     out = fp32_pass_delta(v, resid_eff, coef, d=d, pieces=0, x_norm=x_norm, q_norm=q_norm,
                           tiles_per_split=1, block_m_max=block_m_max, top=top)
     return torch.where(valid, out, torch.full_like(out, math.inf))
+
+
+# ----------------------------------------------------------------------------- 6. direct-difference patch passes
+
+#: Rows whose logit is more than SKIP_LOGITS below the best one are left out of the local
+#: denoisers' passes (``optden.engine.patch_pass``, csrc/patch_*.cpp): each weighs less than
+#: e^-45 = 2.9e-20 of the largest, and ``direct_pass_delta`` counts them as misweighted.
+SKIP_LOGITS = 45.0
+#: Relative error bound of the float64 exp the passes use (torch's SLEEF exp is within
+#: 1 ulp; the C++ kernels' polynomial exp within 6e-15, see csrc/patch_kernels.h).
+EXP_REL_ERR = 1e-14
+
+
+def direct_pass_delta(terms: int, top: torch.Tensor, rows: int, skip: float = SKIP_LOGITS) -> torch.Tensor:
+    """delta (N,) of a pass whose logits are float64 direct differences,
+    ``l = -coef * sum of at most `terms` squares (v_j - q_j)^2``, over ``rows`` rows.
+
+    Each square has three roundings and the sum of nonnegative terms in any order (box sums
+    included) adds gamma_{terms-1}, the product with coef one more: |l^ - l| <= g |l| with
+    g = gamma_{terms+3} (relative to the logit, which no cancellation can spoil). With m^ = top
+    the largest computed logit:
+
+    * rows with l^ >= m^ - skip: |l^| <= |m^| + skip, so their logits are within
+      g' (|m^| + skip) of the truth (g' = g / (1 - g));
+    * rows below (left out, or kept with any error): each weighs at most
+      exp(-skip + g' (2 |m^| + skip)) of the largest, so together a relative mass
+      ``rows * exp(...)``, counted twice (computed and true weights);
+    * the exp's relative error EXP_REL_ERR.
+
+    The float64 sums s and acc over the rows add an absolute error to the weighted mean that
+    is no weight perturbation: ``accumulation_error``.
+    """
+    g = gamma(int(terms) + 3, EPS64)
+    g1 = g / (1.0 - g)
+    a = top.abs()
+    out = g1 * (a + skip) + 2.0 * rows * torch.exp(-skip + g1 * (2.0 * a + skip)) + EXP_REL_ERR
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, math.inf))
+
+
+def accumulation_error(rows: int, max_abs: float) -> float:
+    """Bound on |acc / s - exact mean| from the float64 sums of a pass over ``rows`` rows
+    whose values are at most ``max_abs`` in magnitude: acc is within gamma_rows of
+    sum p |q| <= s max_abs and s within gamma_rows of itself, so the quotient is off by at
+    most 2 gamma_rows max_abs (to first order; the factor 1.01 covers the rest)."""
+    return 2.02 * gamma(int(rows) + 1, EPS64) * float(max_abs)
