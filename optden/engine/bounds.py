@@ -453,7 +453,7 @@ def gap_covariance_error(S2, Exx, eta, round_err):
     return eta * sa + (r + r * r) * sa * sx + round_err
 
 
-# ----------------------------------------------------------------------------- 6. the lower-bound embedding
+# ----------------------------------------------------------------------------- 7. the lower-bound embedding
 
 # The embedding of ``optden.prune.embedding``: with P (d, k) float64 (the top principal
 # directions of the centered rows; its columns orthonormal up to rounding) and a constant
