@@ -18,6 +18,8 @@
 #   9 tests-b     pytest -m gpu, the scale tests (M = 50k x 3072, 1e6 x 768)
 #  10 nccl        one-rank NCCL ShardedDenoiser against the single-process denoiser
 #  11 bench-cu    the cuda backend, CIFAR size, N = 1, 64, 512
+#  12 local       bench_local --device cuda: LocalDenoiser (torch passes) against the public
+#                 LS / ELS code's way, LS at M = 50,000 x 64 queries, ELS at M = 2,000 x 16 (check.log)
 # The GEMM pass's own run (about 5 minutes; it needs no build: the pass is Triton only):
 #   GPU_CHECK_STEPS=env,bench-pass,tests-gemm GPU_CHECK_BUDGET=300 bench/gpu_check.sh
 # Environment: GPU_CHECK_BUDGET (seconds, default 450), GPU_CHECK_STEPS (comma list of
@@ -211,6 +213,13 @@ if [[ $DRY == 1 ]]; then
 else
     step bench-cu 20 90 "$PY" bench/bench_gpu.py --sizes cifar --n 1,64,512 --budget 10 \
         --methods optden-cuda --csv "$OUTDIR/bench-cuda.csv"
+fi
+
+# ---------------------------------------------------------------- 12 the local denoisers (output in check.log)
+if [[ $DRY == 1 ]]; then
+    step local 10 180 "$PY" bench/bench_local.py --device cpu --gpu-step --quick --size 12 --csv ""
+else
+    step local 60 90 "$PY" bench/bench_local.py --device cuda --csv ""
 fi
 
 note "done in $(($(date +%s) - START)) s; $FAILED step(s) failed"

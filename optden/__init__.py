@@ -50,9 +50,11 @@ from .errors import (  # noqa: E402
     PrecisionError,
 )
 from . import reference  # noqa: E402
+from .agreement import Agreement, AgreementStats, agreement  # noqa: E402
 from .deviation import DeviationStats, ScoreDeviation, score_deviation  # noqa: E402
 from .gaussian import GaussianDenoiser  # noqa: E402
 from .geometry import TrajectoryGeometry, trajectory_geometry  # noqa: E402
+from .local import LocalDenoiser, LocalEvaluation  # noqa: E402
 from .meanshift import MeanShiftResult, annealed_mean_shift, mean_shift  # noqa: E402
 from .memorization import Memorization, memorization  # noqa: E402
 from .posterior import CovEig, Diagnostics, PosteriorCov  # noqa: E402
@@ -92,4 +94,9 @@ __all__ = [
     "Diagnostics",
     "PosteriorCov",
     "CovEig",
+    "LocalDenoiser",
+    "LocalEvaluation",
+    "agreement",
+    "Agreement",
+    "AgreementStats",
 ]

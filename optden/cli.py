@@ -12,7 +12,7 @@ from .fileio import describe_os_error
 
 #: Subcommand modules, in the order ``optden --help`` lists them (benchmarks are bench/*.py
 #: in the source tree, ``make bench``; they are not a command of the installed package).
-COMMANDS = ("demo", "sample", "meanshift", "deviation", "posterior", "index", "dataset", "info")
+COMMANDS = ("demo", "sample", "meanshift", "deviation", "posterior", "compare", "index", "dataset", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ backend's coarse pass (``optden.engine.dispatch``) and certified by
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from .calling import one_hot_to_index
 from .data.storage import STORAGE_DTYPES
 from .engine import dispatch
 from .errors import DatasetError, DtypeError, InputError, PrecisionError
-from .prune import Pruner, PruneIndex
+from .prune import EmbeddingIndex, Pruner, PruneIndex, PrunePolicy, exact_sq_distances
 from .engine.bounds import dense_threshold, query_delta, query_shift
 from .engine.gaps import centered_query, divide
 from .engine.precision import (DEFAULT_TOL, EXACT, MODE_NAMES, Certified, absolute, candidate_sqdist, certify,
@@ -29,6 +30,11 @@ from .engine.stats import from_partial
 from .posterior import Diagnostics, PosteriorCov, diagnostics_from, uniform_diagnostics
 from .validate import _all_finite  # private: validate's one-pass finiteness test (numpy for small CPU tensors)
 from .validate import as_tensor, check_device, check_positive_int, check_queries, check_sigma
+
+
+def _is_index(prune) -> bool:
+    """Whether ``prune`` is an index object (``EmbeddingIndex`` or ``PruneIndex``)."""
+    return hasattr(prune, "kind") and hasattr(prune, "fingerprint") and hasattr(prune, "M")
 
 
 @dataclass
@@ -65,12 +71,17 @@ class OptimalDenoiser:
         block_rows: rows per block (default: about 16 MB of float64 per block).
         resident: keep the raw rows on the device ("auto": when they fit half its
             free memory, for accelerators; CPU datasets are always used in place).
-        prune: certified FAISS pruning (``optden.prune``): "off" (dense passes only),
-            "flat" / "ivf" (that index: loaded from beside the dataset, else built),
-            a ``PruneIndex``, or "auto" (the index saved beside the dataset by
-            ``optden index``, IVF first, if there is one; else off: nothing is built
-            implicitly). Pruned evaluations are certified to ``tol``; queries the
-            index cannot certify, and class-conditional ones, run dense.
+        prune: certified pruning (``optden.prune``): "off" (dense passes only),
+            "embedding" / "flat" / "ivf" (that index: loaded from beside the dataset,
+            else built), an ``EmbeddingIndex`` or ``PruneIndex``, or "auto" (the index
+            saved beside the dataset by ``optden index``, the embedding first, if there
+            is one; else off: nothing is built implicitly). Pruned evaluations are
+            certified to ``tol``; queries the index cannot certify, and class-conditional
+            ones, run dense.
+        prune_policy: "auto" (``optden.prune.PrunePolicy``: per evaluation and group of
+            queries at one sigma, search or run dense, whichever its cost model expects
+            faster; cache hits are always used) or "always" (search every query).
+            Default: "auto" with prune="auto", "always" with a named kind or an index.
 
     Call it like an EDM / k-diffusion model: ``den(x, sigma)`` or EDM's
     ``den(x, sigma, class_labels)``, with x (B, ...) of any shape whose trailing size is
@@ -89,6 +100,7 @@ class OptimalDenoiser:
         block_rows: int | None = None,
         resident="auto",
         prune="auto",
+        prune_policy: str | None = None,
     ):
         if dataset is None or not hasattr(dataset, "raw_block"):
             raise DtypeError(f"dataset: expected an optden.Dataset, got {type(dataset).__name__}")
@@ -110,15 +122,22 @@ class OptimalDenoiser:
         self._resident = self._decide_resident(resident)
         self._sources: dict = {}
         # --- pruning (optden.prune): resolved lazily on the first unconditional call
-        if not (prune in ("auto", "off", "flat", "ivf") or hasattr(prune, "search")):
-            raise InputError(f"prune: expected 'auto', 'off', 'flat', 'ivf' or a PruneIndex, got {prune!r}")
-        if hasattr(prune, "search"):
+        if not (prune in ("auto", "off", "flat", "ivf", "embedding") or _is_index(prune)):
+            raise InputError(f"prune: expected 'auto', 'off', 'embedding', 'flat', 'ivf', an EmbeddingIndex or a "
+                             f"PruneIndex, got {prune!r}")
+        if prune_policy is None:
+            prune_policy = "auto" if prune == "auto" else "always"
+        if prune_policy not in ("auto", "always"):
+            raise InputError(f"prune_policy: expected None, 'auto' or 'always', got {prune_policy!r}")
+        if _is_index(prune):
             if getattr(prune, "M", None) != dataset.M:
                 raise DatasetError(f"prune: the index holds {getattr(prune, 'M', '?')} rows, the dataset {dataset.M}")
             if getattr(prune, "fingerprint", None) != dataset.fingerprint:
                 raise DatasetError("prune: the index was built for other rows than this dataset's")
         self.prune = prune
+        self.prune_policy = prune_policy
         self._pruner = None
+        self._policy = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -195,12 +214,16 @@ class OptimalDenoiser:
         if self._pruner is None and self.prune != "off":
             ds = self.dataset
             index = None
-            if hasattr(self.prune, "search"):
+            if _is_index(self.prune):
                 index = self.prune
+            elif self.prune == "embedding":
+                index = EmbeddingIndex.load(ds) if EmbeddingIndex.exists(ds) else EmbeddingIndex.build(ds)
             elif self.prune in ("flat", "ivf"):
                 index = (PruneIndex.load(ds, self.prune) if PruneIndex.exists(ds, self.prune)
                          else PruneIndex.build(ds, self.prune))
-            else:  # auto
+            elif EmbeddingIndex.exists(ds):  # auto
+                index = EmbeddingIndex.load(ds)
+            else:
                 for kind in ("ivf", "flat"):
                     if PruneIndex.exists(ds, kind):
                         index = PruneIndex.load(ds, kind)
@@ -209,7 +232,36 @@ class OptimalDenoiser:
                 self.prune = "off"
                 return None
             self._pruner = Pruner(index, self.source(None), tol=self.tol)
+            if self.prune_policy == "auto":
+                self._policy = PrunePolicy(index, self._pruner.tol_mass, STORAGE_DTYPES[ds.dtype].itemsize)
         return self._pruner
+
+    def _search_choice(self, sigma: torch.Tensor, n_all: int):
+        """The policy's choice as the pruner's ``search`` callback: positions (m,) -> (m,) bool,
+        decided per group of queries at one sigma (None: search them all)."""
+        pol = self._policy
+        if pol is None:
+            return None
+        if pol.nn_sample() .size == 0 and isinstance(self._pruner.index, EmbeddingIndex):
+            pol.nn_sample(self._nearest_rows)
+
+        def choose(pos: torch.Tensor) -> torch.Tensor:
+            sig = sigma[pos].cpu() / self.dataset.scale  # raw units
+            out = torch.zeros(pos.numel(), dtype=torch.bool)
+            for val in sig.unique().tolist():
+                grp = sig == val
+                out[grp] = pol.choose(val, int(grp.sum()))
+            return out
+
+        return choose
+
+    def _nearest_rows(self, v: torch.Tensor, k: int):
+        """The embedding index's certified exact k nearest rows of centered raw queries v (n, d):
+        ``(d2 (n, k), idx (n, k), ok (n,))`` (see ``EmbeddingIndex.certified_nearest``)."""
+        pr = self._pruner
+        src = self.source(None)
+        return pr.index.certified_nearest(v, k, lambda sel, idx: exact_sq_distances(v[sel], src, idx),
+                                          max_scan=pr.max_scan_frac * pr.index.M)
 
     def _fallback(self, src: RowSource, k: int):
         """The float64 torch pass behind a faster, less precise backend (None for torch)."""
@@ -427,7 +479,11 @@ class OptimalDenoiser:
         if pr is not None:  # certified pruned path; what it cannot certify runs dense below
             src = self.source(None)
             v = self._centered(u, u_lo, src).v
-            res = pr.evaluate(v, coef_all, k_out, k_need=1 if k is None else k_out)
+            res = pr.evaluate(v, coef_all, k_out, k_need=1 if k is None else k_out,
+                              search=self._search_choice(sigma, n))
+            if self._policy is not None and pr.last["searched"]:
+                self._policy.record_pruned(float(sigma[0]) / ds.scale, pr.last["searched"], pr.last["certified"],
+                                           pr.last["seconds"])
             okd = res.ok
             denoised[okd] = (res.dc[okd] + src.center) * ds.scale + ds.offset
             lse[okd], bound[okd] = res.lse[okd], res.bound[okd]
@@ -446,7 +502,10 @@ class OptimalDenoiser:
             q = self._centered(u[qd], _rows_of(u_lo, qd), src)
             v = q.v
             coef = coef_all[qd]
+            t0 = time.perf_counter()
             cert = self._certified_pass(v, coef, src, kk, need_top, query=q)
+            if self._policy is not None and label is None:
+                self._policy.record_dense(v.shape[0], time.perf_counter() - t0)
             denoised[qd] = (cert.dc + src.center) * ds.scale + ds.offset
             # logits of the model-space distances are the same numbers: coef folds in scale^2
             lse[qd] = cert.lse
@@ -546,7 +605,18 @@ class OptimalDenoiser:
         k = check_positive_int(k, "k", 1, avail)
         dist = torch.full((n, k), torch.nan, dtype=torch.float64, device=self.device)
         idx = torch.empty(n, k, dtype=torch.int64, device=self.device)
+        pr = self.pruner() if lab is None else None
+        if pr is not None and isinstance(pr.index, EmbeddingIndex):  # certified exact neighbours, pruned
+            src = self.source(None)
+            v = (u - ds.offset) / ds.scale - src.center
+            d2, ii, ok = self._nearest_rows(v.cpu(), k)
+            ok = ok.to(self.device)
+            dist[ok] = torch.sqrt(torch.clamp(d2.to(self.device)[ok], min=0.0)) * ds.scale
+            idx[ok] = ii.to(self.device)[ok]
+            groups = [(None, (~ok).nonzero().flatten().cpu())]
         for label, qi in groups:
+            if qi.numel() == 0:
+                continue
             src = self.source(label)
             kk = min(src.M, max(4 * k, 16))
             qd = qi.to(self.device)

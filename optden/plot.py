@@ -21,7 +21,7 @@ from .errors import InputError
 from .validate import as_tensor, check_positive_int
 
 __all__ = ["to_pictures", "trajectory_strip", "nearest_grid", "deviation_curves", "geometry_curves",
-           "concentration_curves", "eigenvector_images"]
+           "concentration_curves", "eigenvector_images", "agreement_curves"]
 
 _PAD = 2
 _BG = (255, 255, 255)
@@ -386,3 +386,42 @@ def eigenvector_images(vectors, image_shape, path=None, *, ax=None, row_labels=N
     a.set_yticks([i * (H + 1) + H / 2 for i in range(rows)], row_labels or [str(i) for i in range(rows)], fontsize=7)
     a.tick_params(length=0)
     return a if path is None else _finish(fig, [a], path)
+
+
+def agreement_curves(result, path=None, width: float = 11.0, height: float = 4.0, ax=None, title: str | None = None):
+    """How well each candidate explains the model against sigma: median r^2 over the samples
+    with its 25-75 % band (left), and the MSE (right, log), one line per candidate and
+    trajectory (solid: on the model's trajectory; dashed: on the candidate's own).
+
+    result: an ``optden.agreement.Agreement``. ax: one Axes (the r^2 panel only) or two, to
+    draw into the caller's figure; else a figure of (width * 100, height * 100) pixels is
+    written to ``path`` (.png, .svg or .pdf). title: the figure's (or the first panel's).
+    Returns the path written, or the axes.
+    """
+    fig, panels = _axes(ax, 2, width, height, path)
+    sig = result.sigmas.numpy()
+    colours = {}
+    for traj, per in result.stats.items():
+        style = "-" if traj == "model" else "--"
+        for name, st in per.items():
+            kw = {"color": colours[name]} if name in colours else {}
+            label = f"{name} ({'model' if traj == 'model' else 'own'} trajectory)"
+            line, = panels[0].plot(sig, st.r2_median.numpy(), style, marker="o", ms=3, label=label, **kw)
+            colours[name] = line.get_color()
+            q = torch.nanquantile(st.r2, torch.tensor([0.25, 0.75], dtype=st.r2.dtype), dim=1)
+            panels[0].fill_between(sig, q[0].numpy(), q[1].numpy(), color=colours[name], alpha=0.12)
+            if len(panels) > 1:
+                panels[1].plot(sig, st.mse.numpy(), style, marker="o", ms=3, color=colours[name], label=label)
+    panels[0].set_ylim(-0.2, 1.02)
+    panels[0].set_title(r"$r^2$ of the candidate against the model (median)")
+    if len(panels) > 1:
+        panels[1].set_yscale("log")
+        panels[1].set_title(r"MSE $\|D_\theta - D_c\|^2 / d$")
+    for a in panels:
+        a.set_xscale("log")
+        a.set_xlabel(r"$\sigma$")
+        a.invert_xaxis()
+        a.grid(True, which="both", alpha=0.3)
+    panels[0].legend(fontsize=7)
+    _suptitle(fig, panels, title)
+    return _finish(fig, panels, path)

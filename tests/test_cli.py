@@ -29,6 +29,9 @@ def test_demo_quick(tmp_path, capsys):
     assert s["sampling"]["n"] == 16 and s["sampling"]["fraction_memorized"] >= 0.9
     assert s["mean_shift"]["converged"] == 16
     assert set(s["stand_in_models"]) == {"gaussian", "mlp"}
+    loc = s["locality"]  # the CNN against D*, LS and ELS, r^2 per sigma on its trajectory
+    assert set(loc["mean_median_r2"]) == {"D*", "LS (k=5)", "ELS (k=5)"} and len(loc["sigmas"]) == 10
+    assert "agreement_cnn" in s["figures"]
     assert len(s["stand_in_models"]["gaussian"]["deviation"]["optimal"]["mean"]) == 10
     assert s["timings_seconds"]["total"] > 0
     # issue 20: the posterior section, ESS / entropy curves and the Jacobian's top eigenvectors

@@ -28,7 +28,7 @@ def test_dry_run_passes_every_step(tmp_path):
     r = _run(tmp_path)
     summary = (tmp_path / "summary.txt").read_text()
     assert r.returncode == 0, summary + (tmp_path / "check.log").read_text()[-6000:]
-    for step in ("env", "build", "smoke", "bench-pass", "tests-gemm", "tests-a", "bench-in", "bench-c", "nccl", "bench-cu"):
+    for step in ("env", "build", "smoke", "bench-pass", "tests-gemm", "tests-a", "bench-in", "bench-c", "nccl", "bench-cu", "local"):
         assert f"OK    {step}" in summary, summary
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8, files

@@ -13,7 +13,7 @@ faiss = pytest.importorskip("faiss", reason="certified pruning needs FAISS (pip 
 import optden  # noqa: E402
 from optden import reference as R  # noqa: E402
 from optden.cli import main as cli_main  # noqa: E402
-from optden.prune import PruneIndex, Pruner, exact_candidates, shell_log_mass  # noqa: E402
+from optden.prune import EmbeddingIndex, PruneIndex, Pruner, exact_candidates, shell_log_mass  # noqa: E402
 from tolerances import DENOISE_RTOL, SIGMAS, model_rows, rel_err  # noqa: E402
 
 
@@ -84,11 +84,12 @@ def test_ivf_cluster_bounds_hold(faces_ds):
     assert (low > 0).any()  # the bounds are not vacuous
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "embedding"])
 def test_pruned_denoiser_matches_oracle(kind, faces_ds, rng):
     ds, flat, ivf = faces_ds
     y = model_rows(ds)
-    den = optden.OptimalDenoiser(ds, prune=flat if kind == "flat" else ivf)
+    index = {"flat": flat, "ivf": ivf}.get(kind) or EmbeddingIndex.build(ds, k=12, leaf_size=16, tree_dims=3)
+    den = optden.OptimalDenoiser(ds, prune=index)
     modes = []
     textured = np.flatnonzero(y.std(axis=1) > 0.15)  # the 135 identical flat patches run dense
     for sigma in SIGMAS:

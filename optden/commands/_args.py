@@ -121,3 +121,22 @@ def out_dir(path: str) -> Path:
         raise InputError(f"out: {path!r} exists and is not a directory")
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser, steps: int) -> None:
+    """--model, its --batch-size, the deterministic sampler it runs (--steps, --solver,
+    --schedule) and the figure --format (``optden deviation``, ``optden compare``)."""
+    from ..sampling import SOLVERS
+    from ..schedules import SCHEDULES
+
+    p.add_argument("--model", default="gaussian",
+                   help="'gaussian' (linear denoiser of the fitted Gaussian), a diffusers save_pretrained folder "
+                        "(pipeline, or UNet + scheduler_config.json), or a module D(x, sigma) saved with "
+                        "torch.export.save (.pt2; a static batch is chunked) or torch.jit.save")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="most samples per model call (default: all at once)")
+    p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="figure format (default png)")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"solver steps (default {steps})")
+    p.add_argument("--solver", choices=[s for s in SOLVERS if s != "edm_stochastic"], default="heun",
+                   help="ODE solver (default heun)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="edm", help="noise schedule (default edm)")

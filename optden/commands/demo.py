@@ -13,6 +13,8 @@
    small torch MLP trained for a few seconds, against D*, on both trajectories.
 7. What the posterior says: ESS and entropy along the optimal trajectories, and the
    top eigenvectors of the Jacobian of D* at a few of their points.
+8. Locality: a small CNN trained for a few seconds against D*, LS and ELS (r^2 per sigma
+   on its own trajectory, ``optden.agreement``; commands/demo_locality.py).
 
 Writes a report folder (``--out``, default ./report): PNG figures, summary.md and
 summary.json (fractions, convergence, deviation curves, timings).
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from ._args import make_denoiser, nonneg_int, open_dataset, out_dir, positive_int
+from .demo_locality import locality_markdown, locality_section
 
 # ---------------------------------------------------------------------------------------
 # A small trained stand-in: an MLP denoiser with EDM's preconditioning.
@@ -66,8 +69,8 @@ def _tiny_denoiser_class():
 
 
 def train_tiny_denoiser(ds, steps: int, seed: int = 0, batch: int = 128, lr: float = 2e-3,
-                        max_seconds: float | None = None, hidden: int = 128):
-    """Train a ``TinyDenoiser`` on all rows of ``ds`` with EDM's weighted loss
+                        max_seconds: float | None = None, hidden: int = 128, model_class=None):
+    """Train a ``TinyDenoiser`` (or ``model_class(d, image_shape, sigma_data)``) on all rows of ``ds`` with EDM's weighted loss
     ``(sigma^2 + sd^2) / (sigma sd)^2 ||D(y + sigma n) - y||^2``, sigma log-uniform in
     [0.002, 80] (the sampling range). Stops after ``steps`` steps or ``max_seconds``.
     Returns (model in eval mode, last loss, steps done)."""
@@ -77,7 +80,7 @@ def train_tiny_denoiser(ds, steps: int, seed: int = 0, batch: int = 128, lr: flo
     g = torch.Generator().manual_seed(seed)
     data = ds.model_rows(torch.arange(ds.M).numpy()).to(torch.float32)
     sd = float(data.std())
-    model = _tiny_denoiser_class()(ds.d, ds.image_shape, sd, hidden)
+    model = (model_class or _tiny_denoiser_class())(ds.d, ds.image_shape, sd, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=lr)  # the first optimizer also imports torch._dynamo (seconds)
     lo, hi = math.log(0.002), math.log(80.0)
     loss, done, t0 = torch.tensor(math.nan), 0, time.perf_counter()
@@ -194,7 +197,13 @@ def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
               f"{mem_m.fraction:.3f} of its samples memorized; deviation on the optimal trajectory peaks at "
               f"{float(dev_m.optimal.mean.max()):.3g} (sigma {float(dev_m.sigmas[int(dev_m.optimal.mean.argmax())]):.3g})")
 
-    # 7. Figures.
+    # 7. Locality: a small CNN against D*, LS and ELS.
+    locality = None
+    if train_steps > 0 and len(ds.image_shape) == 3:
+        locality, loc_figs = locality_section(ds, den, n, steps, train_tiny_denoiser, train_steps, args.cnn_seconds,
+                                              args.seed, out, timings)
+
+    # 8. Figures.
     t0 = time.perf_counter()
     figs = {}
     pictures = len(ds.image_shape) == 3 and ds.image_shape[0] in (1, 3)
@@ -221,10 +230,12 @@ def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
 
         post, post_figs, post_md = timed("posterior", lambda: report_section(den, ds, run_opt, out))
         figs.update(post_figs)
+    if locality is not None:
+        figs.update(loc_figs)
     timings["figures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
-    # 8. Summary.
+    # 9. Summary.
     summary = {
         "data": {"name": args.data, "M": ds.M, "d": ds.d, "image_shape": list(ds.image_shape)},
         "device": str(den.device), "backend": getattr(den.backend, "name", str(den.backend)), "seed": args.seed,
@@ -245,6 +256,7 @@ def run(args) -> int:  # noqa: C901 (a linear script: numbered steps)
             for name, (dev, m, extra) in models.items()
         },
         "posterior": post if run_opt.diagnostics is not None else None,
+        "locality": locality,
         "figures": {k: str(Path(v).name) for k, v in figs.items()},
         "timings_seconds": timings,
     }
@@ -308,6 +320,8 @@ def _markdown(s: dict, models: dict) -> str:
             L += ["Its own trajectories and samples beside their nearest training image:", "",
                   f"![trajectory {name}]({figs[f'trajectory_{name}']})", "",
                   f"![nearest {name}]({figs[f'nearest_{name}']})", ""]
+    if s.get("locality"):
+        L += locality_markdown(s["locality"], figs["agreement_cnn"])
     L += ["## Timings (seconds)", "", "| step | seconds |", "|---|---:|"]
     L += [f"| {k} | {v:.3f} |" for k, v in s["timings_seconds"].items()]
     return "\n".join(L) + "\n"
@@ -328,6 +342,8 @@ def register(sub) -> None:
                    help="training steps of the MLP stand-in, 0 to skip it (default 20000; --quick 50); see --train-seconds")
     p.add_argument("--train-seconds", type=positive_float, default=15.0,
                    help="time limit of the MLP training (default 15)")
+    p.add_argument("--cnn-seconds", type=positive_float, default=8.0,
+                   help="time limit of the CNN training of the locality section (default 8; --train-steps 0 skips it)")
     p.add_argument("--jump-sigma", type=positive_float, default=1.0, help="ODE-jump stop sigma (default 1)")
     p.add_argument("--ms-sigma", type=positive_float, default=0.3, help="mean-shift bandwidth (default 0.3)")
     p.add_argument("--quick", action="store_true", help="small run (a few seconds), for tests")

@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from ._args import add_common_arguments, add_data_argument, make_denoiser, open_dataset, out_dir, positive_int
+from ._args import add_common_arguments, add_data_argument, add_model_arguments, make_denoiser, open_dataset, out_dir
 from ..errors import InputError
 
 
@@ -78,22 +78,9 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from ..sampling import SOLVERS
-    from ..schedules import SCHEDULES
-
     p = sub.add_parser("deviation", help="score deviation of a model from the optimal denoiser",
                        description=__doc__.split("\n\n")[0])
     add_data_argument(p)
-    p.add_argument("--model", default="gaussian",
-                   help="'gaussian' (linear denoiser of the fitted Gaussian), a diffusers save_pretrained folder "
-                        "(pipeline, or UNet + scheduler_config.json), or a module D(x, sigma) saved with "
-                        "torch.export.save (.pt2; a static batch is chunked) or torch.jit.save")
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="most samples per model call (default: all at once)")
-    p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="figure format (default png)")
-    p.add_argument("--steps", type=positive_int, default=18, help="solver steps (default 18)")
-    p.add_argument("--solver", choices=[s for s in SOLVERS if s != "edm_stochastic"], default="heun",
-                   help="ODE solver (default heun)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="edm", help="noise schedule (default edm)")
+    add_model_arguments(p, 18)
     add_common_arguments(p, "deviation_out")
     p.set_defaults(func=run)

@@ -11,6 +11,10 @@
 5. The exact re-score's squared-distance gaps (``gap_error_factor``, ``optden.engine.gaps``).
 6. The posterior statistics (``optden.engine.stats``: ESS, entropy, mean logit, top
    weights) from a pass's certificate (``multiplicative``, ``relative_to_top``, ``excluded``).
+7. The local denoisers' float64 direct-difference passes over patches (``direct_pass_delta``,
+   ``SKIP_LOGITS``): ``optden.engine.patch_pass`` and csrc/patch_*.cpp.
+8. The lower-bound embedding of certified pruning (``embedding_lower``: PCA plus the
+   residual norm, ``optden.prune.embedding``).
 
 The C++ cpu backend computes its own bound in csrc/ (see ``optden.engine.backends.cpu``).
 
@@ -57,7 +61,9 @@ __all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance
            "dot_rel_err", "float32_shift", "faiss_distance_interval", "gap_error_factor", "GAP_ERR_G",
            "GAP_ERR_TINY", "QUERY_ERR", "query_delta", "float64_logit_error", "accumulation_eta",
            "query_shift", "shifted_logit_error", "multiplicative", "relative_to_top", "excluded", "MAX_EXCLUDED",
-           "covariance_error", "gap_covariance_error"]
+           "covariance_error", "gap_covariance_error", "SKIP_LOGITS", "EXP_REL_ERR", "direct_pass_delta",
+           "accumulation_error", "orthonormality_slack", "embedding_float64_error", "embedding_error",
+           "embedding_lower", "embedding_lower_terms", "scan_lower_terms"]
 
 # ----------------------------------------------------------------------------- 1. the tolerance's shares
 
@@ -504,6 +510,77 @@ def gap_covariance_error(S2, Exx, eta, round_err):
     return eta * sa + (r + r * r) * sa * sx + round_err
 
 
+# ----------------------------------------------------------------------------- 8. the lower-bound embedding
+
+# The embedding of ``optden.prune.embedding``: with P (d, k) float64 (the top principal
+# directions of the centered rows; its columns orthonormal up to rounding) and a constant
+# r0, a centered vector w maps to e(w) = [P^T w, ||w - P P^T w|| - r0] in R^(k+1). With
+# E = P^T P - I and e_P >= ||E||_2, for any w: ||P^T w||^2 + ||w - P P^T w||^2 =
+# ||w||^2 + (P^T w)^T E (P^T w) <= (1 + eta) ||w||^2, eta = e_P (1 + e_P); and the second
+# coordinate's difference obeys | ||B u|| - ||B y|| | <= ||B (u - y)|| (B = I - P P^T is
+# linear). So ||e(u) - e(y)|| <= sqrt(1 + eta) ||u - y||: a distance in k + 1 dimensions
+# that is a lower bound on the true one, up to the roundings bounded below.
+
+
+def orthonormality_slack(P: np.ndarray) -> float:
+    """eta (see above) for the float64 basis P (d, k): ||P^T P - I||_F computed in float64,
+    plus the rounding of that product (k^2 entries, each off by <= gamma_d(EPS64) times
+    ||p_i|| ||p_j|| <= 1 + e), widened."""
+    P = np.asarray(P, dtype=np.float64)
+    d, k = P.shape
+    e = float(np.linalg.norm(P.T @ P - np.eye(k))) * (1.0 + 1e-6) + k * gamma(d + 2, EPS64) * 2.0
+    return e * (1.0 + e)
+
+
+def embedding_float64_error(d: int, k: int) -> float:
+    """C such that the float64 embedding of a vector w computed as ``optden.prune.embedding``
+    does it (z = P^T w, b = w - P z, ||b||, minus r0; BLAS in any order) is within
+    C (||w|| + |r0|) of the exact e(w) (Euclidean norm over the k + 1 coordinates).
+
+    Per step, for ||P||_2 <= 1.01: ||z - P^T w|| <= sqrt(k) gamma_d 1.01 ||w||; P z adds
+    sqrt(d) gamma_k 1.01 ||z|| and 1.01 times z's error; the subtraction u (||w|| + ||P z||);
+    the norm gamma_{d+2} ||b||; the shift u |.|. Every norm involved is <= 1.03 (||w|| + |r0|).
+    """
+    u = EPS64
+    return 1.1 * (2.0 * math.sqrt(k) * gamma(d, u) + math.sqrt(d) * gamma(k, u) + gamma(d + 2, u) + 4.0 * u)
+
+
+def embedding_error(e64: np.ndarray, e32: np.ndarray, w_norm: np.ndarray, r0: float, c64: float) -> np.ndarray:
+    """Bound (n,) on ||e32 - e(w)||: the float32 embedding that FAISS sees against the exact one.
+
+    e64 / e32: (n, k + 1) the float64 embedding and its float32 rounding; w_norm (n,) ||w||;
+    c64: ``embedding_float64_error``. The rounding to float32 is measured (a float32 and a
+    float64 within a factor 2 subtract exactly, Sterbenz) and widened for its norm."""
+    diff = np.linalg.norm(e32.astype(np.float64) - e64, axis=1) * (1.0 + 1e-9)
+    return diff + c64 * (np.asarray(w_norm, dtype=np.float64) + abs(r0)) * (1.0 + 1e-9) + 1e-300
+
+
+def embedding_lower(low_emb: np.ndarray, err_query, err_rows: float, eta: float) -> np.ndarray:
+    """Exact lower bound on the true distance ||v - q|| from a lower bound ``low_emb`` on
+    ||e32(v) - e32(q)|| (float32 embeddings; from a scanned float32 distance through
+    ``faiss_distance_interval``, or from a leaf's box): ``max(0, low_emb - shift) * factor``
+    with ``(shift, factor) = embedding_lower_terms(err_query, err_rows, eta)``.
+    err_query: (n,) or (n, 1) ``embedding_error`` of the queries; err_rows: the largest of the rows'."""
+    shift, factor = embedding_lower_terms(err_query, err_rows, eta)
+    return np.clip(np.asarray(low_emb, dtype=np.float64) - shift, 0.0, None) * factor
+
+
+def scan_lower_terms(dim: int):
+    """(s2, margin) of a float32 direct-difference squared distance D over ``dim``
+    coordinates: the distance is at least ``sqrt(D s2) margin`` (``faiss_distance_interval``
+    with direct=True: relative error 2 dot_rel_err(dim + 2) of D, then DISTANCE_MARGIN).
+    ``optden._C.leaf_scan`` applies them to every row it returns."""
+    return 1.0 - 2.0 * dot_rel_err(dim + 2, 0.0), 1.0 - DISTANCE_MARGIN
+
+
+def embedding_lower_terms(err_query, err_rows: float, eta: float):
+    """(shift, factor) of ``embedding_lower``: the embedding errors of query and row are
+    subtracted (triangle inequality), then the distance is divided by sqrt(1 + eta) and
+    widened by DISTANCE_MARGIN (covers the float64 roundings of the box or scan bound, at
+    most (k + 4) 2^-53 relative). ``optden._C.box_lower`` applies the same two terms."""
+    return np.asarray(err_query, dtype=np.float64) + err_rows, (1.0 - DISTANCE_MARGIN) / math.sqrt(1.0 + eta)
+
+
 # ----------------------------------------------------------------------------- the GEMM pass
 # Rigorous error bound (``delta``) of the GEMM pass (``optden.kernels.dense_gemm``,
 # host side in ``optden.engine.backends.gpu_gemm_pass``).
@@ -559,3 +636,48 @@ def gemm_logits_delta(v: torch.Tensor, resid: torch.Tensor, absum: torch.Tensor,
     out = fp32_pass_delta(v, resid_eff, coef, d=d, pieces=0, x_norm=x_norm, q_norm=q_norm,
                           tiles_per_split=1, block_m_max=block_m_max, top=top)
     return torch.where(valid, out, torch.full_like(out, math.inf))
+
+
+# ----------------------------------------------------------------------------- 7. direct-difference patch passes
+
+#: Rows whose logit is more than SKIP_LOGITS below the best one are left out of the local
+#: denoisers' passes (``optden.engine.patch_pass``, csrc/patch_*.cpp): each weighs less than
+#: e^-45 = 2.9e-20 of the largest, and ``direct_pass_delta`` counts them as misweighted.
+SKIP_LOGITS = 45.0
+#: Relative error bound of the float64 exp the passes use (torch's SLEEF exp is within
+#: 1 ulp; the C++ kernels' polynomial exp within 6e-15, see csrc/patch_kernels.h).
+EXP_REL_ERR = 1e-14
+
+
+def direct_pass_delta(terms: int, top: torch.Tensor, rows: int, skip: float = SKIP_LOGITS) -> torch.Tensor:
+    """delta (N,) of a pass whose logits are float64 direct differences,
+    ``l = -coef * sum of at most `terms` squares (v_j - q_j)^2``, over ``rows`` rows.
+
+    Each square has three roundings and the sum of nonnegative terms in any order (box sums
+    included) adds gamma_{terms-1}, the product with coef one more: |l^ - l| <= g |l| with
+    g = gamma_{terms+3} (relative to the logit, which no cancellation can spoil). With m^ = top
+    the largest computed logit:
+
+    * rows with l^ >= m^ - skip: |l^| <= |m^| + skip, so their logits are within
+      g' (|m^| + skip) of the truth (g' = g / (1 - g));
+    * rows below (left out, or kept with any error): each weighs at most
+      exp(-skip + g' (2 |m^| + skip)) of the largest, so together a relative mass
+      ``rows * exp(...)``, counted twice (computed and true weights);
+    * the exp's relative error EXP_REL_ERR.
+
+    The float64 sums s and acc over the rows add an absolute error to the weighted mean that
+    is no weight perturbation: ``accumulation_error``.
+    """
+    g = gamma(int(terms) + 3, EPS64)
+    g1 = g / (1.0 - g)
+    a = top.abs()
+    out = g1 * (a + skip) + 2.0 * rows * torch.exp(-skip + g1 * (2.0 * a + skip)) + EXP_REL_ERR
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, math.inf))
+
+
+def accumulation_error(rows: int, max_abs: float) -> float:
+    """Bound on |acc / s - exact mean| from the float64 sums of a pass over ``rows`` rows
+    whose values are at most ``max_abs`` in magnitude: acc is within gamma_rows of
+    sum p |q| <= s max_abs and s within gamma_rows of itself, so the quotient is off by at
+    most 2 gamma_rows max_abs (to first order; the factor 1.01 covers the rest)."""
+    return 2.02 * gamma(int(rows) + 1, EPS64) * float(max_abs)

@@ -121,6 +121,28 @@ class Partial:
         self.m = new_m
         self.absorb_top(logits, offset)
 
+    def absorb_grouped(self, logits: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """Fold in a block whose rows differ by group of queries (the position-specific
+        rows of the local denoisers, ``optden.local``): the N = G n queries are G groups of
+        n (query ``g * n + j``); logits (G, n, B); rows (G, B, d) the values group g weighs;
+        index (G, B) int64 the positions the top K records. A logit may be -inf (a row the
+        query does not compete with); a query's first block needs one finite logit."""
+        G, n, B = logits.shape
+        flat = logits.reshape(G * n, B)
+        new_m = torch.maximum(self.m, flat.max(dim=1).values)
+        safe_m = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))  # no exp(-inf - -inf)
+        alpha = torch.exp(self.m - safe_m)
+        p = torch.exp(flat - safe_m[:, None])
+        self.s = self.s * alpha + p.sum(1)
+        acc = (self.acc * alpha[:, None]).reshape(G, n, -1)
+        self.acc = torch.baddbmm(acc, p.reshape(G, n, B), rows).reshape(G * n, -1)
+        self.m = new_m
+        if self.k:
+            bv, bi = flat.topk(min(self.k, B), dim=1)
+            full = index.to(torch.int64)[:, None, :].expand(G, n, B).reshape(G * n, B)
+            self.top_val, self.top_idx = merge_topk(self.top_val, self.top_idx, bv.to(self.top_val.dtype),
+                                                    full.gather(1, bi), self.k)
+
     def absorb_top(self, logits: torch.Tensor, offset: int = 0) -> None:
         """Merge the K largest of a block's logits (N, B) into the top K (positions + offset)."""
         k = self.k

@@ -9,9 +9,11 @@ inequality), so re-scoring the cached candidates exactly at ``v`` and re-checkin
 bound certifies the new evaluation without a search. Nothing is trusted that the new
 bound does not prove: a row whose bound fails is searched again.
 
-The cache is keyed by the batch size and the index's dataset fingerprint (any other
-batch clears it); a different batch of the same size is still safe, its rows just
-fail the bound (delta is large) and are searched again.
+The cache is keyed by the index (its dataset fingerprint and kind). A batch of the same
+size is matched row by row; a batch of another size (mean shift drops the points that
+have converged) is matched to the cached queries nearest to each of its rows, and the
+cache is reordered to follow it. Either way delta is measured exactly from the cached
+query each row was matched to, so a poor match only fails the bound and is searched again.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class NeighbourCache:
         self.v0 = self.idx = self.counts = self.lower = self.valid = None
 
     def _ensure(self, key, v: torch.Tensor) -> None:
+        if self.key == key and self.v0 is not None and self.v0.shape[1] == v.shape[1] and self.v0.shape[0] != v.shape[0]:
+            self._rematch(v)
         if self.key != key or self.v0 is None or self.v0.shape != v.shape:
             self.key = key
             n = v.shape[0]
@@ -46,6 +50,18 @@ class NeighbourCache:
             self.counts = torch.zeros(n, 1, dtype=torch.float64, device=v.device)
             self.lower = torch.zeros(n, 1, dtype=torch.float64, device=v.device)
             self.valid = torch.zeros(n, dtype=torch.bool, device=v.device)
+
+    def _rematch(self, v: torch.Tensor, max_pairs: int = 1 << 22) -> None:
+        """Reorder the cache to a batch of another size: row j takes the entry whose query is
+        nearest to v[j] (ties: the first). Too large a batch pair count clears instead."""
+        E = self.v0.shape[0]
+        if E * v.shape[0] > max_pairs or not bool(self.valid.any()):
+            self.clear()
+            return
+        ok = self.valid.nonzero().flatten()
+        match = ok[torch.cdist(v, self.v0[ok]).argmin(dim=1)]  # a heuristic match; delta is exact later
+        self.v0, self.idx, self.valid = self.v0[match], self.idx[match], self.valid[match]
+        self.counts, self.lower = self.counts[match], self.lower[match]
 
     def lookup(self, key, v: torch.Tensor):
         """Rows with a cached set and their shifted shells for queries v (N, d).

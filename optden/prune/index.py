@@ -39,14 +39,16 @@ from ..engine.bounds import DISTANCE_MARGIN, U32, U_TF32_IN, faiss_distance_inte
 from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 from ..fileio import atomic_write, foreign_write_error, remove_stale_temporaries
 
-__all__ = ["PruneIndex", "Candidates", "index_paths", "KINDS", "faiss_gpu_available", "move_to_shell"]
+__all__ = ["PruneIndex", "Candidates", "index_paths", "KINDS", "faiss_gpu_available", "faiss_module", "move_to_shell",
+           "save_dir"]
 
 KINDS = ("flat", "ivf")
 INDEX_FORMAT = "optden.index"
 INDEX_VERSION = 2  # 2: "dataset_sha256" is Dataset.fingerprint (version 1 hashed the raw rows only)
 
 
-def _faiss():
+def faiss_module():
+    """The faiss module; DatasetError naming the package to install when it is missing."""
     try:
         import faiss
     except ImportError as e:  # faiss-cpu is a dependency; say how to get it anyway
@@ -56,7 +58,7 @@ def _faiss():
 
 def faiss_gpu_available() -> bool:
     """True when faiss-gpu is installed and sees at least one GPU (no CUDA call otherwise)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
@@ -64,6 +66,19 @@ def index_paths(dir, kind: str) -> tuple[Path, Path]:
     """(FAISS file, JSON metadata) of an index of ``kind`` in dataset directory ``dir``."""
     dir = Path(dir)
     return dir / f"index_{kind}.faiss", dir / f"index_{kind}.json"
+
+
+def save_dir(dataset, dir) -> Path:
+    """Where an index of ``dataset`` is saved: ``dir``, else the dataset's directory
+    (InputError when it has none, DatasetNotFoundError when it is not a directory)."""
+    if dir is None:
+        dir = getattr(dataset, "path", None)
+        if dir is None:
+            raise InputError("dir: the dataset has no directory (save it first, or pass dir)")
+    dir = Path(dir)
+    if not dir.is_dir():
+        raise DatasetNotFoundError(f"dir: {dir} is not a directory")
+    return dir
 
 
 def _check_kind(kind) -> str:
@@ -213,7 +228,7 @@ class PruneIndex:
         if dataset is None or not hasattr(dataset, "raw_block"):
             raise DtypeError(f"dataset: expected an optden.Dataset, got {type(dataset).__name__}")
         kind = _check_kind(kind)
-        faiss = _faiss()
+        faiss = faiss_module()
         M, d = dataset.M, dataset.d
         step = max(1, (64 << 20) // (4 * d))
         if kind == "flat":
@@ -253,7 +268,7 @@ class PruneIndex:
     @staticmethod
     def _radii(dataset, index, centroids: np.ndarray) -> np.ndarray:
         """Exact float64 max distance of each list's members to its centroid, widened by DISTANCE_MARGIN."""
-        faiss = _faiss()
+        faiss = faiss_module()
         inv = index.invlists
         assign = np.full(dataset.M, -1, dtype=np.int64)
         for l in range(index.nlist):
@@ -277,14 +292,8 @@ class PruneIndex:
     def save(self, dir=None) -> Path:
         """Write ``index_<kind>.faiss`` and ``index_<kind>.json`` into ``dir`` (default: the
         dataset's directory). The JSON (written last) records the dataset's fingerprint."""
-        faiss = _faiss()
-        if dir is None:
-            dir = getattr(self.dataset, "path", None)
-            if dir is None:
-                raise InputError("dir: the dataset has no directory (save it first, or pass dir)")
-        dir = Path(dir)
-        if not dir.is_dir():
-            raise DatasetNotFoundError(f"dir: {dir} is not a directory")
+        faiss = faiss_module()
+        dir = save_dir(self.dataset, dir)
         fpath, jpath = index_paths(dir, self.kind)
         tmp = fpath.with_name(fpath.name + f".tmp-{os.getpid()}")
         jpath.unlink(missing_ok=True)
@@ -326,7 +335,7 @@ class PruneIndex:
         Raises DatasetNotFoundError when it is missing and DatasetError when it is corrupt
         or was built for other data (shape, dtype or the rows' sha256 differ).
         """
-        faiss = _faiss()
+        faiss = faiss_module()
         kind = _check_kind(kind)
         if dir is None:
             dir = getattr(dataset, "path", None)
@@ -375,7 +384,7 @@ class PruneIndex:
         if self.kind != "flat" or device.type != "cuda" or not faiss_gpu_available():
             return self.index, 0.0
         if self._gpu_index is None:
-            faiss = _faiss()
+            faiss = faiss_module()
             self._res = faiss.StandardGpuResources()
             self._gpu_index = faiss.index_cpu_to_gpu(self._res, device.index or 0, self.index)
         return self._gpu_index, U_TF32_IN

@@ -10,18 +10,20 @@ trajectory the certified candidate sets are kept in a ``NeighbourCache``
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .. import _ext
 from ..engine.bounds import DISTANCE_MARGIN, EPS64, gamma, mass_tolerance
 from ..errors import InputError
 from .cache import NeighbourCache
-from .index import PruneIndex, faiss_gpu_available, move_to_shell
+from .index import faiss_gpu_available, move_to_shell
 
-__all__ = ["Pruner", "PrunedResult", "shell_log_mass", "exact_candidates"]
+__all__ = ["Pruner", "PrunedResult", "shell_log_mass", "exact_candidates", "exact_sq_distances"]
 
 
 @dataclass
@@ -54,10 +56,58 @@ def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Ten
                      chunk_bytes: int = 1 << 27):
     """Exact float64 softmax over each query's candidates (direct differences).
 
-    v: (n, d); coef: (n,); idx: (n, K) local rows, -1 = none (only valid pairs are
-    computed, in chunks of about ``chunk_bytes``). Returns ``(lse (n,), dc (n, d)
+    v: (n, d); coef: (n,); idx: (n, K) local rows, -1 = none. Returns ``(lse (n,), dc (n, d)
     centered, top_w (n, min(k_out, K)), top_idx (same), logits (n, K) (-inf where none))``.
+    On CPU the C++ re-score (``optden._C.candidate_softmax``) reads the candidate rows in
+    place from the dataset's array or memory map; elsewhere a chunked torch gather.
     """
+    if _native(source, v):
+        lg, lse, dc = _ext.C.candidate_softmax(
+            np.ascontiguousarray(v.detach().numpy(), dtype=np.float64),
+            np.ascontiguousarray(coef.detach().numpy(), dtype=np.float64),
+            source.dataset.raw, np.ascontiguousarray(idx.numpy(), dtype=np.int64),
+            np.ascontiguousarray(source.center.numpy(), dtype=np.float64), source.dtype)
+        lg, lse, dc = torch.from_numpy(lg), torch.from_numpy(lse), torch.from_numpy(dc)
+        w, _ = _softmax_by_sum(lg)
+    else:
+        lse, dc, w, lg = _torch_candidates(v, coef, source, idx, chunk_bytes)
+    kk = min(k_out, idx.shape[1])
+    tw, wi = w.topk(kk, dim=1)
+    return lse, dc, tw, idx.gather(1, wi), lg
+
+
+def _softmax_by_sum(lg: torch.Tensor):
+    """``(w (n, K), lse (n,))`` of logits lg (n, K), the weights normalised by their sum:
+    ``exp(lg - lse)`` would round at the size of the logits (1e11 and up: weights that no
+    longer sum to 1)."""
+    lmax = lg.max(1, keepdim=True).values
+    e = torch.exp(lg - lmax)
+    s = e.sum(1, keepdim=True)
+    return e / s, (lmax + torch.log(s))[:, 0]
+
+
+def _native(source, v: torch.Tensor) -> bool:
+    """Whether the C++ re-score can read this source's rows: all rows of a dataset, on CPU."""
+    return (v.device.type == "cpu" and source.index is None and _ext.C is not None
+            and hasattr(_ext.C, "candidate_softmax") and isinstance(getattr(source.dataset, "raw", None), np.ndarray))
+
+
+def exact_sq_distances(v: torch.Tensor, source, idx: torch.Tensor) -> torch.Tensor:
+    """Exact squared distances (n, K) float64 of the candidate rows idx (n, K) from v (n, d),
+    inf where idx is -1 (the logits of ``exact_candidates`` at coef 1)."""
+    one = torch.ones(v.shape[0], dtype=torch.float64, device=v.device)
+    if _native(source, v):
+        lg, _, _ = _ext.C.candidate_softmax(
+            np.ascontiguousarray(v.detach().numpy(), dtype=np.float64), one.numpy(), source.dataset.raw,
+            np.ascontiguousarray(idx.numpy(), dtype=np.int64),
+            np.ascontiguousarray(source.center.numpy(), dtype=np.float64), source.dtype)
+        return -torch.from_numpy(lg)
+    return -_torch_candidates(v, one, source, idx, 1 << 27)[3]
+
+
+def _torch_candidates(v, coef, source, idx, chunk_bytes):
+    """The torch re-score: (lse, dc, weights (n, K), logits (n, K)); only valid pairs are
+    computed, in chunks of about ``chunk_bytes``."""
     n, K = idx.shape
     d = v.shape[1]
     qi, ci = (idx >= 0).nonzero(as_tuple=True)
@@ -75,11 +125,7 @@ def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Ten
         diff = v[qi[a:b]] - q
         lg[qi[a:b], ci[a:b]] = -coef[qi[a:b]] * (diff * diff).sum(1)
         kept = q if rid.numel() <= per else None
-    lmax = lg.max(1, keepdim=True).values
-    e = torch.exp(lg - lmax)
-    s = e.sum(1, keepdim=True)
-    lse = (lmax + torch.log(s))[:, 0]
-    w = e / s  # normalised by the sum: exp(lg - lse) rounds at the size of the logits
+    w, lse = _softmax_by_sum(lg)
     dc = torch.zeros(n, d, dtype=torch.float64, device=v.device)
     for a in range(0, rid.numel(), per):
         b = min(rid.numel(), a + per)
@@ -91,9 +137,7 @@ def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Ten
             S = torch.sparse_csr_tensor(crow, torch.arange(b - a, device=v.device), w[qi[a:b], ci[a:b]],
                                         size=(n, b - a))
         dc += S @ q
-    kk = min(k_out, K)
-    tw, wi = w.topk(kk, dim=1)
-    return lse, dc, tw, idx.gather(1, wi), lg
+    return lse, dc, w, lg
 
 
 def direct_misweight(lg: torch.Tensor, d: int) -> torch.Tensor:
@@ -111,17 +155,21 @@ def direct_misweight(lg: torch.Tensor, d: int) -> torch.Tensor:
 
 
 class Pruner:
-    """Certified top-k evaluation over a ``PruneIndex`` (all rows of its dataset).
+    """Certified top-k evaluation over a ``PruneIndex`` or an ``EmbeddingIndex`` (all rows of its dataset).
 
     tol: target relative error of D* (as ``OptimalDenoiser.tol``); a query is certified
     when the relative weight of every row left out is <= ``bounds.mass_tolerance(tol)``
     (the same margin as ``optden.engine.precision.certify``). k0: first search width; widened x4 up to kmax (capped
     at M / 64), then the caller falls back to the dense pass. max_probe_frac: IVF queries that would need
     more than this fraction of the rows are left to the dense pass (cheaper there).
+    Embedding index (``optden.prune.embedding``): one certified search per call; a query
+    whose search would scan more than ``max_scan_frac`` of the rows, or re-score more than
+    ``max_rescore`` candidates, goes dense (``optden.prune.policy`` sets both).
     """
 
-    def __init__(self, index: PruneIndex, source, tol: float = 1e-6, k0: int = 64, kmax: int = 4096,
-                 max_probe_frac: float = 0.25, sample_rows: int = 1024, seed: int = 0, first_probes: int = 4):
+    def __init__(self, index, source, tol: float = 1e-6, k0: int = 64, kmax: int = 4096,
+                 max_probe_frac: float = 0.25, sample_rows: int = 1024, seed: int = 0, first_probes: int = 4,
+                 max_scan_frac: float = 0.1, max_rescore: int = 8192):
         if source.M != index.M:
             raise InputError("source: the pruned path needs all rows (class-conditional runs dense)")
         self.index = index
@@ -133,9 +181,13 @@ class Pruner:
         self.kmax = min(index.M, max(4 * self.k0, min(int(kmax), index.M // 64)),
                         2048 if faiss_gpu_available() else index.M)
         self.max_probe_frac = float(max_probe_frac)
+        self.max_scan_frac = float(max_scan_frac)
+        self.max_rescore = int(max_rescore)
         self.first_probes = max(1, int(first_probes))
         self.cache = NeighbourCache()
-        self.stats = {"queries": 0, "certified": 0, "cached": 0, "dense": 0, "searches": 0, "rows_scored": 0}
+        self.last = {"searched": 0, "certified": 0, "seconds": 0.0}
+        self.stats = {"queries": 0, "certified": 0, "cached": 0, "dense": 0, "searches": 0, "rows_scored": 0,
+                      "rows_scanned": 0.0}
         g = np.random.default_rng(seed)
         ns = min(index.M, int(sample_rows))
         self._sample = torch.from_numpy(np.sort(g.choice(index.M, ns, replace=False))).to(source.device)
@@ -196,11 +248,15 @@ class Pruner:
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self, v: torch.Tensor, coef: torch.Tensor, k_out: int, use_cache: bool = True,
-                 gate: bool = True, k_need: int | None = None) -> PrunedResult:
+                 gate: bool = True, k_need: int | None = None, search=None) -> PrunedResult:
         """Certified evaluation of centered raw queries v (N, d) float64, coef (N,).
 
         k_out: width of top_w / top_idx; k_need: how many of them must be real rows
         (default k_out; entries past a query's candidates have weight 0 and index -1).
+        search: None (search every query the cache did not answer), or a callable
+        ``(positions (m,) int64) -> (m,) bool`` choosing which of them to search
+        (``optden.prune.policy``); the others are left uncertified (dense). ``last``
+        records the search part: queries searched, certified, seconds.
 
         Rows that cannot be certified within kmax candidates have ``ok`` False (the
         caller runs the dense pass for them). Never returns an uncertified ``ok`` row.
@@ -219,7 +275,8 @@ class Pruner:
             cached=torch.zeros(n, dtype=torch.bool, device=dev),
         )
         self.stats["queries"] += n
-        key = (self.index.fingerprint, self.index.kind, n)
+        key = (self.index.fingerprint, self.index.kind)
+        k_need = k_out if k_need is None else max(1, min(int(k_need), k_out))
 
         def accept(sel, idx, counts, lower, store: bool):
             """Rescore candidates of queries sel exactly; set the certified ones; return failures."""
@@ -227,7 +284,7 @@ class Pruner:
             lmax = lg.max(1).values
             self.stats["rows_scored"] += int((idx >= 0).sum())
             bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse) + direct_misweight(lg, v.shape[1])
-            good = bound <= self.tol_mass
+            good = (bound <= self.tol_mass) & ((idx >= 0).sum(1) >= k_need)
             g = sel[good]
             kk = tw.shape[1]
             res.ok[g] = True
@@ -241,7 +298,6 @@ class Pruner:
             return sel[~good], lmax[~good]
 
         pending = torch.arange(n, device=dev)
-        k_need = k_out if k_need is None else max(1, min(int(k_need), k_out))
         if use_cache and self.cache.idx is not None and self.cache.idx.shape[1] < k_need:
             self.cache.clear()  # cached candidate sets are narrower than the weights asked for
         if use_cache:
@@ -254,8 +310,47 @@ class Pruner:
                 self.cache.misses += int(failed.numel())
                 self.cache.invalidate(failed)
                 pending = (~res.ok).nonzero().flatten()
-        if pending.numel() and gate:
-            pending = pending[self.worth_trying(v[pending], coef[pending])]
+        if pending.numel() and search is not None:
+            pending = pending[search(pending).to(pending.device)]
+        t0 = time.perf_counter()
+        before = int(res.ok.sum())
+        if pending.numel() and self.index.kind == "embedding":
+            self._search_embedding(v, coef, pending, accept, k_need)
+        elif pending.numel():
+            if gate:
+                pending = pending[self.worth_trying(v[pending], coef[pending])]
+            self._search_index(v, coef, pending, accept, k_need)
+        self.last = {"searched": int(pending.numel()), "certified": int(res.ok.sum()) - before,
+                     "seconds": time.perf_counter() - t0}
+        done = int(res.ok.sum())
+        self.stats["certified"] += done
+        self.stats["cached"] += int(res.cached.sum())
+        self.stats["dense"] += n - done
+        return res
+
+    def _search_embedding(self, v, coef, pending, accept, k_need: int) -> None:
+        """One certified search of the embedding index for queries v[pending]; accept() the
+        ones it searched (the others stay uncertified: dense)."""
+        src = self.source
+
+        def rescore(sel, idx):  # exact logits of rows idx for the queries pending[sel]
+            q = pending[sel.to(pending.device)]
+            return exact_candidates(v[q], coef[q], src, idx.to(v.device), 1)[4].cpu()
+
+        found = self.index.certified_candidates(v[pending], coef[pending], self.tol_mass, rescore,
+                                                max_scan=self.max_scan_frac * self.index.M,
+                                                max_rescore=self.max_rescore, min_rows=k_need)
+        self.stats["searches"] += 1
+        self.stats["rows_scanned"] += float(found.scanned.sum())
+        ok = found.searched.to(pending.device)
+        if bool(ok.any()):
+            dev = v.device
+            accept(pending[ok], found.idx[ok.cpu()].to(dev), found.counts[ok.cpu()].to(dev),
+                   found.lower[ok.cpu()].to(dev), store=True)
+
+    def _search_index(self, v, coef, pending, accept, k_need: int) -> None:
+        """Flat / IVF ``PruneIndex`` searches, widened x4 up to kmax, for queries v[pending]."""
+        dev = v.device
         k = max(self.k0, k_need)
         dref = None
         while pending.numel():
@@ -283,8 +378,3 @@ class Pruner:
                 dref = torch.sqrt(torch.clamp(-lmax / coef[failed], min=0.0)) * (1 + 1e-9)
                 dref = torch.minimum(dref, self._dref_loose(v[failed]))
             k = min(self.kmax, 4 * k)
-        done = int(res.ok.sum())
-        self.stats["certified"] += done
-        self.stats["cached"] += int(res.cached.sum())
-        self.stats["dense"] += n - done
-        return res
