@@ -24,7 +24,7 @@ from .engine.bounds import dense_threshold, query_shift
 from .engine.precision import DEFAULT_TOL, EXACT, MODE_NAMES, Certified, certify, exact_pass, rescore
 from .engine.partial import Partial
 from .engine.rows import RowSource
-from .engine.stats import from_partial
+from .engine.stats import from_exact
 from .posterior import Diagnostics, PosteriorCov, diagnostics_from, uniform_diagnostics
 from .validate import as_tensor, check_positive_int, check_queries, check_sigma
 
@@ -640,8 +640,8 @@ class OptimalDenoiser:
             for a in range(0, len(redo), 8):
                 j = torch.tensor(redo[a:a + 8], dtype=torch.int64, device=self.device)
                 ex = exact_pass(v[j], coef[j], src, kk, stats=True)
-                st = from_partial(ex, src.M, coef[j], v[j].norm(dim=1), query_shift(v[j], src.center), src.max_cnorm,
-                                  self.d, exact=True)
+                st = from_exact(ex, src.M, coef[j], v[j].norm(dim=1), query_shift(v[j], src.center), src.max_cnorm,
+                                self.d)
                 sub = diagnostics_from(st, (ex.mean() + src.center) * ds.scale + ds.offset, sg[j], rows[j], self.d, k,
                                        src.global_index(ex.top_idx[:, 0]), ["exact"] * j.numel(), self.tol)
                 diag.put(redo[a:a + 8], sub)
