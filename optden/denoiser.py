@@ -26,7 +26,7 @@ from .engine.precision import (DEFAULT_TOL, EXACT, MODE_NAMES, Certified, absolu
                                exact_pass, rows_of as _rows_of)
 from .engine.partial import Partial
 from .engine.rows import RowSource
-from .engine.stats import from_partial
+from .engine.stats import from_exact
 from .posterior import Diagnostics, PosteriorCov, diagnostics_from, uniform_diagnostics
 from .validate import _all_finite  # private: validate's one-pass finiteness test (numpy for small CPU tensors)
 from .validate import as_tensor, check_device, check_positive_int, check_queries, check_sigma
@@ -698,8 +698,8 @@ class OptimalDenoiser:
                 j = torch.tensor(redo[a:a + 8], dtype=torch.int64, device=self.device)
                 part, ref_sq, _ = exact_pass(v[j], coef[j], src, kk, stats=True)
                 ex = absolute(part, coef[j], ref_sq)  # logits relative to the nearest row -> absolute
-                st = from_partial(ex, src.M, coef[j], v[j].norm(dim=1), query_shift(v[j], src.center), src.max_cnorm,
-                                  self.d, exact=True)
+                st = from_exact(ex, src.M, coef[j], v[j].norm(dim=1), query_shift(v[j], src.center), src.max_cnorm,
+                                self.d)
                 sub = diagnostics_from(st, (ex.mean() + src.center) * ds.scale + ds.offset, sg[j], rows[j], self.d, k,
                                        src.global_index(ex.top_idx[:, 0]), ["exact"] * j.numel(), self.tol)
                 diag.put(redo[a:a + 8], sub)

@@ -14,7 +14,7 @@ import torch
 
 from .engine.bounds import (EPS64, accumulation_eta, covariance_error, float64_logit_error, gamma, gap_covariance_error,
                             gemm_delta, query_shift, shifted_logit_error)
-from .engine.precision import RESCORED, exact_logits, rescore
+from .engine.precision import RESCORED, exact_logits, heaviest_distinct_logit, rescore
 from .errors import InputError
 from .validate import check_positive_int
 
@@ -429,9 +429,21 @@ class PosteriorCov:
         # delta of an exact one): when that is under the cut, the top K is the support, no
         # selection pass (a concentrated posterior, whatever its weights underflow to)
         K = cert.top_idx.shape[1]
-        lam = rescore(v[todo], coef[todo], src, cert.top_idx[todo]).sort(dim=1, descending=True).values
-        l2 = lam[:, 1] if K > 1 else lam[:, 0]
-        cut = l2 - math.log(src.M / (tol * SELECT_MASS))
+        lam, order = rescore(v[todo], coef[todo], src, cert.top_idx[todo]).sort(dim=1, descending=True)
+        # C's scale is set by the heaviest row that differs from the top one, not by the
+        # second-heaviest: copies of the top row (b = 0) have no part in C, and a data set's
+        # duplicates (a uniform patch repeated 135 times) can fill the whole top K; then one
+        # float64 pass finds that row (cutting at a copy's logit dropped the rows that make C)
+        top_rows = src.gather(cert.top_idx[todo].gather(1, order)).reshape(len(todo), K, v.shape[1])
+        copy = (top_rows == top_rows[:, :1]).all(dim=2)
+        l2 = lam.masked_fill(copy, -math.inf).max(dim=1).values
+        unseen = torch.isinf(l2).nonzero()[:, 0]
+        if unseen.numel():
+            sub = torch.as_tensor(todo, device=v.device)[unseen]
+            l2[unseen] = heaviest_distinct_logit(v[sub], coef[sub], src, top_rows[unseen, 0])
+        # every row a copy of the top one: C = 0 exactly; a cut below every logit keeps it finite
+        floor = -coef[todo] * (v[todo].norm(dim=1) + src.max_cnorm) ** 2 * (1.0 + 1e-6) - 1.0
+        cut = torch.where(torch.isinf(l2), floor, l2 - math.log(src.M / (tol * SELECT_MASS)))
         if K < src.M:
             out_max = (lam[:, -1] + 2.0 * cert.delta[todo]
                        + float64_logit_error(lam[:, -1:], coef[todo], src.max_cnorm, v.shape[1])[:, 0]

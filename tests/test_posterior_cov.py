@@ -140,3 +140,27 @@ def test_bench_posterior_quick(monkeypatch, capsys):
     out = capsys.readouterr().out
     for name in ("| D* |", "| diagnostics |", "| matvec |", "| matvec streamed |", "| D* + vjp |", "naive cov fp32"):
         assert name in out
+
+
+def test_copies_of_the_top_row_fill_the_top_k(rng):
+    """100 copies of one row and 10 rows one grey level from it, at sigma 1e-3: the copies
+    fill every top K and carry all but ~1e-53 of the weight, yet C (and dD*/dx) lives only
+    on the distinct rows ~123 nats below; cutting at the second-heaviest row (a copy) gave
+    C = 0. Matvec and Jacobian product against the oracle, relative to ||C||."""
+    d = 16
+    base = np.full((1, d), 128, dtype=np.uint8)
+    near = np.repeat(base, 10, axis=0)
+    near[np.arange(10), np.arange(10)] += 2  # each two grey levels away in its own pixel
+    ds = optden.Dataset.from_array(np.concatenate([np.repeat(base, 100, axis=0), near]))
+    den = optden.OptimalDenoiser(ds, topk=16)
+    y = model_rows(ds)
+    x = y[:1] + 1e-5 * rng.standard_normal((1, d))
+    sigma = 1e-3
+    cov = den.posterior_cov(torch.from_numpy(x), sigma)
+    norm = check_matvecs(cov, x, y, sigma, rng)
+    assert norm[0] > 1e-250 and bool(cov.certified[0])
+    xt = torch.from_numpy(x).requires_grad_(True)
+    g = rng.standard_normal(x.shape)
+    (gx,) = torch.autograd.grad(den(xt, sigma), xt, torch.from_numpy(g))
+    ref = R.posterior_cov(x, y, sigma)[0] @ g[0] / sigma**2
+    assert np.linalg.norm(gx.numpy()[0] - ref) <= COV_RTOL * norm[0] / sigma**2 * np.linalg.norm(g)

@@ -43,7 +43,7 @@ import torch
 from .bounds import EPS64, dense_threshold, mass_tolerance, query_delta, query_shift, rescore_budget
 from .gaps import ref_sqdist, sq_gaps
 from .partial import Partial
-from .stats import PassStats, from_partial, from_topk
+from .stats import PassStats, from_exact, from_partial, from_topk
 
 DENSE, RESCORED, EXACT = 0, 1, 2
 MODE_NAMES = {DENSE: "dense", RESCORED: "rescored", EXACT: "exact"}
@@ -331,6 +331,28 @@ def _shift_dense_lse(lse: torch.Tensor, dense: torch.Tensor, v: torch.Tensor, co
         lse[idx] = lse[idx] - coef[idx] * ((2.0 * v[idx] + r) * r).sum(1)
 
 
+def heaviest_distinct_logit(v: torch.Tensor, coef: torch.Tensor, source, top_raw: torch.Tensor) -> torch.Tensor:
+    """Per query, the largest exact float64 logit over the rows that differ from its top row.
+
+    v: (n, d) float64 centered raw queries; coef: (n,); top_raw: (n, d) each query's top row
+    as stored. Returns (n,) float64, -inf where every row equals the top row. One float64
+    pass over the rows (the posterior covariance's scale is set by this row when the data
+    set's copies of the top row fill a whole top K).
+    """
+    n, d = v.shape
+    best = torch.full((n,), -math.inf, dtype=torch.float64, device=v.device)
+    rows_per_block = max(1, (1 << 24) // max(1, n * d))
+    for _, raw, _ in source.blocks():
+        for a in range(0, raw.shape[0], rows_per_block):
+            r = raw[a : a + rows_per_block]
+            q = r.to(torch.float64) - source.center
+            diff = v[:, None, :] - q[None, :, :]
+            lam = -coef[:, None] * (diff * diff).sum(-1)
+            copy = (r[None, :, :] == top_raw[:, None, :]).all(-1)
+            best = torch.maximum(best, lam.masked_fill(copy, -math.inf).max(dim=1).values)
+    return best
+
+
 def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT_TOL, fallback=None,
             query=None) -> Certified:
     """Turn a coarse ``Partial`` into a certified result (see the module docstring).
@@ -404,6 +426,6 @@ def certify(p, v: torch.Tensor, coef: torch.Tensor, source, tol: float = DEFAULT
                 v[idx], coef[idx], source, k, ref, budget, *_residual(query, idx), stats=stats is not None)
             mode[idx] = EXACT
             if stats is not None:
-                stats.put(idx, from_partial(ex, M, coef[idx], vnorm[idx], shift[idx], qmax, d, exact=True))
+                stats.put(idx, from_exact(ex, M, coef[idx], vnorm[idx], shift[idx], qmax, d))
     return Certified(dc=dc, lse=lse, top_w=top_w, top_idx=top_idx, excluded=excluded, mode=mode, delta=delta,
                      stats=stats)

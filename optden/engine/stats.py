@@ -18,9 +18,12 @@ certified the query:
 - RESCORED: from the exact logits of the top K (``from_topk``): ``bounds.relative_to_top``,
   then the weight outside the top K, at most (M - K) exp(top_val[K-1] + delta - lse), is
   ``bounds.excluded``.
-- EXACT: the float64 direct-difference pass (``from_partial(exact=True)``): its rows
-  within X = log M + 80 of the max have logits within the float64 error of
-  ``bounds.float64_logit_error``; the others weigh below e^-80 together.
+- EXACT: the float64 direct-difference pass (``from_exact``): its rows within
+  X = log M + 80 of the max have logits within the float64 error of
+  ``bounds.float64_logit_error``; the others weigh below e^-80 together. That error is
+  uniform (it grows with the largest logit: far from the data, 1e7 nats and more), so the
+  same pass's exact top K, relative to the top row (``from_topk``), is tighter where the
+  posterior is concentrated; each query reports the tighter of the two.
 
 Every statistic is returned with an interval that holds the true value (the bound is
 what the certificate implies, not an estimate); ``PassStats.err`` is the half-width
@@ -38,7 +41,7 @@ import torch
 from .bounds import (accumulation_eta, excluded, float64_logit_error, multiplicative, relative_to_top,
                      shifted_logit_error)
 
-__all__ = ["PassStats", "from_partial", "from_topk", "EXACT_CUT_NATS"]
+__all__ = ["PassStats", "from_partial", "from_topk", "from_exact", "EXACT_CUT_NATS"]
 
 #: The exact pass's statistics count rows within log M + EXACT_CUT_NATS of the max logit
 #: as kept (their float64 logit error is bounded uniformly); the rest weigh < e^-80.
@@ -179,3 +182,36 @@ def from_topk(lg: torch.Tensor, outside_max: torch.Tensor, M: int, coef: torch.T
         eps = torch.zeros(n, dtype=torch.float64, device=lg.device)
     n_out = torch.full((n,), float(max(out, 1)), dtype=torch.float64, device=lg.device)
     return _assemble(iv, eps, n_out, w, w_lo, w_hi)
+
+
+def from_exact(p, M: int, coef: torch.Tensor, vnorm: torch.Tensor, shift: torch.Tensor, qmax: float,
+               d: int) -> PassStats:
+    """Statistics of the float64 direct-difference pass ``p`` (``precision.exact_pass`` with
+    stats): per query the tighter of ``from_partial(exact=True)`` (every kept row's logit
+    within one uniform error) and ``from_topk`` over the pass's own top K (exact logits,
+    each within its own error relative to the top row; every other row's computed logit
+    is below the K-th, so its true one is below the K-th's plus its float64 error). Both
+    intervals hold, so either may be reported; arguments as in ``from_partial``."""
+    whole = from_partial(p, M, coef, vnorm, shift, qmax, d, exact=True)
+    K = p.top_val.shape[1]
+    if K > M or not bool(torch.isfinite(p.top_val).all()):
+        return whole
+    kth = p.top_val[:, -1:]
+    outside = (kth + float64_logit_error(kth, coef, qmax, d) * (1.0 + 1e-12))[:, 0]
+    top = from_topk(p.top_val, outside, M, coef, shift, qmax, d)
+    return _tighter(whole, top)
+
+
+def _tighter(a: PassStats, b: PassStats) -> PassStats:
+    """Per query, all of ``a`` or all of ``b``: the one whose largest scalar error, relative
+    to max(1, |value|), is smaller (NaN errors lose)."""
+    def worst(st):
+        e = torch.stack([st.err(name) / getattr(st, name).abs().clamp(min=1.0) for name in _SCALARS])
+        return torch.nan_to_num(e, nan=math.inf).max(dim=0).values
+
+    pick = worst(b) < worst(a)
+    kw = {}
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        kw[f.name] = torch.where(pick[:, None] if x.dim() == 2 else pick, y, x)
+    return PassStats(**kw)
