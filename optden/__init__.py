@@ -47,6 +47,7 @@ from .errors import (  # noqa: E402
     DtypeError,
     InputError,
     OptdenError,
+    PrecisionError,
 )
 from . import reference  # noqa: E402
 from .agreement import Agreement, AgreementStats, agreement  # noqa: E402
@@ -73,6 +74,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ChecksumError",
     "BackendUnavailableError",
+    "PrecisionError",
     "sample",
     "ode_jump",
     "SampleRun",

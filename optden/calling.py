@@ -10,7 +10,10 @@ closed form (``optden.GaussianDenoiser``).
 :class:`DenoiserCall` keeps the caller's state in float64 whatever the denoiser computes
 in: x is cast to the denoiser's dtype (an ``nn.Module``'s parameter dtype, or ``dtype=``)
 on its device, the output comes back as float64 in x's shape, and every batched call is
-counted (the NFE of a sampler).
+counted (the NFE of a sampler). Every output is checked once, as it comes back: a tensor
+(not None, not a tuple), of exactly x's shape (another layout of the same number of
+values is an error, never a silent reshape), floating, and finite; a failure raises
+naming the model, the evaluation (the NFE count) and sigma.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from .errors import DtypeError, InputError
 from .validate import as_tensor, check_queries
 
 __all__ = ["Denoise", "DenoiserCall", "infer_device", "infer_dtype", "as_labels", "one_hot_to_index",
-           "check_points", "image_shape_of", "progress_enabled", "output_tensor", "call_in_chunks"]
+           "check_points", "image_shape_of", "progress_enabled", "output_tensor", "call_in_chunks", "model_name"]
 
 #: A denoiser as the samplers' step functions see it: ``D(x, sigma) -> D(x; sigma)``.
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
@@ -84,16 +87,36 @@ class DenoiserCall:
         with torch.no_grad():
             out = self.den(xin, s) if labels is None else self.den(xin, s, labels)
         self.calls += 1
-        out = output_tensor(out, self.den)
-        if out.numel() != x.numel():
-            raise InputError(
-                f"den: returned a tensor of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}"
-            )
-        return out.to(device=x.device, dtype=torch.float64).reshape(x.shape)
+        return self._checked(out, x, s).to(device=x.device, dtype=torch.float64)
+
+    def _checked(self, out, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The model's output as a tensor, after the checks of the module docstring."""
+        sig = f"{float(s[0]):g}" if bool((s == s[0]).all()) else f"{float(s.min()):g}..{float(s.max()):g}"
+        where = f"den ({model_name(self.den)}) at evaluation {self.calls} (sigma = {sig})"
+        try:
+            out = output_tensor(out, self.den)  # None, a tuple, a model-output object: a clear error
+        except InputError as e:
+            raise InputError(f"{where}: {str(e).removeprefix('den: ')}") from None
+        if tuple(out.shape) != tuple(x.shape):
+            raise InputError(f"{where}: returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; a "
+                             "denoiser returns D(x) in x's shape (optden does not guess another layout)")
+        if not out.is_floating_point():
+            raise DtypeError(f"{where}: returned dtype {out.dtype}; expected a floating tensor")
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise InputError(f"{where}: returned {bad} NaN or inf value(s) of {out.numel()}; the model's output "
+                             "must be finite")
+        return out
 
     def bind(self, labels: torch.Tensor | None) -> Denoise:
         """D(x, sigma) with this batch's labels attached."""
         return lambda x, sigma: self(x, sigma, labels)
+
+
+def model_name(den) -> str:
+    """A short name of a denoiser for messages: a function's name, else its class name."""
+    name = getattr(den, "__name__", None)
+    return name if isinstance(name, str) else type(den).__name__
 
 
 def one_hot_to_index(lab: torch.Tensor, name: str, classes: int | None = None) -> torch.Tensor:

@@ -18,15 +18,18 @@ from .engine import backends as _backends  # noqa: F401  (registers the built-in
 from .calling import one_hot_to_index
 from .data.storage import STORAGE_DTYPES
 from .engine import dispatch
-from .errors import DatasetError, DtypeError, InputError
+from .errors import DatasetError, DtypeError, InputError, PrecisionError
 from .prune import EmbeddingIndex, Pruner, PruneIndex, PrunePolicy, exact_sq_distances
-from .engine.bounds import dense_threshold, query_shift
-from .engine.precision import DEFAULT_TOL, EXACT, MODE_NAMES, Certified, certify, exact_pass, rescore
+from .engine.bounds import dense_threshold, query_delta, query_shift
+from .engine.gaps import centered_query, divide
+from .engine.precision import (DEFAULT_TOL, EXACT, MODE_NAMES, Certified, absolute, candidate_sqdist, certify,
+                               exact_pass, rows_of as _rows_of)
 from .engine.partial import Partial
 from .engine.rows import RowSource
 from .engine.stats import from_exact
 from .posterior import Diagnostics, PosteriorCov, diagnostics_from, uniform_diagnostics
-from .validate import as_tensor, check_positive_int, check_queries, check_sigma
+from .validate import _all_finite  # private: validate's one-pass finiteness test (numpy for small CPU tensors)
+from .validate import as_tensor, check_device, check_positive_int, check_queries, check_sigma
 
 
 def _is_index(prune) -> bool:
@@ -106,7 +109,7 @@ class OptimalDenoiser:
         if not (isinstance(tol, float | int) and 0 < tol < 1):
             raise InputError(f"tol: expected a number in (0, 1), got {tol!r}")
         self.dataset = dataset
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.tol = float(tol)
         self.topk = check_positive_int(topk, "topk")
         self.block_rows = (
@@ -291,7 +294,7 @@ class OptimalDenoiser:
         return not need_top and kk > 1 and target is not None and target <= dense_threshold(self.tol)
 
     def _certified_pass(self, v: torch.Tensor, coef: torch.Tensor, src: RowSource, kk: int, need_top: bool,
-                        part=None) -> Certified:
+                        part=None, query=None) -> Certified:
         """The backend's pass over src, certified. v: (n, d) centered raw queries, coef: (n,).
 
         With need_top False (the caller keeps no top weights) and a backend whose bound
@@ -299,33 +302,66 @@ class OptimalDenoiser:
         one top row, and only the queries whose bound came out loose run again with kk:
         a top-K heap per query costs up to ~20% of a pass at small N. The result then has
         K = 1 (top_w, top_idx (n, 1)); otherwise K = kk. part: that one-top-row pass, when
-        the caller has already run it.
+        the caller has already run it. query: the ``gaps.CenteredQuery`` of v, passed on to
+        ``certify``.
         """
         if not self._one_top_row(kk, need_top):
             return certify(self._pass(v, coef, src, kk), v, coef, src, self.tol,
-                           fallback=self._fallback(src, kk))
+                           fallback=self._fallback(src, kk), query=query)
         if part is None:
             part = self._pass(v, coef, src, 1)
-        dense = part.delta <= dense_threshold(self.tol)  # False for a NaN bound
+        dense = self._dense(part, coef, src, query)
         redo = None if bool(dense.all()) else (~dense).nonzero().flatten()
-        cert = certify(part, v, coef, src, self.tol)  # DENSE for all but the redo queries
+        if redo is not None:  # their results come from the pass with kk rows below: certify them DENSE here
+            part.delta = torch.where(dense, part.delta, torch.full_like(part.delta, -torch.inf))
+        cert = certify(part, v, coef, src, self.tol, query=query)  # DENSE for all but the redo queries
         if redo is not None:
-            sub = self._certified_pass(v[redo], coef[redo], src, kk, True)
+            sub = self._certified_pass(v[redo], coef[redo], src, kk, True,
+                                       query=None if query is None else query[redo])
             for name in ("dc", "lse", "excluded", "mode", "delta"):
                 getattr(cert, name)[redo] = getattr(sub, name)
             cert.top_w[redo], cert.top_idx[redo] = sub.top_w[:, :1], sub.top_idx[:, :1]
         return cert
 
+    def _dense(self, part, coef, src: RowSource, query) -> torch.Tensor:
+        """(n,) bool: the pass certifies DENSE for the exact queries (False for a NaN bound).
+        The conversion error of the queries is first bounded by one number for the batch (two
+        reductions); per query only when that leaves a query short of DENSE."""
+        thr = dense_threshold(self.tol)
+        if query is None:
+            return part.delta <= thr
+        slack = float(query_delta(float(coef.max()), src.max_cnorm, query.error_max()))
+        dense = part.delta <= thr - slack
+        if not bool(dense.all()):
+            dense = (part.delta + query_delta(coef, src.max_cnorm, query.error_norm())) <= thr
+        return dense
+
+    def _centered(self, u: torch.Tensor, u_lo, src: RowSource):
+        """Model-space queries u (n, d) (+ residual u_lo) -> ``gaps.CenteredQuery`` (its v:
+        the centered raw queries). InputError when (u - offset) / scale overflows float64."""
+        q = centered_query(u, u_lo, self.dataset.offset, self.dataset.scale, src.center, src.center_norm)
+        if not _all_finite(q.v):
+            big = float(u[~torch.isfinite(q.v).all(1)].abs().max())
+            raise InputError(f"x: a query value of magnitude {big:g} is beyond float64 in the data's raw units "
+                             f"((x - offset) / scale with scale {self.dataset.scale:g} overflows)")
+        return q
+
     # ------------------------------------------------------------------ core
     def _queries(self, x, s, name="x"):
         """Validate x (B, ...) and the scale s; return u = x / s as (B, d) float64 on device."""
+        t, u, _ = self._scaled_queries(x, s, name)
+        return t, u
+
+    def _scaled_queries(self, x, s, name="x"):
+        """``_queries`` plus u_lo, the residual of the division by s (None for s = 1): (B, d)."""
         t = check_queries(x, self.d, name)
         n = t.shape[0]
         u = t.reshape(n, self.d).to(self.device, torch.float64)
+        u_lo = None
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and s == 1):
             sc = check_sigma(s, n, name="s", allow_inf=False).to(self.device)
-            u = u / sc[:, None]
-        return t, u
+            u, u_lo = divide(u, None, sc[:, None])
+        return t, u, u_lo
 
     def _labels(self, class_labels, labels, n: int):
         """Class labels of n queries -> int64 (n,) CPU, or None (unconditional).
@@ -370,30 +406,46 @@ class OptimalDenoiser:
             )
         return coef
 
-    def _denoised(self, u: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+    def _denoised(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, u_lo=None) -> torch.Tensor:
         """D* (N, d) float64 in model space: ``evaluate(u, sigma, labels, need_top=False).denoised``.
 
         u: (N, d) float64 model-space queries on the device; sigma: (N,) float64; labels:
         None or (N,) int64. A plain call (no labels, no pruning) whose one-top-row pass
         certifies every query DENSE skips evaluate's top weights, log densities, bounds
         and modes: the numbers are the same, in ~15 fewer tensor ops (a call at N = 1..8
-        spends ~1 ms in Python on caches the pass has just flushed).
+        spends ~1 ms in Python on caches the pass has just flushed). u_lo: the residual of u
+        (``_scaled_queries``), or None.
         """
         if labels is not None or self.pruner() is not None:
-            return self.evaluate(u, sigma, labels, need_top=False).denoised
+            return self.evaluate(u, sigma, labels, need_top=False, u_lo=u_lo).denoised
         ds, src = self.dataset, self.source(None)
         coef = self._coef(sigma)
-        v = (u - ds.offset) / ds.scale - src.center
+        q = self._centered(u, u_lo, src)
+        v = q.v
         kk = min(self.topk, src.M)
         part = self._pass(v, coef, src, 1) if self._one_top_row(kk, False) else None
-        if part is not None and bool((part.delta <= dense_threshold(self.tol)).all()):  # False for a NaN bound
+        if part is not None and bool(self._dense(part, coef, src, q).all()):
             dc = part.mean()  # certify's dc of a DENSE query
         else:
-            dc = self._certified_pass(v, coef, src, kk, False, part=part).dc
+            cert = self._certified_pass(v, coef, src, kk, False, part=part, query=q)
+            self._check_certified(cert.excluded, cert.dc, sigma)
+            dc = cert.dc
         return (dc + src.center) * ds.scale + ds.offset
 
+    def _check_certified(self, bound: torch.Tensor, values: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Raise PrecisionError for any query whose certified bound (N,) exceeds tol or whose
+        values (N, d) are not finite: never a silent uncertified result."""
+        bad = ~(bound <= self.tol) | ~torch.isfinite(values).all(1)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise PrecisionError(
+                f"sigma: the result for query {j} at sigma={float(sigma[j]):g} cannot be certified to "
+                f"tol={self.tol:g} in float64 (bound {float(bound[j]):g}): at this sigma and query, rounding "
+                "cannot tell the training rows that carry the weight apart; use a larger sigma, or a query "
+                "nearer the data")
+
     def evaluate(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, k: int | None = None,
-                 need_top: bool = True) -> Evaluation:
+                 need_top: bool = True, u_lo=None) -> Evaluation:
         """Certified evaluation of validated inputs.
 
         u: (N, d) float64 queries in model space (already divided by s), on ``self.device``.
@@ -401,6 +453,7 @@ class OptimalDenoiser:
         k: top weights to return (default ``self.topk``, capped by the rows available).
         need_top: False when the caller keeps no top weights (D*, the score, the log
         density): the evaluation may then return only the top one (top_w (N, 1)).
+        u_lo: (N, d) the residual of u (what rounding x / s left out), or None.
         """
         n = u.shape[0]
         ds = self.dataset
@@ -425,7 +478,7 @@ class OptimalDenoiser:
         pr = self.pruner() if labels is None else None
         if pr is not None:  # certified pruned path; what it cannot certify runs dense below
             src = self.source(None)
-            v = (u - ds.offset) / ds.scale - src.center
+            v = self._centered(u, u_lo, src).v
             res = pr.evaluate(v, coef_all, k_out, k_need=1 if k is None else k_out,
                               search=self._search_choice(sigma, n))
             if self._policy is not None and pr.last["searched"]:
@@ -446,10 +499,11 @@ class OptimalDenoiser:
             src = self.source(label)
             kk = min(max(k_req, self.topk), src.M)
             qd = slice(None) if qi is None else qi.to(self.device)
-            v = (u[qd] - ds.offset) / ds.scale - src.center
+            q = self._centered(u[qd], _rows_of(u_lo, qd), src)
+            v = q.v
             coef = coef_all[qd]
             t0 = time.perf_counter()
-            cert = self._certified_pass(v, coef, src, kk, need_top)
+            cert = self._certified_pass(v, coef, src, kk, need_top, query=q)
             if self._policy is not None and label is None:
                 self._policy.record_dense(v.shape[0], time.perf_counter() - t0)
             denoised[qd] = (cert.dc + src.center) * ds.scale + ds.offset
@@ -460,6 +514,7 @@ class OptimalDenoiser:
             top_idx[qd] = src.global_index(cert.top_idx[:, :k_out])
             for j, mval in zip(range(n) if qi is None else qi.tolist(), cert.mode.tolist()):
                 modes[j] = MODE_NAMES[mval]
+        self._check_certified(bound, denoised, sigma)
         return Evaluation(denoised, lse, top_w, top_idx, bound, modes)
 
     # ------------------------------------------------------------------ public API
@@ -477,16 +532,16 @@ class OptimalDenoiser:
         if autograd.needs_autograd(x, sigma, s):
             t, u, ops = self._differentiable(x, s, class_labels, labels)
             return autograd.denoise(u, sigma, *ops[:2]).reshape(t.shape).to(t.dtype)
-        t, u = self._queries(x, s)
+        t, u, u_lo = self._scaled_queries(x, s)
         sig = check_sigma(sigma, u.shape[0])
-        out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]))
+        out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]), u_lo)
         return out.reshape(t.shape).to(t.dtype if t.is_floating_point() else torch.float64)
 
     def denoise_certified(self, x, sigma, class_labels=None, *, s=1.0, labels=None) -> Evaluation:
         """Like ``__call__`` but returns the full ``Evaluation`` (bound and mode per query)."""
-        _, u = self._queries(x, s)
+        _, u, u_lo = self._scaled_queries(x, s)
         sig = check_sigma(sigma, u.shape[0])
-        return self.evaluate(u, sig, self._labels(class_labels, labels, u.shape[0]))
+        return self.evaluate(u, sig, self._labels(class_labels, labels, u.shape[0]), u_lo=u_lo)
 
     def score(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
         """grad log p_sigma(u) = (D*(u) - u) / sigma^2 at u = x / s: same shape as x, float64
@@ -496,9 +551,9 @@ class OptimalDenoiser:
             D = autograd.denoise(u, sigma, *ops[:2])
             sig = sigma.to(D.device, torch.float64).reshape(-1, 1) if isinstance(sigma, torch.Tensor) else float(sigma)
             return ((D - u.to(torch.float64)) / sig**2).reshape(t.shape)
-        t, u = self._queries(x, s)
+        t, u, u_lo = self._scaled_queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
-        out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]))
+        out = self._denoised(u, sig, self._labels(class_labels, labels, u.shape[0]), u_lo)
         return ((out - u) / sig[:, None] ** 2).reshape(t.shape)
 
     def log_density(self, x, sigma, class_labels=None, *, s=1.0, labels=None):
@@ -508,10 +563,10 @@ class OptimalDenoiser:
         if autograd.needs_autograd(x, sigma, s):
             _, u, ops = self._differentiable(x, s, class_labels, labels)
             return autograd.log_density(u, sigma, *ops)
-        _, u = self._queries(x, s)
+        _, u, u_lo = self._scaled_queries(x, s)
         sig = check_sigma(sigma, u.shape[0]).to(self.device)
         lab = self._labels(class_labels, labels, u.shape[0])
-        ev = self.evaluate(u, sig, lab, need_top=False)
+        ev = self.evaluate(u, sig, lab, need_top=False, u_lo=u_lo)
         if lab is None:
             m = torch.full_like(sig, float(self.M))
         else:
@@ -524,13 +579,13 @@ class OptimalDenoiser:
 
         Returns ``(weights (B, k) float64, indices (B, k) int64)``, descending.
         """
-        _, u = self._queries(x, s)
+        _, u, u_lo = self._scaled_queries(x, s)
         n = u.shape[0]
         lab = self._labels(class_labels, labels, n)
         avail = self.M if lab is None else min(self.source(int(c)).M for c in lab.unique().tolist())
         k = check_positive_int(k, "k", 1, avail)
         sig = check_sigma(sigma, n)
-        ev = self.evaluate(u, sig, lab, k=k)
+        ev = self.evaluate(u, sig, lab, k=k, u_lo=u_lo)
         return ev.top_w[:, :k], ev.top_idx[:, :k]
 
     def nearest(self, x, k: int = 2, class_labels=None, *, labels=None):
@@ -565,17 +620,19 @@ class OptimalDenoiser:
             src = self.source(label)
             kk = min(src.M, max(4 * k, 16))
             qd = qi.to(self.device)
-            v = (u[qd] - ds.offset) / ds.scale - src.center
+            q = self._centered(u[qd], None, src)
+            v, (v_lo, _) = q.v, q.residual()
             coef = torch.ones(v.shape[0], dtype=torch.float64, device=self.device)
             part = self.backend.partial(v, coef, src, kk)
-            lg = rescore(v, coef, src, part.top_idx)  # exact -||v - q||^2 of candidates
-            best, order = lg.topk(k, dim=1)
+            best, order = (-candidate_sqdist(v, src, part.top_idx, v_lo)).topk(k, dim=1)  # -||v - q||^2
             cand = part.top_idx.gather(1, order)
-            # rows outside the candidates: -||v-q||^2 <= top_val[K-1] + delta
-            ok = (kk >= src.M) | (part.top_val[:, -1] + part.delta < best[:, -1])
+            # rows outside the candidates: -||v-q||^2 <= top_val[K-1] + delta (an overflowing
+            # pass, with non-finite logits, proves nothing: its positions may be padding)
+            slack = part.delta + query_delta(coef, src.max_cnorm, q.error_norm())
+            ok = torch.isfinite(part.top_val).all(1) & ((kk >= src.M) | (part.top_val[:, -1] + slack < best[:, -1]))
             for j in (~ok).nonzero().flatten().tolist():
-                ex = exact_pass(v[j : j + 1], coef[j : j + 1], src, k)
-                best[j], cand[j] = ex.top_val[0], ex.top_idx[0]
+                ex, ref_sq, _ = exact_pass(v[j : j + 1], coef[j : j + 1], src, k, v_lo=v_lo[j : j + 1])
+                best[j], cand[j] = ex.top_val[0] - ref_sq[0], ex.top_idx[0]
             dist[qd] = torch.sqrt(torch.clamp(-best, min=0.0)) * ds.scale
             idx[qd] = src.global_index(cand)
         return dist, idx
@@ -639,7 +696,8 @@ class OptimalDenoiser:
             redo = (~diag.certified & (cert.mode != EXACT)).nonzero().flatten().tolist()
             for a in range(0, len(redo), 8):
                 j = torch.tensor(redo[a:a + 8], dtype=torch.int64, device=self.device)
-                ex = exact_pass(v[j], coef[j], src, kk, stats=True)
+                part, ref_sq, _ = exact_pass(v[j], coef[j], src, kk, stats=True)
+                ex = absolute(part, coef[j], ref_sq)  # logits relative to the nearest row -> absolute
                 st = from_exact(ex, src.M, coef[j], v[j].norm(dim=1), query_shift(v[j], src.center), src.max_cnorm,
                                 self.d)
                 sub = diagnostics_from(st, (ex.mean() + src.center) * ds.scale + ds.offset, sg[j], rows[j], self.d, k,

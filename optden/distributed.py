@@ -114,10 +114,25 @@ def _collective(what: str, fn, *args, **kw):
         return fn(*args, **kw)
     except RuntimeError as exc:  # gloo / NCCL errors (DistBackendError is a RuntimeError)
         rank = dist.get_rank() if dist.is_initialized() else -1
+        _abandon_group()
         raise DistributedError(
             f"rank {rank}: {what} across ranks failed (a rank died, hung past the timeout, or the "
             f"process group broke): {exc}"
         ) from exc
+
+
+def _abandon_group() -> None:
+    """Tear down a process group whose collective failed, before the error propagates.
+
+    A broken group left alive keeps gloo's / NCCL's threads running into interpreter
+    exit, where destroying them aborts the process ("terminate called without an active
+    exception", SIGABRT) instead of letting it exit with the error. Nothing can use the
+    group after a failed collective anyway."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already half gone: nothing more to release
+            pass
 
 
 def merge_partials(p: Partial, k: int, group=None) -> Partial:

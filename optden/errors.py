@@ -28,3 +28,16 @@ class ChecksumError(DatasetError):
 
 class BackendUnavailableError(OptdenError, RuntimeError):
     """A backend was forced that cannot run this input; the message lists why."""
+
+
+class PrecisionError(InputError):
+    """float64 cannot certify the result at this input to the tolerance (a sigma so small,
+    or a query so far from the data, that rounding cannot tell the rows that matter apart)."""
+
+
+class DiskFullError(OptdenError, OSError):
+    """A write ran out of space (ENOSPC, EDQUOT): the message names the directory and the
+    bytes the write needed. Finished work written before it stays on disk."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form
+        return str(self.args[0]) if self.args else "no space left on the device"

@@ -7,7 +7,11 @@ one. Each finished batch is written atomically (temporary file, fsync, os.replac
 fsync of the directory) as ``batch_<b>.npz`` holding the samples, x_T, the nearest and
 second-nearest training rows (distances and indices), and per-sample statistics.
 
-``manifest.json`` records the job's parameters. Started again with the same parameters
+``manifest.json`` records the job's parameters. A run holds an exclusive lock on
+``out_dir/.lock`` (``fileio.DirectoryLock``): a second run on the same directory fails at
+once with a clear error instead of deleting the first one's temporary files. A batch file
+whose zip CRC does not match (a flipped bit) is recomputed. A full disk is a
+``DiskFullError`` naming the directory; finished batches stay. Started again with the same parameters
 (after a crash, SIGKILL, or a finished run), the job skips every batch already on disk
 and computes only the rest; with different parameters it refuses with
 :class:`JobMismatchError` naming what differs. The final ``samples.npy``,
@@ -20,11 +24,10 @@ others which batches to skip.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
-import os
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,7 @@ import torch
 from .calling import image_shape_of, progress_enabled
 from .denoiser import OptimalDenoiser
 from .errors import DtypeError, InputError, OptdenError
-from .fileio import atomic_write, fsync_dir
+from .fileio import DirectoryLock, atomic_write, atomic_write_npy, remove_stale_temporaries
 from .memorization import MEMORIZED_RATIO, memorization
 from .sampling import draw_x_T, evaluation_steps, get_solver, sample
 from .schedules import get_schedule
@@ -125,12 +128,21 @@ def _diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} on disk, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
 
 
+def _make_dir(out: Path) -> None:
+    """Create ``out`` (and its parents); InputError when it exists and is not a directory."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} exists and is not a directory; choose a directory for the job")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a parent is a file
+        raise InputError(f"out: cannot create {out}: a part of the path is a file") from None
+
+
 def _prepare_dir(out: Path, manifest: dict) -> None:
-    """Create ``out`` with the manifest, or check that the one there has the same parameters."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Check that the manifest in ``out`` has the same parameters, or write it (the caller
+    holds the directory's lock)."""
     mpath = out / "manifest.json"
-    for stale in out.glob(".*.tmp-*"):  # temporaries of a killed run
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(out)  # what a killed run left; a running one holds the lock
     if mpath.exists():
         try:
             old = json.loads(mpath.read_text())
@@ -168,6 +180,9 @@ def _load_batch(path: Path, b: int, start: int, stop: int, shape: tuple, full: b
         return None
     rows = stop - start
     try:
+        with zipfile.ZipFile(path) as zf:  # every member's CRC-32: a flipped bit means recompute
+            if zf.testzip() is not None:
+                return None
         with np.load(path, allow_pickle=False) as z:
             if any(k not in z.files for k in _BATCH_KEYS):
                 return None
@@ -212,7 +227,7 @@ def _run_batch(den, b, start, stop, shape, steps, solver, schedule, seed, label,
 
 
 def _save_batch(path: Path, arrays: dict) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays), size=sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
 def _as_denoiser(den_or_dataset, device, backend, memory_budget):
@@ -282,90 +297,89 @@ def run_sample_job(
     manifest = _manifest(den, n, batch_size, steps, solver, schedule, seed, label, sigma_stop, solver_options, shape)
     batches = [(b, a, min(n, a + batch_size)) for b, a in enumerate(range(0, n, batch_size))]
 
-    # Which batches are done: rank 0 looks, the others are told.
-    done: dict[int, bool] = {}
-    error = None
-    if rank == 0:
+    with contextlib.ExitStack() as held:
+        # Which batches are done: rank 0 looks, the others are told.
+        done: dict[int, bool] = {}
+        error = None
+        if rank == 0:
+            try:
+                _make_dir(out)
+                held.enter_context(DirectoryLock(out, "out"))  # until the job returns or fails
+                _prepare_dir(out, manifest)
+                for b, a, e in batches:
+                    if _load_batch(_batch_path(out, b), b, a, e, shape, full=False) is not None:
+                        done[b] = True
+            except Exception as exc:  # re-raised on every rank below
+                error = exc
+        if distributed:
+            import torch.distributed as dist
+
+            msg = [None if error is None else f"{type(error).__name__}: {error}", sorted(done)]
+            dist.broadcast_object_list(msg, src=0, group=den.group)
+            if msg[0] is not None and error is None:
+                raise JobMismatchError(f"rank 0 could not prepare {out}: {msg[0]}")
+            skip = set(msg[1])
+        else:
+            skip = set(done)
+        if error is not None:
+            raise error
+        if skip:
+            say(f"resuming {out}: skipping {len(skip)} finished batch(es) of {len(batches)}")
+
+        computed = []
+        per_batch = evaluation_steps(schedule, steps, sigma_stop)
+        bar = tqdm(total=len(batches) * per_batch, initial=len(skip) * per_batch, unit="step", desc="sample job",
+                   disable=rank != 0 or not progress_enabled(progress))
         try:
-            _prepare_dir(out, manifest)
             for b, a, e in batches:
-                if _load_batch(_batch_path(out, b), b, a, e, shape, full=False) is not None:
-                    done[b] = True
-        except Exception as exc:  # re-raised on every rank below
-            error = exc
-    if distributed:
-        import torch.distributed as dist
+                if b in skip:
+                    continue
+                bar.set_postfix(batch=f"{b + 1}/{len(batches)}")
+                arrays = _run_batch(den, b, a, e, shape, steps, solver, schedule, seed, label, sigma_stop,
+                                    solver_options, tick=lambda: bar.update(1))
+                if rank == 0:
+                    _save_batch(_batch_path(out, b), arrays)
+                    say(f"batch {b + 1}/{len(batches)}: samples {a}..{e - 1}, "
+                        f"memorized {float(arrays['memorized'].mean()):.3f}, {float(arrays['seconds']):.2f} s")
+                computed.append(b)
+        finally:
+            bar.close()
 
-        msg = [None if error is None else f"{type(error).__name__}: {error}", sorted(done)]
-        dist.broadcast_object_list(msg, src=0, group=den.group)
-        if msg[0] is not None and error is None:
-            raise JobMismatchError(f"rank 0 could not prepare {out}: {msg[0]}")
-        skip = set(msg[1])
-    else:
-        skip = set(done)
-    if error is not None:
-        raise error
-    if skip:
-        say(f"resuming {out}: skipping {len(skip)} finished batch(es) of {len(batches)}")
-
-    computed = []
-    per_batch = evaluation_steps(schedule, steps, sigma_stop)
-    bar = tqdm(total=len(batches) * per_batch, initial=len(skip) * per_batch, unit="step", desc="sample job",
-               disable=rank != 0 or not progress_enabled(progress))
-    try:
-        for b, a, e in batches:
-            if b in skip:
-                continue
-            bar.set_postfix(batch=f"{b + 1}/{len(batches)}")
-            arrays = _run_batch(den, b, a, e, shape, steps, solver, schedule, seed, label, sigma_stop, solver_options,
-                                tick=lambda: bar.update(1))
-            if rank == 0:
-                _save_batch(_batch_path(out, b), arrays)
-                say(f"batch {b + 1}/{len(batches)}: samples {a}..{e - 1}, "
-                    f"memorized {float(arrays['memorized'].mean()):.3f}, {float(arrays['seconds']):.2f} s")
-            computed.append(b)
-    finally:
-        bar.close()
-
-    if rank != 0:
-        return JobResult(samples=torch.empty(0), x_T=torch.empty(0), nn_dist=torch.empty(0),
-                         nn_idx=torch.empty(0, dtype=torch.int64), memorized=torch.empty(0, dtype=torch.bool),
-                         out_dir=out, computed=computed, skipped=sorted(skip))
-    return _finish(out, manifest, batches, shape, load_results, computed, sorted(skip))
+        if rank != 0:
+            return JobResult(samples=torch.empty(0), x_T=torch.empty(0), nn_dist=torch.empty(0),
+                             nn_idx=torch.empty(0, dtype=torch.int64), memorized=torch.empty(0, dtype=torch.bool),
+                             out_dir=out, computed=computed, skipped=sorted(skip))
+        return _finish(out, manifest, batches, shape, load_results, computed, sorted(skip))
 
 
 def _finish(out: Path, manifest, batches, shape, load: bool, computed, skipped) -> JobResult:
     """Assemble samples.npy, nearest.npz and summary.json by streaming the batch files.
 
-    Only one batch is in memory at a time (samples.npy is filled through a memmap), so
-    a 50k-sample ImageNet-64 job needs no 5 GB array in RAM.
+    Only one batch is in memory at a time (samples.npy is written piece by piece through a
+    file object, ``fileio.atomic_write_npy``), so a 50k-sample ImageNet-64 job needs no
+    5 GB array in RAM, and a full disk is a ``DiskFullError``, not a SIGBUS.
     """
     n = batches[-1][2]
-    tmp = out / f".samples.npy.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     small = {k: [] for k in ("nn_dist", "nn_idx", "nn_ratio", "memorized")}
     x_T = [] if load else None
-    nfe, seconds = 0, 0.0
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(n, *shape))
+    totals = {"nfe": 0, "seconds": 0.0}
+
+    def pieces():
         for b, a, e in batches:
             arrays = _load_batch(_batch_path(out, b), b, a, e, shape)
             if arrays is None:
-                raise JobMismatchError(f"out: {_batch_path(out, b)} vanished or was damaged while the job ran")
-            mm[a:e] = arrays["samples"]
+                raise JobMismatchError(f"out: {_batch_path(out, b)} vanished or was damaged while the job ran; "
+                                       "run the same command again to recompute it")
             for k in small:
                 small[k].append(arrays[k])
             if load:
                 x_T.append(arrays["x_T"])
-            nfe = int(arrays["nfe"])
-            seconds += float(arrays["seconds"])
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / "samples.npy")
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(out)
+            totals["nfe"] = int(arrays["nfe"])
+            totals["seconds"] += float(arrays["seconds"])
+            yield arrays["samples"]
+
+    atomic_write_npy(out / "samples.npy", np.float64, (n, *shape), pieces())
+    nfe, seconds = totals["nfe"], totals["seconds"]
     cat = {k: np.concatenate(v) for k, v in small.items()}
     atomic_write(out / "nearest.npz", lambda f: np.savez(f, **cat))
     nn1 = cat["nn_dist"][:, 0]

@@ -205,15 +205,16 @@ class LocalDenoiser(OptimalDenoiser):
         return self._geometries[k]
 
     # ------------------------------------------------------------------ core
-    def _denoised(self, u: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+    def _denoised(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, u_lo=None) -> torch.Tensor:
         """The local denoiser (N, d) in model space (``evaluate(...).denoised`` flattened)."""
         return self.evaluate(u, sigma, labels).denoised.reshape(u.shape[0], self.d)
 
-    def evaluate(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, k=None, need_top: bool = True
-                 ) -> LocalEvaluation:
+    def evaluate(self, u: torch.Tensor, sigma: torch.Tensor, labels=None, k=None, need_top: bool = True,
+                 u_lo=None) -> LocalEvaluation:
         """Certified evaluation of validated inputs: u (N, d) float64 model-space queries on
         the device (already divided by s), sigma (N,) float64, labels None or (N,) int64 CPU.
-        (``k`` and ``need_top`` are OptimalDenoiser's and unused here.)"""
+        (``k``, ``need_top`` and ``u_lo``, the residual of x / s, are OptimalDenoiser's and
+        unused here: the local passes certify for the float64 u.)"""
         n = u.shape[0]
         C, H, W = self.image_shape
         ks = self.schedule(sigma)

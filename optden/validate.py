@@ -99,6 +99,22 @@ def check_sigma(sigma, n: int, name: str = "sigma", allow_zero: bool = False, al
     return s
 
 
+def check_real(value, name: str, nonzero: bool = False, magnitude: tuple[float, float] | None = None,
+               why: str = "") -> float:
+    """A finite real number (bool refused); nonzero if asked; with ``magnitude=(lo, hi)``,
+    lo <= |value| <= hi (``why`` says what breaks outside)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DtypeError(f"{name}: expected a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise InputError(f"{name}: must be finite, got {v}")
+    if nonzero and v == 0.0:
+        raise InputError(f"{name}: must be nonzero")
+    if magnitude is not None and not magnitude[0] <= abs(v) <= magnitude[1]:
+        raise InputError(f"{name}: {v:g} is outside {magnitude[0]:g}..{magnitude[1]:g} in magnitude{why}")
+    return v
+
+
 def check_positive_int(value, name: str, low: int = 1, high: int | None = None) -> int:
     """An integer in [low, high]; bool and floats are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -108,3 +124,19 @@ def check_positive_int(value, name: str, low: int = 1, high: int | None = None) 
         rng = f"{low}..{high}" if high is not None else f">= {low}"
         raise InputError(f"{name}: expected an integer in {rng}, got {v}")
     return v
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """A torch device this build can use: InputError for a malformed name, a CUDA device
+    where torch has no CUDA (or no such GPU), instead of torch's AssertionError later."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{name}: not a torch device: {device!r} (expected e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{name}: {device!r} requested, but this torch build has no usable CUDA "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"{name}: {device!r} requested, but there are {torch.cuda.device_count()} CUDA device(s)")
+    return dev

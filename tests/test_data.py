@@ -347,10 +347,18 @@ def test_load_missing_and_bad_meta(tmp_path, digits_u8):
     (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "M"}))
     with pytest.raises(optden.DatasetError, match="meta.json: malformed"):
         Dataset.load(d)
-    (d / "meta.json").write_text(json.dumps({**meta, "M": 21}))
+    (d / "meta.json").write_text(json.dumps({**meta, "M": 21}))  # an edit: meta_sha256 says so
+    with pytest.raises(optden.ChecksumError, match="meta.json: its fields"):
+        Dataset.load(d, verify=False)
+
+    def signed(**fields):  # a meta.json consistent in itself, that disagrees with the files
+        m = {**meta, **fields}
+        return json.dumps({**m, "meta_sha256": data_mod.fmt.meta_sha256(m)})
+
+    (d / "meta.json").write_text(signed(M=21))
     with pytest.raises(optden.DatasetError, match=r"meta.json says \(21, 64\)"):
         Dataset.load(d)
-    (d / "meta.json").write_text(json.dumps({**meta, "dtype": "float64"}))
+    (d / "meta.json").write_text(signed(dtype="float64"))
     with pytest.raises(optden.DatasetError, match="unknown dtype"):
         Dataset.load(d)
     (d / "meta.json").write_text(json.dumps({**meta, "version": 99}))

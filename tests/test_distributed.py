@@ -107,8 +107,16 @@ def _worker(mode: str, tmp: str) -> None:
         (tmp / f"first_call_done_{rank}").write_text("ok")
         if rank == 1:
             os._exit(3)  # dies without a word to the other rank
-        for _ in range(1000):  # rank 0 keeps calling: it must raise, not hang
-            den(q, 0.5)
+        try:
+            for _ in range(1000):  # rank 0 keeps calling: it must raise, not hang
+                den(q, 0.5)
+        except odist.DistributedError:
+            # the broken group is torn down before the error leaves optden (its threads
+            # alive at exit aborted the process: SIGABRT instead of status 1)
+            import torch.distributed as dist
+
+            (tmp / "group_after_error").write_text(str(dist.is_initialized()))
+            raise
         (tmp / "rank0_finished").write_text("should not happen")
     else:
         raise SystemExit(f"unknown mode {mode}")
@@ -198,7 +206,42 @@ def test_dead_rank_ends_the_run_with_an_error(tmp_path):
     assert procs[0].returncode != 0, outs[0]
     assert not (tmp_path / "rank0_finished").exists()
     assert "DistributedError" in outs[0][1], outs[0][1][-3000:]
+    assert procs[0].returncode == 1 and "terminate called" not in outs[0][1]
+    assert (tmp_path / "group_after_error").read_text() == "False"
     assert elapsed < 120
+
+
+def test_cli_survivor_exits_with_the_error_and_status_1(tmp_path):
+    """`optden sample --distributed`, rank 1 SIGKILLed after a batch: rank 0 prints the
+    DistributedError and exits 1 (it aborted with SIGABRT in 3 of 11 runs before; the
+    loop over 20+ runs is `python bench/hostile_inputs.py --only distributed`)."""
+    import signal
+
+    port = _free_port()
+    out = tmp_path / "job"
+    procs = []
+    for rank in (0, 1):
+        env = _env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([PY, "-m", "optden.cli", "sample", "demo:digits", "--distributed", "--n", "400",
+                                       "--batch-size", "4", "--steps", "6", "--timeout", "30", "--out", str(out)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and not list(out.glob("batch_*.npz")):
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "optden sample: error: rank 0:" in err and "across ranks failed" in err, err[-3000:]
+    assert "Traceback" not in err and "terminate called" not in err
+    assert list(out.glob("batch_*.npz"))  # the finished batches stay
 
 
 def test_needs_an_initialised_process_group():

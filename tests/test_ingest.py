@@ -49,21 +49,21 @@ def images(tmp_path_factory):
 def test_folder_build_interrupted_resumes_and_reports_bad_images(images, tmp_path, monkeypatch):
     src, clean, _ = images
     out = tmp_path / "ds"
-    real_atomic = ingest.atomic_write
+    real_npy = ingest.atomic_write_npy
     calls = {"n": 0}
 
-    def crash_after_two_chunks(path, write):
+    def crash_after_two_chunks(path, *args):
         calls["n"] += 1
-        if calls["n"] == 6:  # plan, chunk 0 (npy, json), chunk 1 (npy, json), then chunk 2 dies
+        if calls["n"] == 3:  # chunk 0, chunk 1 (array and record), then chunk 2 dies
             raise KeyboardInterrupt
-        real_atomic(path, write)
+        real_npy(path, *args)
 
-    monkeypatch.setattr(ingest, "atomic_write", crash_after_two_chunks)
+    monkeypatch.setattr(ingest, "atomic_write_npy", crash_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         ingest.build_dataset(src, out, chunk_size=64, progress=False)
     assert not (out / "meta.json").exists()
     assert len(list((out / ".build").glob("chunk_*.npy"))) == 2
-    monkeypatch.setattr(ingest, "atomic_write", real_atomic)
+    monkeypatch.setattr(ingest, "atomic_write_npy", real_npy)
 
     decoded = []
     real_decode = ingest._decode

@@ -12,6 +12,7 @@ import json
 import time
 
 from ..errors import InputError
+from ..fileio import atomic_write_npy
 from ._args import add_common_arguments, add_data_argument, make_denoiser, open_dataset, out_dir, positive_float, positive_int
 
 
@@ -48,7 +49,8 @@ def run(args) -> int:
         res = mean_shift(den, x0, args.sigma, max_iter=args.max_iter, tol=args.tol, labels=args.label)
     seconds = time.perf_counter() - t0
     mem = memorization(res.modes, den, labels=args.label)
-    np.save(out / "modes.npy", res.modes.numpy())
+    modes = res.modes.numpy()
+    atomic_write_npy(out / "modes.npy", modes.dtype, modes.shape, [modes])
     summary = {
         "data": args.data, "M": ds.M, "d": ds.d, "n": args.n, "sigma": args.sigma, "start": args.start,
         "annealed": bool(args.annealed), "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,

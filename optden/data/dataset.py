@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
-from ..validate import as_tensor
+from ..validate import as_tensor, check_real
 from . import demo, format as fmt
 from . import sources
 from .images import ImageSource, check_resolution, decode_all, labels_from_dataset_json
@@ -66,18 +66,6 @@ def _check_finite(raw: np.ndarray, dtype: str, name: str) -> None:
                 f"{name}: contains NaN or inf (first in row {row}); values must be finite "
                 f"and within the {dtype} range"
             )
-
-
-def _check_real(value, name: str, nonzero: bool = False) -> float:
-    """A finite real number (bool refused); nonzero if asked."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise DtypeError(f"{name}: expected a real number, got {value!r}")
-    v = float(value)
-    if not np.isfinite(v):
-        raise InputError(f"{name}: must be finite, got {v}")
-    if nonzero and v == 0.0:
-        raise InputError(f"{name}: must be nonzero")
-    return v
 
 
 def _check_labels(labels, M: int, num_classes, name: str = "labels"):
@@ -237,12 +225,15 @@ class Dataset:
             scale = 2.0 / 255.0 if dtype == "uint8" else 1.0
         if offset is None:
             offset = -1.0 if dtype == "uint8" else 0.0
-        self._scale = _check_real(scale, "scale", nonzero=True)
-        self._offset = _check_real(offset, "offset")
+        self._scale = check_real(scale, "scale", nonzero=True, magnitude=(1e-150, 1e150), why=" (the logits' "
+                                 "scale^2 / (2 sigma^2) would overflow or vanish in float64); rescale the rows instead")
+        self._offset = check_real(offset, "offset")
         self.labels, self.num_classes = _check_labels(labels, M, num_classes)
         self.path = Path(path) if path is not None else None
         self._source = source
         self._mmap_file = Path(_mmap_file) if _mmap_file is not None else None
+        # the mapped file as it was when opened: every pass checks it (check_unchanged)
+        self._mapped = fmt.MappedRows(self._mmap_file) if self._mmap_file is not None else None
         self._stats = None  # (center, centered_sqnorms, sqnorms), computed lazily
         self._label_rows: dict[int, np.ndarray] = {}
         self._rows_sha256: str | None = None  # sha256 of the rows in .npy form (see fingerprint)
@@ -274,6 +265,12 @@ class Dataset:
     def is_memmap(self) -> bool:
         """True when the rows are memory-mapped from a file rather than held in memory."""
         return isinstance(self._raw, np.memmap)
+
+    def check_unchanged(self) -> None:
+        """DatasetError naming the file if the memory-mapped rows' file changed since the
+        dataset opened it (``format.MappedRows``); every pass calls it (``engine/rows.py``)."""
+        if self._mapped is not None:
+            self._mapped.check()
 
     @property
     def nbytes(self) -> int:
@@ -390,6 +387,14 @@ class Dataset:
         if not 0 <= start <= stop <= self.M:
             raise InputError(f"raw_block: need 0 <= start <= stop <= M={self.M}, got start={start}, stop={stop}")
         return to_torch(self._raw[start:stop], self.dtype)
+
+    def read_rows_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy rows ``start:stop`` into ``out`` ((stop - start, d), the storage dtype); from a
+        file with ``pread``, never through the mapping (``format.MappedRows``: no SIGBUS)."""
+        if self._mapped is None or not (out.flags.c_contiguous and self._raw.shape == (self.M, self.d)):
+            np.copyto(out, self._raw[start:stop])
+        else:
+            self._mapped.read_into(start, stop, self.d * self._raw.itemsize, out)
 
     def iter_blocks(self, block_rows: int | None = None):
         """Yield ``(start, stop, raw_block(start, stop))`` over all rows, ``block_rows`` at a time."""
@@ -785,6 +790,11 @@ class Dataset:
                                               self._offset, self.labels, self.num_classes, self._get_stats())
         if self.path is None:
             self.path = dir
+        data = dir / "data.npy"
+        if self._mmap_file is not None and self._mmap_file.resolve() == data.resolve():
+            # saved over the file it maps (a re-save): map the new one, the same rows
+            self._raw = fmt.open_npy(data).view(STORAGE_DTYPES[self.dtype].numpy).reshape(self.M, self.d)
+            self._mapped = fmt.MappedRows(data)
         return dir
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError, DatasetNotFoundError
+from ..fileio import atomic_write_npy
 from ..validate import check_positive_int
 
 __all__ = ["PATCH_SOURCES", "digits_arrays", "patch_arrays", "source_pictures"]
@@ -180,13 +181,14 @@ def _row_keys(rows: np.ndarray) -> np.ndarray:
 def patch_rows(out_npy, size: int = 8, stride: int = 1, min_std: float | None = 20.0):
     """Write every distinct ``size`` x ``size`` RGB patch at step ``stride`` of the bundled
     pictures whose standard deviation is >= ``min_std`` (None: every patch) to the ``.npy``
-    file ``out_npy``, memory-mapped: ``(M, 3 size^2)`` uint8, channel-major per patch, in
+    file ``out_npy``, written atomically through a file (``fileio.atomic_write_npy``: a full
+    disk is an error, never SIGBUS): ``(M, 3 size^2)`` uint8, channel-major per patch, in
     source and grid order (the first of equal patches kept). Deterministic: the same
     pictures give the same bytes. Returns the labels ``(M,)`` int64 (the source's index).
 
     Two passes over the pictures: content keys of the patches kept by ``min_std`` first,
-    then the rows of the first occurrence of each key. Memory: one band of patches, plus
-    16 bytes per patch for the keys.
+    then the rows of the first occurrence of each key. Memory: one band of patches, 16
+    bytes per patch for the keys, and one row per kept patch that has duplicates.
     """
     size = check_positive_int(size, "size", 1, 256)
     stride = check_positive_int(stride, "stride", 1)
@@ -206,25 +208,28 @@ def patch_rows(out_npy, size: int = 8, stride: int = 1, min_std: float | None = 
     M = int(keep_pos.sum())
     if M == 0:
         raise DatasetError(f"min_std: no patch has a standard deviation >= {min_std}")
-    out = np.lib.format.open_memmap(out_npy, mode="w+", dtype=np.uint8, shape=(M, 3 * size * size))
-    # second pass: write the kept rows; a dropped row must equal, byte for byte, the kept
-    # row with its key (written earlier: the first occurrence comes first), else the keys
-    # collided (probability ~2^-128 per pair) and nothing is dropped silently
-    out_row = np.cumsum(keep_pos) - 1  # position in `out` of each kept patch
-    pos = row = 0
-    for _, rows, keep in _bands(size, stride, min_std):
-        kept = rows[keep]
-        n = kept.shape[0]
-        sel = keep_pos[pos:pos + n]
-        out[row:row + int(sel.sum())] = kept[sel]
-        row += int(sel.sum())
-        lo, hi = np.searchsorted(dup, [pos, pos + n])
-        if hi > lo:
-            same = (kept[dup[lo:hi] - pos] == out[out_row[representative[lo:hi]]]).all(axis=1)
-            if not same.all():
-                p = int(dup[lo:hi][~same][0])
-                raise DatasetError(f"patch_rows: content-key collision at patch {p}; report it")
-        pos += n
-    out.flush()
-    del out
+    width = 3 * size * size
+    # a dropped row must equal, byte for byte, the kept row with its key (its first
+    # occurrence, so in this band or an earlier one), else the keys collided (probability
+    # ~2^-128 per pair) and nothing is dropped silently: those kept rows are held for the check
+    need = np.unique(representative)
+    held = np.empty((need.size, width), dtype=np.uint8)
+
+    def kept_rows():  # the second pass, band by band, written through a file (no memory map: no SIGBUS)
+        pos = 0
+        for _, rows, keep in _bands(size, stride, min_std):
+            kept = rows[keep]
+            n = kept.shape[0]
+            a, b = np.searchsorted(need, [pos, pos + n])
+            held[a:b] = kept[need[a:b] - pos]
+            lo, hi = np.searchsorted(dup, [pos, pos + n])
+            if hi > lo:
+                same = (kept[dup[lo:hi] - pos] == held[np.searchsorted(need, representative[lo:hi])]).all(axis=1)
+                if not same.all():
+                    p = int(dup[lo:hi][~same][0])
+                    raise DatasetError(f"patch_rows: content-key collision at patch {p}; report it")
+            yield kept[keep_pos[pos:pos + n]]
+            pos += n
+
+    atomic_write_npy(out_npy, np.uint8, (M, width), kept_rows())
     return labels[keep_pos]

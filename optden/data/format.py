@@ -6,10 +6,20 @@ commit marker, so a crash mid-save never leaves a directory that loads)::
     dir/data.npy     (M, d) raw rows (bfloat16 stored as its uint16 bit pattern)
     dir/labels.npy   (M,) int64 class labels, only when the set has labels
     dir/norms.npz    center (d,), centered_sqnorms (M,), sqnorms (M,), all float64
-    dir/meta.json    format version, shapes, dtype, affine map, sha256 of each file
+    dir/meta.json    format version, shapes, dtype, affine map, sha256 of each file, and
+                     meta_sha256: the sha256 of every other field (format version 2)
 
 The sha256 of ``data.npy`` is the sha256 of the rows in ``.npy`` form
 (:func:`npy_sha256`): the part of ``Dataset.fingerprint`` that costs a read of the rows.
+``meta_sha256`` covers every field that changes results (the affine map, the class count,
+shapes, dtype, the files' checksums): it is checked at every load (it costs nothing), so
+an edited ``scale`` or ``num_classes`` is a ``ChecksumError``. Version 1 directories
+(before it) still load, with a warning that says how to re-save them.
+
+A memory-mapped ``data.npy`` is identified by its :func:`file_stamp` (size, mtime,
+inode): a pass checks it before it reads (``engine/rows.py``), so a file truncated,
+rewritten or replaced under a loaded dataset is a ``DatasetError`` naming it, not a SIGBUS
+or results from stale norms.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import io
 import json
 import os
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ChecksumError, DatasetError, DatasetNotFoundError
-from ..fileio import fsync_dir, sha256_file, write_synced
+from ..fileio import fsync_dir, no_space, remove_stale_temporaries, sha256_file, write_synced
 from .storage import DTYPE_NAMES, STORAGE_DTYPES
 
-__all__ = ["FORMAT_VERSION", "Stored", "read_npy_header", "open_npy", "npy_sha256", "write_dataset", "read_dataset"]
+__all__ = ["FORMAT_VERSION", "Stored", "read_npy_header", "open_npy", "npy_sha256", "write_dataset", "read_dataset",
+           "meta_sha256", "file_stamp", "check_stamp", "MappedRows"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the directory format written by :func:`write_dataset`."""
 
 FORMAT_NAME = "optden.dataset"
@@ -91,6 +103,61 @@ def read_npy_header(path: Path):
     return tuple(shape), fortran, dtype, offset
 
 
+def meta_sha256(meta: dict) -> str:
+    """sha256 of a meta.json's fields (all but ``meta_sha256`` itself), in canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_stamp(path) -> tuple:
+    """(size, mtime in ns, inode, device) of a file: what changes when it is truncated,
+    rewritten in place (``np.save`` / ``cp`` over it) or replaced."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def check_stamp(path, stamp: tuple) -> None:
+    """DatasetError naming ``path`` unless its :func:`file_stamp` is still ``stamp``."""
+    try:
+        now = file_stamp(path)
+    except OSError as e:
+        raise DatasetError(f"{path}: the data file of a loaded dataset is gone ({e.strerror}); load it again") from None
+    if now != stamp:
+        what = [name for name, a, b in zip(("size", "modification time", "inode", "device"), stamp, now) if a != b]
+        raise DatasetError(f"{path}: the data file changed on disk since the dataset was loaded ({', '.join(what)} "
+                           "differ): its rows and cached norms no longer agree; load the dataset again")
+
+
+class MappedRows:
+    """The file behind memory-mapped rows: its stamp when opened, and reads that cannot fault.
+
+    ``check()`` raises DatasetError naming the file when it was truncated, rewritten or
+    replaced since (``file_stamp``); ``read_into(start, stop, row_bytes, out)`` copies rows
+    with ``pread`` (a short read of a truncated file is a DatasetError, where touching the
+    mapping past the file's end would kill the process with SIGBUS)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.stamp = file_stamp(self.path)
+        self._file = None  # (open file, data offset), on first read
+
+    def __getstate__(self):
+        return {"path": self.path, "stamp": self.stamp, "_file": None}  # an open file does not pickle
+
+    def check(self) -> None:
+        check_stamp(self.path, self.stamp)
+
+    def read_into(self, start: int, stop: int, row_bytes: int, out: np.ndarray) -> None:
+        if self._file is None:
+            self._file = (open(self.path, "rb", buffering=0), read_npy_header(self.path)[3])
+        f, offset = self._file
+        want = (stop - start) * row_bytes
+        got = os.preadv(f.fileno(), [memoryview(out).cast("B")[:want]], offset + start * row_bytes)
+        if got != want:
+            raise DatasetError(f"{self.path}: truncated while in use: rows {start}..{stop - 1} need bytes up to "
+                               f"{offset + stop * row_bytes}, the file ends before; load the dataset again")
+
+
 def open_npy(path: Path) -> np.ndarray:
     """Memory-map a checked .npy file read-only."""
     try:
@@ -132,53 +199,15 @@ def write_dataset(dir, raw: np.ndarray, dtype: str, image_shape, scale: float, o
     if dir.exists() and not dir.is_dir():
         raise DatasetError(f"dir: {dir} exists and is not a directory")
     dir.mkdir(parents=True, exist_ok=True)
-    center, centered, sqnorms = stats
+    remove_stale_temporaries(dir)  # what a killed save left (a live one's are kept)
     M, d = raw.shape
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = {}
     checksums = {}
+    needed = int(raw.nbytes) + 3 * 8 * (M + d) + (0 if labels is None else 8 * M)
     try:
-        tmp["data.npy"] = dir / ("data.npy" + tag)
-        with open(tmp["data.npy"], "wb") as f:
-            w = _HashingWriter(f)
-            np.lib.format.write_array(w, raw, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        checksums["data.npy"] = w.sha.hexdigest()
-        if labels is not None:
-            tmp["labels.npy"] = dir / ("labels.npy" + tag)
-            write_synced(tmp["labels.npy"], lambda f: np.save(f, np.asarray(labels, dtype=np.int64)))
-            checksums["labels.npy"] = sha256_file(tmp["labels.npy"])
-        tmp["norms.npz"] = dir / ("norms.npz" + tag)
-        write_synced(tmp["norms.npz"], lambda f: np.savez(f, center=center, centered_sqnorms=centered,
-                                                          sqnorms=sqnorms))
-        checksums["norms.npz"] = sha256_file(tmp["norms.npz"])
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "M": int(M),
-            "d": int(d),
-            "image_shape": list(image_shape),
-            "dtype": dtype,
-            "storage_dtype": STORAGE_DTYPES[dtype].numpy.str,
-            "scale": scale,
-            "offset": offset,
-            "num_classes": num_classes,
-            "sha256": checksums,
-        }
-        tmp["meta.json"] = dir / ("meta.json" + tag)
-        write_synced(tmp["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        # Commit: invalidate the old set, move the payload in, then the marker.
-        (dir / "meta.json").unlink(missing_ok=True)
-        # pop only after a successful move, so an interrupted move still cleans up its temporary
-        for name in ("data.npy", "labels.npy", "norms.npz"):
-            if name in tmp:
-                os.replace(tmp[name], dir / name)
-                del tmp[name]
-        if labels is None:
-            (dir / "labels.npy").unlink(missing_ok=True)
-        os.replace(tmp["meta.json"], dir / "meta.json")
-        del tmp["meta.json"]
+        with no_space(dir, needed):
+            _write_files(dir, raw, dtype, image_shape, scale, offset, labels, num_classes, stats, tag, tmp, checksums)
         fsync_dir(dir)
     finally:
         for p in tmp.values():
@@ -187,6 +216,58 @@ def write_dataset(dir, raw: np.ndarray, dtype: str, image_shape, scale: float, o
             except FileNotFoundError:
                 pass
     return checksums["data.npy"]
+
+
+def _write_files(dir, raw, dtype, image_shape, scale, offset, labels, num_classes, stats, tag, tmp, checksums):
+    """The body of :func:`write_dataset`: temporaries ``tmp`` (name -> path, removed by
+    the caller if still there), then the moves, meta.json last."""
+    center, centered, sqnorms = stats
+    M, d = raw.shape
+    tmp["data.npy"] = dir / ("data.npy" + tag)
+    with open(tmp["data.npy"], "wb") as f:
+        w = _HashingWriter(f)
+        np.lib.format.write_array(w, raw, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    checksums["data.npy"] = w.sha.hexdigest()
+    if labels is not None:
+        tmp["labels.npy"] = dir / ("labels.npy" + tag)
+        # through a Python writer: np.save on a real file uses tofile, whose short write on a
+        # full disk carries no errno
+        write_synced(tmp["labels.npy"], lambda f: np.lib.format.write_array(
+            _HashingWriter(f), np.asarray(labels, dtype=np.int64), allow_pickle=False))
+        checksums["labels.npy"] = sha256_file(tmp["labels.npy"])
+    tmp["norms.npz"] = dir / ("norms.npz" + tag)
+    write_synced(tmp["norms.npz"], lambda f: np.savez(f, center=center, centered_sqnorms=centered,
+                                                      sqnorms=sqnorms))
+    checksums["norms.npz"] = sha256_file(tmp["norms.npz"])
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "M": int(M),
+        "d": int(d),
+        "image_shape": list(image_shape),
+        "dtype": dtype,
+        "storage_dtype": STORAGE_DTYPES[dtype].numpy.str,
+        "scale": scale,
+        "offset": offset,
+        "num_classes": num_classes,
+        "sha256": checksums,
+    }
+    meta["meta_sha256"] = meta_sha256(meta)
+    tmp["meta.json"] = dir / ("meta.json" + tag)
+    write_synced(tmp["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    # Commit: invalidate the old set, move the payload in, then the marker.
+    (dir / "meta.json").unlink(missing_ok=True)
+    # pop only after a successful move, so an interrupted move still cleans up its temporary
+    for name in ("data.npy", "labels.npy", "norms.npz"):
+        if name in tmp:
+            os.replace(tmp[name], dir / name)
+            del tmp[name]
+    if labels is None:
+        (dir / "labels.npy").unlink(missing_ok=True)
+    os.replace(tmp["meta.json"], dir / "meta.json")
+    del tmp["meta.json"]
 
 
 def read_dataset(dir, verify: bool = True) -> Stored:
@@ -217,6 +298,15 @@ def read_dataset(dir, verify: bool = True) -> Stored:
     if meta.get("format") != FORMAT_NAME or version > FORMAT_VERSION:
         raise DatasetError(f"{meta_path}: format {meta.get('format')!r} version {version} is not supported "
                            f"(this optden reads {FORMAT_NAME} up to version {FORMAT_VERSION})")
+    if version >= 2:
+        if meta.get("meta_sha256") != meta_sha256(meta):
+            raise ChecksumError(f"{meta_path}: its fields (scale, offset, num_classes, shapes, dtype or checksums) "
+                                "differ from those recorded when the dataset was saved: the file was edited or is "
+                                "corrupt. Restore it, or rebuild the dataset from its source")
+    else:
+        warnings.warn(f"{meta_path}: saved by an older optden (format version {version}): its fields (scale, "
+                      "offset, num_classes) are not covered by a checksum. Re-save it to add one: "
+                      f"optden.Dataset.load({str(dir)!r}).save({str(dir)!r})", UserWarning, stacklevel=3)
     if dtype not in DTYPE_NAMES:
         raise DatasetError(f"{meta_path}: unknown dtype {dtype!r}")
     stored_as = STORAGE_DTYPES[dtype].numpy

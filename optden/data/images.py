@@ -57,6 +57,15 @@ class ImageSource:
             return (self.path / name).read_bytes()
         return self._zip.read(name)
 
+    def stamp(self, name: str) -> list:
+        """What identifies the current content of image ``name`` without reading it: [size,
+        mtime in ns] of a file, [size, CRC-32] of a zip member (a resumed build compares them)."""
+        if self._zip is None:
+            st = (self.path / name).stat()
+            return [st.st_size, st.st_mtime_ns]
+        info = self._zip.getinfo(name)
+        return [info.file_size, info.CRC]
+
     def close(self) -> None:
         if self._zip is not None:
             self._zip.close()
@@ -96,9 +105,12 @@ def labels_from_dataset_json(text: bytes, names: list[str], path: Path):
     """EDM dataset.json -> int64 labels in the order of ``names``, or None if it has no labels."""
     try:
         meta = json.loads(text)
-        entries = meta.get("labels") if isinstance(meta, dict) else None
     except ValueError as e:
         raise DatasetError(f"{path}: dataset.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: dataset.json holds a {type(meta).__name__}; expected EDM's object "
+                           '{"labels": [[filename, label], ...]} (or "labels": null)')
+    entries = meta.get("labels")
     if entries is None:
         return None
     try:

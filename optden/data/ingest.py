@@ -7,8 +7,12 @@ path (the order of ``Dataset.from_images`` and of EDM's dataset tool), in chunks
 holds, which it rejected and why), so an interrupted build resumes: chunks already on
 disk (and matching their checksum) are skipped. At the end the chunks are concatenated
 into a Dataset and saved with ``Dataset.save`` (data.npy, norms, labels, meta.json with
-checksums), the report of rejected images is written to ``out_dir/rejected.json``, and
-``.build`` is removed.
+checksums). The commit is atomic: ``build.json`` (the plan) and ``rejected.json`` are
+written before the save, whose ``meta.json`` (written last) is the one marker that the
+build finished; ``.build`` is removed after it. A kill at any point leaves a directory the
+next run resumes. A chunk records the size and modification time (CRC for a zip member)
+of each of its images: a chunk whose source images changed since is decoded again. A
+full disk is a ``DiskFullError`` naming the directory (the chunks written stay).
 
 Images that cannot be decoded, or whose size or channel count differs from the
 reference image (the first decodable one, or ``resolution`` when given, which resizes
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError, DatasetNotFoundError, InputError
-from ..fileio import atomic_write, sha256_file
+from ..fileio import DirectoryLock, atomic_write, atomic_write_npy, remove_stale_temporaries, sha256_file
 from ..validate import check_positive_int
 from .dataset import Dataset
 from .images import ImageSource, check_resolution, decode_image, labels_from_dataset_json, list_some
@@ -96,7 +100,7 @@ def _plan(source: ImageSource, resolution, chunk_size: int, labels_given: bool) 
     }
 
 
-def _chunk_done(build: Path, c: int, names: list[str]) -> dict | None:
+def _chunk_done(build: Path, c: int, names: list[str], stamps: list) -> dict | None:
     rec_path = build / f"chunk_{c:06d}.json"
     arr_path = build / f"chunk_{c:06d}.npy"
     if not (rec_path.is_file() and arr_path.is_file()):
@@ -107,6 +111,8 @@ def _chunk_done(build: Path, c: int, names: list[str]) -> dict | None:
         return None
     if rec.get("names") != names or sha256_file(arr_path) != rec.get("sha256"):
         return None  # damaged or from another plan: rebuilt
+    if rec.get("stamps") != stamps:
+        return None  # a source image changed since the chunk was decoded: rebuilt
     return rec
 
 
@@ -138,6 +144,7 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
     if not (labels is None or (isinstance(labels, str) and labels == "auto")):
         raise InputError(f"labels: expected 'auto' or None, got {labels!r}")
     source = ImageSource(src, "src")
+    lock = None
     try:
         names = source.names
         if not names:
@@ -149,6 +156,11 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
         report = BuildReport(out_dir=out, images=len(names))
         build = out / ".build"
         done_marker = out / "build.json"
+        plan_path = build / "plan.json"
+        if (out / "meta.json").is_file() and not done_marker.is_file() and _same_plan(plan_path, plan):
+            # an earlier optden (its build.json came after the save) killed between the two:
+            # the chunks are all there; save again
+            (out / "meta.json").unlink()
         if (out / "meta.json").is_file() and done_marker.is_file():
             prev = json.loads(done_marker.read_text())
             if prev.get("plan") != plan:
@@ -159,12 +171,15 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
             report.accepted = int(prev.get("accepted", 0))
             ds = Dataset.load(out, verify=verify)
             report.image_shape, report.sha256 = ds.image_shape, json.loads((out / "meta.json").read_text())["sha256"]["data.npy"]
+            shutil.rmtree(build, ignore_errors=True)  # a kill after the save left it
             return ds, report
         if (out / "meta.json").is_file():
             raise DatasetError(f"out_dir: {out} already holds a dataset not made by optden dataset build; "
                                "choose another directory")
+        out.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(out, "out_dir").__enter__()  # one build per directory; released below
         build.mkdir(parents=True, exist_ok=True)
-        plan_path = build / "plan.json"
+        remove_stale_temporaries(out)
         if plan_path.is_file():
             old = json.loads(plan_path.read_text())
             if old.get("plan") != plan:  # chunks of another build: start over
@@ -179,8 +194,7 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
                 {"plan": plan, "image_shape": list(ref_shape), "reference": ref_name}, indent=1).encode()))
         else:
             ref_shape, ref_name = tuple(old["image_shape"]), old["reference"]
-        for stale in build.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(build)
         report.image_shape = ref_shape
         c, h, w = ref_shape
         d = c * h * w
@@ -193,7 +207,8 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
         try:
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
                 for ci, chunk in enumerate(chunks):
-                    rec = _chunk_done(build, ci, chunk)
+                    stamps = [source.stamp(n) for n in chunk]
+                    rec = _chunk_done(build, ci, chunk, stamps)
                     if rec is not None:
                         report.chunks_skipped += 1
                         recs.append(rec)
@@ -214,8 +229,9 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
                         keep.append(j)
                     arr_path = build / f"chunk_{ci:06d}.npy"
                     data = np.ascontiguousarray(rows[:len(keep)])
-                    atomic_write(arr_path, lambda f: np.save(f, data))
-                    rec = {"names": chunk, "kept": keep, "rejected": bad, "sha256": sha256_file(arr_path)}
+                    atomic_write_npy(arr_path, np.uint8, data.shape, [data])
+                    rec = {"names": chunk, "stamps": stamps, "kept": keep, "rejected": bad,
+                           "sha256": sha256_file(arr_path)}
                     atomic_write(build / f"chunk_{ci:06d}.json", lambda f: f.write(json.dumps(rec).encode()))
                     recs.append(rec)
                     bar.update(len(chunk))
@@ -232,36 +248,43 @@ def build_dataset(src, out_dir, resolution=None, labels="auto", *, chunk_size: i
             raise DatasetError(f"src: {src}: every image was rejected: "
                                + list_some([f"{n}: {why}" for n, why in report.rejected]))
         ds = _assemble(build, recs, len(chunks), report.accepted, d, ref_shape, all_labels, chunk_size, scale, offset)
-        ds.save(out)
-        del ds
-        meta = json.loads((out / "meta.json").read_text())
-        report.sha256 = meta["sha256"]["data.npy"]
+        # the commit: everything but the dataset first, then Dataset.save, whose meta.json
+        # (written last) says the build finished
         atomic_write(out / "rejected.json", lambda f: f.write(json.dumps(
             {"rejected": [{"file": n, "reason": why} for n, why in report.rejected]}, indent=1).encode()))
         atomic_write(done_marker, lambda f: f.write(json.dumps(
             {"plan": plan, "accepted": report.accepted, "rejected": [list(r) for r in report.rejected]},
             indent=1).encode()))
+        ds.save(out)
+        del ds
+        meta = json.loads((out / "meta.json").read_text())
+        report.sha256 = meta["sha256"]["data.npy"]
         shutil.rmtree(build, ignore_errors=True)
         return Dataset.load(out, verify=verify), report
     finally:
         source.close()
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _same_plan(plan_path: Path, plan: dict) -> bool:
+    try:
+        return json.loads(plan_path.read_text()).get("plan") == plan
+    except (OSError, ValueError):
+        return False
 
 
 def _assemble(build: Path, recs, n_chunks, M, d, image_shape, all_labels, chunk_size, scale, offset) -> Dataset:
-    """Concatenate the chunk files into one memory-mapped array (build/all.npy) -> Dataset."""
+    """Concatenate the chunk files into one array on disk (build/all.npy, written through a
+    file object: ``fileio.atomic_write_npy``) -> a Dataset memory-mapping it read-only."""
     path = build / "all.npy"
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(M, d))
-    pos = 0
     labels = [] if all_labels is not None else None
     for ci, rec in enumerate(recs):
-        part = np.load(build / f"chunk_{ci:06d}.npy", mmap_mode="r")
-        arr[pos:pos + part.shape[0]] = part
-        pos += part.shape[0]
         if labels is not None:
             base = ci * chunk_size
             labels.extend(int(all_labels[base + j]) for j in rec["kept"])
-    arr.flush()
-    del arr
+    atomic_write_npy(path, np.uint8, (M, d),
+                     (np.load(build / f"chunk_{ci:06d}.npy", mmap_mode="r") for ci in range(len(recs))))
     raw = np.load(path, mmap_mode="r")
     lab = None if labels is None else np.asarray(labels, dtype=np.int64)
     nc = None if all_labels is None else int(all_labels.max()) + 1

@@ -8,10 +8,13 @@
 3. The fp32 GPU passes (Triton and CUDA kernels, ``fp32_pass_delta``); notation below.
 4. FAISS's float32 distances (``dot_rel_err``, ``faiss_distance_interval``): the bounds that
    make a pruned candidate search certified (``optden.prune``).
-5. The posterior statistics (``optden.engine.stats``: ESS, entropy, mean logit, top
+5. The exact re-score's squared-distance gaps (``gap_error_factor``, ``optden.engine.gaps``).
+6. The posterior statistics (``optden.engine.stats``: ESS, entropy, mean logit, top
    weights) from a pass's certificate (``multiplicative``, ``relative_to_top``, ``excluded``).
-6. The local denoisers' float64 direct-difference passes over patches (``direct_pass_delta``,
+7. The local denoisers' float64 direct-difference passes over patches (``direct_pass_delta``,
    ``SKIP_LOGITS``): ``optden.engine.patch_pass`` and csrc/patch_*.cpp.
+8. The lower-bound embedding of certified pruning (``embedding_lower``: PCA plus the
+   residual norm, ``optden.prune.embedding``).
 
 The C++ cpu backend computes its own bound in csrc/ (see ``optden.engine.backends.cpu``).
 
@@ -53,13 +56,14 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "EPS64", "U32", "U_GPU32",
+__all__ = ["DENSE_FRACTION", "MASS_FRACTION", "dense_threshold", "mass_tolerance", "rescore_budget", "EPS64", "U32", "U_GPU32",
            "U_TF32_IN", "DISTANCE_MARGIN", "gamma", "gemm_delta", "softmax_delta", "fp32_pass_delta",
-           "dot_rel_err", "float32_shift", "faiss_distance_interval", "float64_logit_error", "accumulation_eta",
-           "query_shift", "shifted_logit_error", "multiplicative", "relative_to_top", "excluded", "MAX_EXCLUDED", "covariance_error",
-           "gap_covariance_error", "SKIP_LOGITS", "EXP_REL_ERR", "direct_pass_delta", "accumulation_error",
-           "orthonormality_slack", "embedding_float64_error", "embedding_error", "embedding_lower",
-           "embedding_lower_terms", "scan_lower_terms"]
+           "dot_rel_err", "float32_shift", "faiss_distance_interval", "gap_error_factor", "GAP_ERR_G",
+           "GAP_ERR_TINY", "QUERY_ERR", "query_delta", "float64_logit_error", "accumulation_eta",
+           "query_shift", "shifted_logit_error", "multiplicative", "relative_to_top", "excluded", "MAX_EXCLUDED",
+           "covariance_error", "gap_covariance_error", "SKIP_LOGITS", "EXP_REL_ERR", "direct_pass_delta",
+           "accumulation_error", "orthonormality_slack", "embedding_float64_error", "embedding_error",
+           "embedding_lower", "embedding_lower_terms", "scan_lower_terms"]
 
 # ----------------------------------------------------------------------------- 1. the tolerance's shares
 
@@ -80,6 +84,13 @@ def dense_threshold(tol: float) -> float:
 def mass_tolerance(tol: float) -> float:
     """The relative weight a certificate at tolerance tol may leave out."""
     return MASS_FRACTION * tol
+
+
+def rescore_budget(tol: float) -> float:
+    """The misweight (L1 distance of the weights) that the rounding of an exact re-score may
+    add at tolerance tol before it is redone in compensated arithmetic: DENSE_FRACTION * tol,
+    so a RESCORED certificate stays within 2 MASS_FRACTION tol + DENSE_FRACTION tol < tol / 2."""
+    return DENSE_FRACTION * tol
 
 
 # ----------------------------------------------------------------------------- 2. gamma, GEMM passes
@@ -212,7 +223,53 @@ def faiss_distance_interval(D: np.ndarray, x32: np.ndarray, shift: np.ndarray, *
     return low, up
 
 
-# ----------------------------------------------------------------------------- 5. posterior statistics
+# ----------------------------------------------------------------------------- 5. exact re-scoring by gaps
+
+
+def gap_error_factor(d: int) -> float:
+    """The factor F of the rounding bound ``err <= F W + GAP_ERR_G |g|`` of a squared-distance
+    gap ``g = ||v - q_i||^2 - ||v - q_r||^2`` computed in plain float64 by
+    ``optden.engine.gaps.sq_gaps`` as ``a . b`` with ``a = raw_r - raw_i`` and
+    ``b = 2 v - q_i - q_r`` (q = raw - center), where ``W = sum_j |a_j| (|v_j| + |q_r,j| +
+    |q_i,j|)``. Everything is relative to the float64 query v the pass is given, the stored
+    rows and the float64 center.
+
+    It is taken as ``a . t - a . q_i`` with ``t = 2 v - q_r``: each of a, q_r, q_i, t rounds
+    once (relative u), so ``a_j (t_j - q_i,j)`` is within 4u |a_j| (|v_j| + |q_r,j| + |q_i,j|)
+    (1 + 2u) of the exact product, and the two d-term sums add gamma_d (sum |a| |t| +
+    sum |a| |q_i|) <= 2 gamma_d (1 + u) W: F = 1.01 (2 gamma_d + 6u) (6u for 4u, a margin);
+    the final subtraction is in GAP_ERR_G.
+    (The compensated gaps carry an a-posteriori bound computed from the terms they
+    rounded, in ``sq_gaps`` itself.)
+    """
+    return 1.01 * (2.0 * gamma(max(d, 1), EPS64) + 6.0 * EPS64)
+
+
+#: The part of a gap's bound proportional to |g| itself: the final rounding of a
+#: gap (u), the rounding of coef = scale^2 / (2 sigma^2) (4u) and of the product coef * g (u),
+#: and the online softmax's exp and rescaling of a logit coef * g (4u), with a margin.
+GAP_ERR_G = 11.0 * EPS64
+#: An absolute term for products that underflow to subnormals in the compensated sum (per
+#: component of the dot product).
+GAP_ERR_TINY = 4.0 * 2.0**-1074
+
+#: The double-double conversion of a model-space query to centered raw units
+#: (``gaps.centered_query``) is within QUERY_ERR (|v| + |center| + |offset| / scale) of
+#: the exact one, per component: a handful of u^2 roundings, with a margin.
+QUERY_ERR = 8.0 * EPS64**2
+
+
+def query_delta(coef: torch.Tensor, max_cnorm: float, err_norm) -> torch.Tensor | float:
+    """Bound (N,) on how much the row-dependent part of any logit, ``2 coef q_i . v``, moves
+    between the float64 query v a coarse pass sees and the exact one, ``err_norm`` (N,) away
+    at most: ``2 coef max ||q_i|| err_norm`` (Cauchy-Schwarz), with a margin. Added to a
+    pass's delta, so a DENSE certificate holds for the query the caller gave. 0 for None."""
+    if err_norm is None:
+        return 0.0
+    return 2.02 * coef * float(max_cnorm) * err_norm
+
+
+# ----------------------------------------------------------------------------- 6. posterior statistics
 #
 # The statistics of the posterior weights w (``optden.engine.stats``): P = sum w^2 (ESS = 1/P),
 # the entropy H = -sum w log w, A = -sum w l (the mean negative logit, E ||u - y||^2 / 2 sigma^2),
@@ -453,7 +510,7 @@ def gap_covariance_error(S2, Exx, eta, round_err):
     return eta * sa + (r + r * r) * sa * sx + round_err
 
 
-# ----------------------------------------------------------------------------- 7. the lower-bound embedding
+# ----------------------------------------------------------------------------- 8. the lower-bound embedding
 
 # The embedding of ``optden.prune.embedding``: with P (d, k) float64 (the top principal
 # directions of the centered rows; its columns orthonormal up to rounding) and a constant
@@ -581,7 +638,7 @@ def gemm_logits_delta(v: torch.Tensor, resid: torch.Tensor, absum: torch.Tensor,
     return torch.where(valid, out, torch.full_like(out, math.inf))
 
 
-# ----------------------------------------------------------------------------- 6. direct-difference patch passes
+# ----------------------------------------------------------------------------- 7. direct-difference patch passes
 
 #: Rows whose logit is more than SKIP_LOGITS below the best one are left out of the local
 #: denoisers' passes (``optden.engine.patch_pass``, csrc/patch_*.cpp): each weighs less than

@@ -12,6 +12,11 @@ of host buffers (pinned for CUDA) while the current block is computed. The ring 
 only row storage a pass holds, and it is sized by ``memory_budget`` (bytes): blocks
 shrink so that two of them (double buffering) fit the budget. ``stats`` accumulates the
 prefetcher's accounting (peak rows held, rows read) over every pass.
+
+Every pass and gather first checks that a memory-mapped dataset's file is the one it
+loaded (``Dataset.check_unchanged``: size, mtime, inode), and contiguous rows are read
+with ``pread`` (``Dataset.read_rows_into``), so a data file truncated, rewritten or
+replaced under a denoiser is a ``DatasetError`` naming it, never a SIGBUS.
 """
 from __future__ import annotations
 
@@ -43,8 +48,8 @@ def parse_bytes(value, name: str = "memory_budget") -> int | None:
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
         try:
             n = int(float(text[:-1] if mult > 1 else text) * mult)
-        except ValueError:
-            raise InputError(f"{name}: expected a number of bytes like 64M or 2G, got {value!r}") from None
+        except (ValueError, OverflowError):  # "inf" overflows the int, "nan" is no number
+            raise InputError(f"{name}: expected a finite number of bytes like 64M or 2G, got {value!r}") from None
     if n < 1:
         raise InputError(f"{name}: expected a positive number of bytes, got {value!r}")
     return n
@@ -99,6 +104,7 @@ class RowSource:
         self._csq = torch.from_numpy(np.array(csq, dtype=np.float64, copy=True)).to(self.device)
         self.center = torch.from_numpy(np.array(ds.center, dtype=np.float64, copy=True)).to(self.device)
         self.max_cnorm = float(np.sqrt(csq.max()))
+        self.center_norm = float(np.linalg.norm(np.asarray(ds.center, dtype=np.float64)))
         if self.resident:
             self._raw = self._load(0, self.M).to(self.device)
         if self.index is not None:
@@ -128,9 +134,21 @@ class RowSource:
         raw = self.dataset.raw
         if self.index is None or self._first is not None:
             first = self._first or 0
-            np.copyto(out, raw[first + start : first + stop])
+            read = getattr(self.dataset, "read_rows_into", None)
+            if read is not None:  # a pread for memory-mapped rows: never a SIGBUS (Dataset.read_rows_into)
+                read(first + start, first + stop, out)
+            else:
+                np.copyto(out, raw[first + start : first + stop])
         else:
+            self._check_rows()  # gathered from the mapping: checked just before
             np.take(raw, self.index[start:stop], axis=0, out=out)
+
+    def _check_rows(self) -> None:
+        """DatasetError if the dataset's mapped file changed since it was loaded (size,
+        mtime, inode: ``Dataset.check_unchanged``); every pass and gather starts with it."""
+        check = getattr(self.dataset, "check_unchanged", None)
+        if check is not None:
+            check()
 
     @property
     def streams(self) -> bool:
@@ -181,6 +199,7 @@ class RowSource:
         """
         stop = self.M if stop is None else stop
         step = self.block_rows if rows is None else max(1, int(rows))
+        self._check_rows()
         if self.streams:
             rows, slots = self.stream_plan(step)
             pf = Prefetcher(
@@ -207,6 +226,7 @@ class RowSource:
         flat = local.reshape(-1)
         if self._raw is not None:
             return self._raw[flat.to(self._raw.device)]
+        self._check_rows()
         rows = self._load_rows(flat.cpu().numpy())
         return rows.to(self.device)
 

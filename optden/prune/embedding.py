@@ -6,7 +6,7 @@ matter, and a flat search charges every row it left out the weight of the last o
 returned. Natural image rows are far from uniform, though: a few principal directions
 hold most of their spread, and there a partition of the rows has tight bounds.
 
-The embedding (``optden.engine.bounds``, section 7). P (d, k): the top k principal
+The embedding (``optden.engine.bounds``, section 8). P (d, k): the top k principal
 directions of the centered rows (float64, from a sample of rows); r0 a constant. A
 centered vector w maps to ``e(w) = [P^T w, ||w - P P^T w|| - r0]`` in k + 1 dimensions,
 and ``||e(u) - e(y)|| <= sqrt(1 + eta) ||u - y||``: every distance between embeddings,

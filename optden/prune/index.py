@@ -37,6 +37,7 @@ import torch
 
 from ..engine.bounds import DISTANCE_MARGIN, U32, U_TF32_IN, faiss_distance_interval, float32_shift, gamma
 from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
+from ..fileio import atomic_write, foreign_write_error, remove_stale_temporaries
 
 __all__ = ["PruneIndex", "Candidates", "index_paths", "KINDS", "faiss_gpu_available", "faiss_module", "move_to_shell",
            "save_dir"]
@@ -296,7 +297,12 @@ class PruneIndex:
         fpath, jpath = index_paths(dir, self.kind)
         tmp = fpath.with_name(fpath.name + f".tmp-{os.getpid()}")
         jpath.unlink(missing_ok=True)
-        faiss.write_index(self.index, str(tmp))
+        remove_stale_temporaries(dir, f"{fpath.name}.tmp-*")  # what a killed save left
+        try:
+            faiss.write_index(self.index, str(tmp))
+        except RuntimeError as e:  # FAISS reports a full disk in its message only
+            tmp.unlink(missing_ok=True)
+            raise foreign_write_error(e, fpath, 4 * self.M * self.d) from None
         os.replace(tmp, fpath)
         h = hashlib.sha256(fpath.read_bytes()).hexdigest()
         meta = {
@@ -314,9 +320,7 @@ class PruneIndex:
             meta["nlist"] = self.nlist
             meta["radii"] = [float(r) for r in self.radii]
             meta["centroids_sha256"] = hashlib.sha256(self.centroids.tobytes()).hexdigest()
-        jtmp = jpath.with_name(jpath.name + f".tmp-{os.getpid()}")
-        jtmp.write_text(json.dumps(meta))
-        os.replace(jtmp, jpath)
+        atomic_write(jpath, lambda f: f.write(json.dumps(meta).encode()))
         return dir
 
     @classmethod

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import _ext
-from ..engine.bounds import DISTANCE_MARGIN, mass_tolerance
+from ..engine.bounds import DISTANCE_MARGIN, EPS64, gamma, mass_tolerance
 from ..errors import InputError
 from .cache import NeighbourCache
 from .index import faiss_gpu_available, move_to_shell
@@ -68,12 +68,22 @@ def exact_candidates(v: torch.Tensor, coef: torch.Tensor, source, idx: torch.Ten
             source.dataset.raw, np.ascontiguousarray(idx.numpy(), dtype=np.int64),
             np.ascontiguousarray(source.center.numpy(), dtype=np.float64), source.dtype)
         lg, lse, dc = torch.from_numpy(lg), torch.from_numpy(lse), torch.from_numpy(dc)
-        w = torch.exp(lg - lse[:, None])
+        w, _ = _softmax_by_sum(lg)
     else:
         lse, dc, w, lg = _torch_candidates(v, coef, source, idx, chunk_bytes)
     kk = min(k_out, idx.shape[1])
     tw, wi = w.topk(kk, dim=1)
     return lse, dc, tw, idx.gather(1, wi), lg
+
+
+def _softmax_by_sum(lg: torch.Tensor):
+    """``(w (n, K), lse (n,))`` of logits lg (n, K), the weights normalised by their sum:
+    ``exp(lg - lse)`` would round at the size of the logits (1e11 and up: weights that no
+    longer sum to 1)."""
+    lmax = lg.max(1, keepdim=True).values
+    e = torch.exp(lg - lmax)
+    s = e.sum(1, keepdim=True)
+    return e / s, (lmax + torch.log(s))[:, 0]
 
 
 def _native(source, v: torch.Tensor) -> bool:
@@ -115,8 +125,7 @@ def _torch_candidates(v, coef, source, idx, chunk_bytes):
         diff = v[qi[a:b]] - q
         lg[qi[a:b], ci[a:b]] = -coef[qi[a:b]] * (diff * diff).sum(1)
         kept = q if rid.numel() <= per else None
-    lse = torch.logsumexp(lg, dim=1)
-    w = torch.exp(lg - lse[:, None])
+    w, lse = _softmax_by_sum(lg)
     dc = torch.zeros(n, d, dtype=torch.float64, device=v.device)
     for a in range(0, rid.numel(), per):
         b = min(rid.numel(), a + per)
@@ -129,6 +138,20 @@ def _torch_candidates(v, coef, source, idx, chunk_bytes):
                                         size=(n, b - a))
         dc += S @ q
     return lse, dc, w, lg
+
+
+def direct_misweight(lg: torch.Tensor, d: int) -> torch.Tensor:
+    """(n,) bound on the L1 misweight of the softmax of direct-difference logits lg (n, K)
+    (-inf: no candidate): each is within gamma_{d+3} |l| (1.01) of the exact one (the
+    differences, their squares and sum, coef), so the true unnormalised weights lie in
+    exp(l -+ that) and the L1 distance of the normalised ones is at most
+    2 sum (hi - lo) / sum lo. Large for a query far from the data at small sigma: the
+    query then runs dense, whose re-score works from gaps (``engine/gaps.py``)."""
+    err = 1.01 * gamma(d + 3, EPS64) * lg.abs()
+    m = lg.max(1, keepdim=True).values
+    lo = torch.exp(lg - err - m)
+    hi = torch.exp(torch.where(torch.isfinite(lg), lg + err, lg) - m)
+    return torch.nan_to_num(2.0 * (hi - lo).sum(1) / lo.sum(1), nan=torch.inf)
 
 
 class Pruner:
@@ -260,7 +283,7 @@ class Pruner:
             lse, dc, tw, ti, lg = exact_candidates(v[sel], coef[sel], self.source, idx, k_out)
             lmax = lg.max(1).values
             self.stats["rows_scored"] += int((idx >= 0).sum())
-            bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse)
+            bound = torch.exp(shell_log_mass(coef[sel], counts, lower) - lse) + direct_misweight(lg, v.shape[1])
             good = (bound <= self.tol_mass) & ((idx >= 0).sum(1) >= k_need)
             g = sel[good]
             kk = tw.shape[1]

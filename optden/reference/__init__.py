@@ -6,6 +6,8 @@ re-exported here so that ``from optden import reference as R; R.denoise(...)`` r
 same for all of them:
 
 - ``dense``: the empirical optimal denoiser D*, score, log density, posterior, nearest.
+- ``mp``: the same in arbitrary precision (mpmath), for where float64 itself is in doubt
+  (imported as ``optden.reference.mp``; mpmath is a test dependency).
 - ``moments``: what the posterior says (named so that ``posterior``, dense's top weights,
   keeps its name): diagnostics (ESS, entropy, top mass, d log p / d sigma), covariance,
   the derivatives of D*, the score and the log density.

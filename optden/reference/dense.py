@@ -47,10 +47,34 @@ def _logsumexp(a: np.ndarray) -> np.ndarray:
     return (m + np.log(np.exp(a - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
+def _relative_logits(u2: np.ndarray, y2: np.ndarray, s: np.ndarray):
+    """Logits relative to each query's nearest row r, ``-(||u - y_i||^2 - ||u - y_r||^2) / (2 sigma^2)``
+    (N, M), and the nearest row's own logit (N,).
+
+    The difference of squared distances is taken as ``(y_r - y_i) . (2 u - y_r - y_i)``: its
+    rounding is relative to the difference, where direct differences round at the size of
+    the distances (for a query far from every row, 1e16 say, they carry no digit of it).
+    """
+    sq = ((u2[:, None, :] - y2[None, :, :]) ** 2).sum(-1)
+    r = sq.argmin(axis=1)
+    yr = y2[r]
+    gap = ((yr[:, None, :] - y2[None, :, :]) * ((2.0 * u2 - yr)[:, None, :] - y2[None, :, :])).sum(-1)
+    two_s2 = 2.0 * s[:, None] ** 2
+    with np.errstate(over="ignore"):  # a tiny sigma: the far rows' logits are -inf, weight 0
+        return -gap / two_s2, -sq[np.arange(len(r)), r] / two_s2[:, 0]
+
+
 def weights(u, y, sigma) -> np.ndarray:
-    """softmax_i(-||u - y_i||^2 / 2 sigma^2): (N, M) float64, rows sum to one."""
-    lg = logits(u, y, sigma)
-    return np.exp(lg - _logsumexp(lg)[:, None])
+    """softmax_i(-||u - y_i||^2 / 2 sigma^2): (N, M) float64, rows sum to one.
+
+    Normalised by their sum, ``exp(l - max) / sum exp(l - max)``: ``exp(l - lse)`` would
+    subtract two numbers of the logits' size (1e11 and more for a far query) and lose
+    the weights' digits.
+    """
+    u2, y2 = _as_2d(u), _as_2d(y)
+    rel, _ = _relative_logits(u2, y2, _sigma(sigma, u2.shape[0]))
+    e = np.exp(rel - rel.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def denoise(u, y, sigma) -> np.ndarray:
@@ -70,7 +94,8 @@ def log_density(u, y, sigma) -> np.ndarray:
     u2, y2 = _as_2d(u), _as_2d(y)
     s = _sigma(sigma, u2.shape[0])
     m, d = y2.shape
-    return _logsumexp(logits(u2, y2, s)) - math.log(m) - 0.5 * d * np.log(2.0 * math.pi * s**2)
+    rel, ref = _relative_logits(u2, y2, s)
+    return ref + _logsumexp(rel) - math.log(m) - 0.5 * d * np.log(2.0 * math.pi * s**2)
 
 
 def posterior(u, y, sigma, k: int):

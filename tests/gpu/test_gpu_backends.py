@@ -3,8 +3,8 @@
 Run with ``pytest -m gpu`` on a machine with a CUDA device (skipped elsewhere). Oracles:
 ``optden.reference`` (numpy float64) for every row where it fits in host memory (real
 images, and CIFAR size M = 50,000, d = 3072); at M >= 1e6 rows the oracle is
-``optden.engine.precision.exact_pass``: float64 *direct differences* over every row on the GPU
-(independent of the expansion all coarse passes use). Every test is marked ``gpu``
+``optden.engine.precision.exact_pass``: float64 squared-distance gaps to each query's nearest
+row, over every row on the GPU (independent of the expansion all coarse passes use). Every test is marked ``gpu``
 (``pytestmark``) and skipped without CUDA; no CUDA call happens at import or collection.
 """
 from __future__ import annotations
@@ -105,14 +105,16 @@ def million_rows():
 
 
 def _exact_denoise(den, x: torch.Tensor, sigma: float):
-    """float64 direct differences over every row on the GPU: (D* (N, d), lse (N,))."""
+    """The float64 exact pass over every row on the GPU: (D* (N, d), lse (N,))."""
     ds = den.dataset
     src = den.source()
     v = (x.double() - ds.offset) / ds.scale - src.center
     coef = torch.full((x.shape[0],), ds.scale**2 / (2 * sigma**2), dtype=torch.float64, device=x.device)
-    outs = [exact_pass(v[i:i + 2], coef[i:i + 2], src, 1) for i in range(0, x.shape[0], 2)]
-    dc = torch.cat([o.mean() for o in outs])
-    lse = torch.cat([o.lse() for o in outs])
+    # exact_pass: a Partial of logits relative to each query's nearest row, its squared
+    # distance, and the misweight bound
+    outs = [(i, *exact_pass(v[i:i + 2], coef[i:i + 2], src, 1)) for i in range(0, x.shape[0], 2)]
+    dc = torch.cat([part.mean() for _, part, _, _ in outs])
+    lse = torch.cat([part.lse() - coef[i:i + 2] * ref_sq for i, part, ref_sq, _ in outs])
     return (dc + src.center) * ds.scale + ds.offset, lse
 
 
