@@ -14,6 +14,7 @@ import torch
 
 from .engine.bounds import (EPS64, accumulation_eta, covariance_error, float64_logit_error, gamma, gap_covariance_error,
                             gemm_delta, query_shift, shifted_logit_error)
+from .engine.gaps import sq_gaps
 from .engine.precision import RESCORED, exact_logits, heaviest_distinct_logit, rescore
 from .errors import InputError
 from .validate import check_positive_int
@@ -310,22 +311,27 @@ def _subset(d: dict, rows: list) -> dict:
 class _Support:
     """One query's rows that carry its posterior weight, held explicitly (float64, raw units).
 
-    b: (n_s, d) rows minus the top row (exact for uint8 rows); lam: (n_s,) their float64
-    direct-difference logits; eta: the logit-error bound of the gaps; eps: the weight of
-    the rows left out; n_out: how many.
+    b: (n_s, d) rows minus the top row (exact for uint8 rows); lam: (n_s,) their logits
+    relative to the top row's, -coef g with g the squared-distance gaps (``gaps.sq_gaps``):
+    never l_top - x, whose rounding at the size of l_top (1e7 nats far from the data, an
+    ulp of 2e-9) would dwarf the gaps' own error; l_top: the top row's absolute float64
+    logit; eta: the error bound of the gaps (nats); eps: the weight of the rows left out;
+    n_out: how many.
     """
 
-    def __init__(self, rows, lam, coef, shift, qmax, d, eps, n_out):
-        top = int(lam.argmax())
+    def __init__(self, rows, l_top, coef, shift, gaps, eps, n_out):
+        g, g_err = gaps  # (n_s,) each: gaps to the top row (0 at it) and their bounds
+        top = int(g.argmin())
         self.q_top = rows[top]
         self.b = rows - self.q_top
-        self.lam = lam
-        self.l_top = lam[top]
-        dist = torch.sqrt(lam.abs() / coef)
-        err = (float64_logit_error(lam[None], coef[None], qmax, d)[0]
-               + shifted_logit_error(dist[None], coef[None], shift[None])[0])
-        x = self.l_top - lam
-        self.eta = err[top] + float((err + 2.0 * EPS64 * x).max()) + accumulation_eta(lam.numel())
+        self.l_top = l_top - coef * g[top]  # the gaps may find a row nearer than the logits' top
+        x = coef * (g - g[top])
+        self.lam = -x
+        # the gaps' error scales with ||y_i - y_top|| ||v||, not with ||v||^2 as differences of
+        # direct-difference logits do; the query's own rounding (shift) moves gap i by at most
+        # 2 ||b_i|| shift; 2 u x: the product with coef
+        err = coef * (g_err + g_err[top] + 2.0 * self.b.norm(dim=1) * shift * (1.0 + 1e-12))
+        self.eta = float((err + 2.0 * EPS64 * x.abs()).max()) + accumulation_eta(g.numel())
         self.eps, self.n_out = eps, n_out
 
     def eig(self, k: int):
@@ -350,7 +356,8 @@ class _Support:
         acc = _new_moments(1, self.b.shape[1], V.shape[1], V.device)
         zero = torch.zeros(1, self.b.shape[1], dtype=torch.float64, device=V.device)
         # rows already centered on q_top: pass q = b, q_top = 0
-        _moments(self.b, self.lam[None], self.lam.logsumexp(0)[None], self.l_top[None], zero, V[None], acc)
+        _moments(self.b, self.lam[None], self.lam.logsumexp(0)[None], torch.zeros_like(self.l_top)[None], zero,
+                 V[None], acc)
         return _finish(acc, zero)
 
 
@@ -362,7 +369,7 @@ class PosteriorCov:
     support, the rows that carry its weight, is kept explicitly when it fits
     ``memory_budget`` (a RESCORED query's top K; otherwise the rows within
     log(M / (tol SELECT_MASS)) nats of log-sum-exp, found by one float64 pass), with
-    float64 direct-difference logits; a query whose support does not fit streams its
+    logits from the squared-distance gaps to the top row; a query whose support does not fit streams its
     rows at every product (float64 GEMM logits, ``bounds.gemm_delta``). Products are
     computed around the query's top row (no cancellation where the posterior is
     concentrated): ``C v = E[(q - q_top)((q - q_top) . v)] - m1 (m1 . v)``.
@@ -497,7 +504,9 @@ class PosteriorCov:
             return False
         raw = src.gather(idx).reshape(idx.numel(), d)
         lam = exact_logits(v[j:j + 1], coef[j:j + 1], raw[None], src.center)[0]
-        sup = _Support(raw.to(torch.float64) - src.center, lam, coef[j], shift[j], src.max_cnorm, d, eps,
+        top = int(lam.argmax())
+        g, g_err = sq_gaps(v[j:j + 1], raw, raw[top:top + 1], src.center)
+        sup = _Support(raw.to(torch.float64) - src.center, lam[top], coef[j], shift[j], (g[0], g_err[0]), eps,
                        src.M - idx.numel())
         self._set_bound(p, sup, coef[j], st, j, d, src, tol)
         if not (force or bool(self.certified[p])):
@@ -511,7 +520,7 @@ class PosteriorCov:
         m1 = w @ sup.b
         # tr C = S2 - ||m1||^2 (a lower bound, less the rounding of both)
         trace = (S2 - (m1 * m1).sum()) - 4.0 * gamma(sup.lam.numel() + d + 4, EPS64) * S2
-        Exx = (w * (sup.l_top - sup.lam) ** 2).sum()
+        Exx = (w * sup.lam**2).sum()  # E_w x^2, the gaps to the top row
         eta = torch.as_tensor(sup.eta, dtype=torch.float64, device=self.device)
         g = gamma(sup.lam.numel() + d + 8, EPS64)
         rnd = 8.0 * g * S2 + (0.0 if src.dtype == "uint8" else 4.0 * EPS64 * S2)

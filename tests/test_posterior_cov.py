@@ -164,3 +164,27 @@ def test_copies_of_the_top_row_fill_the_top_k(rng):
     (gx,) = torch.autograd.grad(den(xt, sigma), xt, torch.from_numpy(g))
     ref = R.posterior_cov(x, y, sigma)[0] @ g[0] / sigma**2
     assert np.linalg.norm(gx.numpy()[0] - ref) <= COV_RTOL * norm[0] / sigma**2 * np.linalg.norm(g)
+
+
+def test_far_queries_are_certified(rng):
+    """Far from the data (|u| ~ 3e4 at sigma 0.3: logits of 1e10 nats) two rows a few nats
+    apart: direct differences bounded the gaps to ~1e-5 nats and so ||C' - C|| to ~1e-4
+    ||C||, over the contract (a CI run's far query failed so at 1.1e-5). Gaps computed as
+    gaps (``gaps.sq_gaps``), kept relative to the top row, are within ~1e-12 of the truth:
+    certified, and every matvec within its bound of the oracle (itself from gaps, checked
+    against mpmath in test_reference)."""
+    d = 48
+    ab = rng.integers(0, 256, (2, d)).astype(np.uint8)
+    ds = optden.Dataset.from_array(ab)
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    delta = y[0] - y[1]
+    for sigma in (0.3, 1.0, 3.0):
+        n = rng.standard_normal((4, d))
+        n -= np.outer(n @ delta, delta) / (delta @ delta)  # orthogonal to a - b: the tie stays
+        n /= np.linalg.norm(n, axis=1, keepdims=True)
+        gap = rng.uniform(1.0, 8.0, (4, 1))  # nats between a and b
+        x = 0.5 * (y[0] + y[1]) + 3e4 * n + gap * sigma**2 / (delta @ delta) * delta
+        cov = den.posterior_cov(torch.from_numpy(x), sigma)
+        norm = check_matvecs(cov, x, y, sigma, rng)
+        assert (norm > 1e-30).all() and cov.certified.all(), (sigma, norm, cov.rel_bound)

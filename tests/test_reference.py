@@ -138,17 +138,21 @@ def _mp_moments(u, y, sigma, k):
     }, cov, dsig
 
 
+@pytest.mark.parametrize("far", [False, True])
 @pytest.mark.parametrize("sigma", [3e-3, 0.05, 0.5, 5.0, 500.0])
-def test_moment_oracles_against_mpmath(sigma, rng):
+def test_moment_oracles_against_mpmath(sigma, far, rng):
     """The oracles of issue 20 (``optden.reference.moments``) against 60-digit arithmetic:
     far below the contract (diagnostics 1e-6, covariance and derivatives 1e-5), near ties
-    and concentrated posteriors included."""
+    and concentrated posteriors included; and far queries (|u| ~ 1e4 sigma-independent),
+    whose weights the differences of float64 logits got wrong by 1e-8 relative."""
     from tolerances import diagnostic_scale
 
     M, d, k = 24, 5, 3
     y = rng.standard_normal((M, d))
     y[7] = y[3] + 1e-3 * rng.standard_normal(d)  # a near tie: the small sigmas see two rows
     u = y[3:4] + 0.5 * sigma * rng.standard_normal((1, d))
+    if far:
+        u = u + 1e4 * (y[3:4] - y[7:8]) / np.linalg.norm(y[3] - y[7])  # the tie stays the posterior's
     ref, cov, dsig = _mp_moments(u[0], y, sigma, k)
     dg = R.diagnostics(u, y, sigma, k=k)
     for name, val in ref.items():

@@ -26,8 +26,20 @@ def _gaps(u, y, sigma):
     """(x (N, M) = l_max - l >= 0, top (N,) argmax, l_max (N,), R (N,) = sum over the other rows of e^{-x})."""
     lg = logits(u, y, sigma)
     top = np.argmax(lg, axis=1)  # the first of tied rows
+    # the gaps themselves, (y_t - y_i) . (2u - y_t - y_i) / (2 sigma^2): their rounding scales
+    # with ||y_t - y_i|| ||u||, not with ||u||^2 as differences of logits do (a far query's
+    # logits are 1e7 nats, its weights would be off by 1e-8); a nearer row found by them
+    # (direct differences misordered it) becomes the top once
+    x = np.empty_like(lg)
+    for n in range(len(lg)):
+        for _ in range(2):
+            a = y[top[n]] - y
+            x[n] = (a @ (2.0 * u[n] - y[top[n]]) - np.einsum("ij,ij->i", a, y)) / (2.0 * sigma[n] ** 2)
+            if x[n].min() >= 0:
+                break
+            top[n] = int(np.argmin(x[n]))
+        x[n] = np.maximum(x[n], 0.0)
     lmax = lg[np.arange(len(lg)), top]
-    x = lmax[:, None] - lg
     e = np.exp(-x)
     e[np.arange(len(lg)), top] = 0.0
     return x, top, lmax, e.sum(1)
