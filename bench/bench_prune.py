@@ -19,8 +19,9 @@ Per sigma:
   each pays its search); ratio = dense / pruned (> 1: pruning pays); dpe = dense-pass
   equivalents = pruned / dense;
 * the largest relative difference of the pruned answers from the dense ones;
-* with ``--workloads``: mean shift at ``--bandwidth`` to convergence and memorization
-  (certified NN1 / NN2) of ``--memorize`` samples, dense vs prune="auto".
+* with ``--workloads``: mean shift at ``--bandwidth`` to convergence, an EDM Heun run
+  (35 evaluations) of ``--sample`` samples and memorization (certified NN1 / NN2) of
+  ``--memorize`` samples, dense vs prune="auto".
 
     .venv/bin/python bench/bench_prune.py                     # 1.2M rows, d = 192
     .venv/bin/python bench/bench_prune.py --rows 300000 --ivf # smaller, with IVF
@@ -171,6 +172,8 @@ def workloads(args, ds, dense, auto, rng):
     same = bool(torch.equal(got.nearest_index, ref.nearest_index))
     print(f"{f'mean shift {args.queries} pts, bw {bw:g}':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
           f"same nearest rows: {same}, max rel diff of modes {rel_err(got.modes, ref.modes):.1e}", flush=True)
+    if args.sample > 0:
+        sampling_workload(args, dense, auto)
     if args.memorize > 0:
         rows = np.sort(rng.choice(ds.M, args.memorize, replace=False))
         y = ds.raw_rows(rows).to(torch.float64) * ds.scale + ds.offset
@@ -187,6 +190,27 @@ def workloads(args, ds, dense, auto, rng):
               f"same flags: {same}, max |nn1 diff| {gap:.1e}", flush=True)
 
 
+def sampling_workload(args, dense, auto):
+    """EDM's Heun sampler (18 steps, 35 evaluations), ``--sample`` samples: dense vs
+    prune="auto" (its policy learns along the run), samples compared; the share of
+    evaluations at sigma <= 0.1 (where pruning can certify) is what auto can save."""
+    kw = dict(n=args.sample, steps=18, solver="heun", seed=args.seed, progress=False)
+    t = time.perf_counter()
+    ref = optden.sample(dense, **kw)
+    t_dense = time.perf_counter() - t
+    auto.pruner().cache.clear()
+    t = time.perf_counter()
+    got = optden.sample(auto, **kw)
+    t_auto = time.perf_counter() - t
+    # Heun evaluates at every step's sigma and, but for the last step, at the next one
+    s = got.sigmas
+    evals = torch.cat([s[:-1], s[1:-1]])
+    small = float((evals <= 0.1).double().mean())
+    print(f"{f'EDM Heun {args.sample} samples':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
+          f"{got.nfe} evaluations, {small:.0%} at sigma <= 0.1; max rel diff of samples "
+          f"{rel_err(got.samples, ref.samples):.1e}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8, help="patch size (8: d = 192, 16: d = 768)")
@@ -199,6 +223,7 @@ def main():
     ap.add_argument("--workloads", action="store_true", help="also mean shift and memorization, dense vs auto")
     ap.add_argument("--bandwidth", type=float, default=0.05, help="mean shift bandwidth (--workloads)")
     ap.add_argument("--memorize", type=int, default=1000, help="samples for memorization (--workloads; 0: none)")
+    ap.add_argument("--sample", type=int, default=64, help="samples of an EDM Heun run (--workloads; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if os.environ.get("OPTDEN_CACHE") is None:
