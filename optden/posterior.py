@@ -232,16 +232,21 @@ def _moments(q, logits, lse_ref, l_top, q_top, V, acc):
 
     logits: (n, B) of the rows; lse_ref: (n,) the normaliser's reference (the weights are
     p = exp(l - lse_ref), normalised at the end by their own sum); l_top, q_top: (n,),
-    (n, d) the top row's logit and row; V: (n, d, J).
+    (n, d) the top row's logit and row; V: (n, d, J). Every sum is over b = q - q_top, the
+    rows relative to each query's top row: the top row's own b is exactly 0, so a
+    posterior concentrated on it leaves no rounding of its weight times |q_top| behind
+    (which, subtracted at the end, swamped a C of 1e-35 by 2000x).
     """
     p = torch.exp(logits - lse_ref[:, None])  # (n, B), <= ~1
     x = l_top[:, None] - logits  # gaps
-    a = torch.einsum("bd,ndj->nbj", q, V) - torch.einsum("nd,ndj->nj", q_top, V)[:, None, :]  # (q - q_top) . V
+    b = q[None, :, :] - q_top[:, None, :]  # (n, B, d)
+    a = torch.einsum("nbd,ndj->nbj", b, V)  # (q - q_top) . V
     pa = p[:, :, None] * a
     px = p * x
     # out of place: V may be a torch.func-batched tangent (jacfwd), which cannot be added into plain tensors
-    terms = {"S": p.sum(1), "Sx": px.sum(1), "Sxx": (px * x).sum(1), "Sq": p @ q, "Sxq": px @ q,
-             "Sa": pa.sum(1), "Sax": (pa * x[:, :, None]).sum(1), "Saq": torch.einsum("nbj,bd->njd", pa, q)}
+    terms = {"S": p.sum(1), "Sx": px.sum(1), "Sxx": (px * x).sum(1), "Sq": torch.einsum("nb,nbd->nd", p, b),
+             "Sxq": torch.einsum("nb,nbd->nd", px, b), "Sa": pa.sum(1), "Sax": (pa * x[:, :, None]).sum(1),
+             "Saq": torch.einsum("nbj,nbd->njd", pa, b)}
     for key, val in terms.items():
         acc[key] = acc[key] + val
 
@@ -252,14 +257,15 @@ def _new_moments(n, d, J, device):
             "Saq": z(n, J, d)}
 
 
-def _finish(acc, q_top) -> _Products:
+def _finish(acc) -> _Products:
+    """The products from the sums of ``_moments`` (all over b = q - q_top)."""
     S = acc["S"][:, None]
-    m1 = acc["Sq"] / S - q_top  # E[q] - q_top
+    m1 = acc["Sq"] / S  # E[q] - q_top
     Ea = acc["Sa"] / S  # E[a] = m1 . V
     Ex = acc["Sx"][:, None] / S
-    cv = (acc["Saq"] - acc["Sa"][:, :, None] * q_top[:, None, :]) / S[:, :, None] - Ea[:, :, None] * m1[:, None, :]
+    cv = acc["Saq"] / S[:, :, None] - Ea[:, :, None] * m1[:, None, :]
     t = acc["Sax"] / S - Ea * Ex
-    u = (acc["Sxq"] - acc["Sx"][:, None] * q_top) / S - m1 * Ex
+    u = acc["Sxq"] / S - m1 * Ex
     return _Products(cv=cv.transpose(1, 2), t=t, u=u)
 
 
@@ -358,7 +364,7 @@ class _Support:
         # rows already centered on q_top: pass q = b, q_top = 0
         _moments(self.b, self.lam[None], self.lam.logsumexp(0)[None], torch.zeros_like(self.l_top)[None], zero,
                  V[None], acc)
-        return _finish(acc, zero)
+        return _finish(acc)
 
 
 class PosteriorCov:
@@ -618,7 +624,7 @@ class PosteriorCov:
         S2 = acc["S2"] / acc["S"]
         m1 = acc["Sq"] / acc["S"][:, None] - e["q_top"]
         S2_err = 8.0 * gamma(d + 4, EPS64) * src.max_cnorm**2 + 1e-12 * S2
-        out = {"products": _finish(acc, e["q_top"]), "S2": S2 + S2_err, "Exx": acc["Sxx"] / acc["S"],
+        out = {"products": _finish(acc), "S2": S2 + S2_err, "Exx": acc["Sxx"] / acc["S"],
                "trace": (S2 - S2_err - (m1 * m1).sum(1)) * (1.0 - 1e-12)}
         if select is not None:
             cut, max_rows = select

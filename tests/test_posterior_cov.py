@@ -188,3 +188,23 @@ def test_far_queries_are_certified(rng):
         cov = den.posterior_cov(torch.from_numpy(x), sigma)
         norm = check_matvecs(cov, x, y, sigma, rng)
         assert (norm > 1e-30).all() and cov.certified.all(), (sigma, norm, cov.rel_bound)
+
+
+def test_streamed_concentrated_posterior(digits_u8, rng):
+    """A streamed query on one row, its next row 40-600 nats below (C ~ 1e-18..1e-260): the
+    sums over rows relative to the top row keep C exact; over the rows themselves, the top
+    row's weight times |q_top| left rounding that swamped C by up to 2000x (a CI run)."""
+    ds = optden.Dataset.from_array(digits_u8)
+    den = optden.OptimalDenoiser(ds)
+    y = model_rows(ds)
+    sigma = 0.3
+    sq = (y * y).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * y @ y.T
+    np.fill_diagonal(d2, np.inf)
+    gap = d2.min(1) / (2 * sigma**2)
+    rows = rng.choice(np.flatnonzero((gap > 40) & (gap < 600)), 3, replace=False)
+    x = y[rows] + 1e-3 * rng.standard_normal((3, ds.d))
+    cov = den.posterior_cov(torch.from_numpy(x), sigma, memory_budget=0)
+    assert all(s is None for s in cov.support_rows)
+    norm = check_matvecs(cov, x, y, sigma, rng)
+    assert (norm > 1e-250).all()
