@@ -119,16 +119,14 @@ void softmax_one(const double* v, double coef, const char* rows, size_t row_byte
   *lse = m + std::log(s);
 }
 
-// candidate_softmax: see the docstring at the registration below.
-py::tuple candidate_softmax(py::array_t<double, py::array::c_style | py::array::forcecast> v,
-                            py::array_t<double, py::array::c_style | py::array::forcecast> coef, py::array rows,
-                            py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx,
-                            py::array_t<double, py::array::c_style | py::array::forcecast> center,
-                            const std::string& dtype) {
-  const RowType rt = row_type(dtype);
+// The checks candidate_softmax and candidate_sqdist share: v (n, d), rows (M, d) of dtype
+// rt, C-contiguous, idx (n, K) in -1..M-1, center (d,).
+void check_candidates(const py::array_t<double, py::array::c_style | py::array::forcecast>& v, const py::array& rows,
+                      const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& idx,
+                      const py::array_t<double, py::array::c_style | py::array::forcecast>& center, RowType rt,
+                      const std::string& dtype) {
   if (v.ndim() != 2) throw std::invalid_argument("v: expected a 2-D (n, d) float64 array");
   const int64_t n = v.shape(0), d = v.shape(1);
-  if (coef.ndim() != 1 || coef.shape(0) != n) throw std::invalid_argument("coef: expected shape (n,) = (" + std::to_string(n) + ",)");
   if (rows.ndim() != 2 || rows.shape(1) != d) throw std::invalid_argument("rows: expected a 2-D (M, d) array with d = " + std::to_string(d));
   if (!(rows.flags() & py::array::c_style)) throw std::invalid_argument("rows: expected a C-contiguous array");
   if ((size_t)rows.itemsize() != row_itemsize(rt)) throw std::invalid_argument("rows: item size does not match dtype '" + dtype + "'");
@@ -139,6 +137,19 @@ py::tuple candidate_softmax(py::array_t<double, py::array::c_style | py::array::
   for (int64_t t = 0; t < n * K; ++t)
     if (ip[t] >= M || ip[t] < -1)
       throw std::invalid_argument("idx: row " + std::to_string(ip[t]) + " out of range -1.." + std::to_string(M - 1));
+}
+
+// candidate_softmax: see the docstring at the registration below.
+py::tuple candidate_softmax(py::array_t<double, py::array::c_style | py::array::forcecast> v,
+                            py::array_t<double, py::array::c_style | py::array::forcecast> coef, py::array rows,
+                            py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx,
+                            py::array_t<double, py::array::c_style | py::array::forcecast> center,
+                            const std::string& dtype) {
+  const RowType rt = row_type(dtype);
+  check_candidates(v, rows, idx, center, rt, dtype);
+  const int64_t n = v.shape(0), d = v.shape(1), K = idx.shape(1);
+  if (coef.ndim() != 1 || coef.shape(0) != n) throw std::invalid_argument("coef: expected shape (n,) = (" + std::to_string(n) + ",)");
+  const int64_t* ip = idx.data();
   py::array_t<double> logits({(py::ssize_t)n, (py::ssize_t)K});
   py::array_t<double> lse({(py::ssize_t)n});
   py::array_t<double> dc({(py::ssize_t)n, (py::ssize_t)d});
@@ -169,6 +180,50 @@ py::tuple candidate_softmax(py::array_t<double, py::array::c_style | py::array::
   return py::make_tuple(logits, lse, dc);
 }
 
+// candidate_sqdist: see the docstring at the registration below.
+py::array_t<double> candidate_sqdist(py::array_t<double, py::array::c_style | py::array::forcecast> v, py::array rows,
+                                     py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx,
+                                     py::array_t<double, py::array::c_style | py::array::forcecast> center,
+                                     const std::string& dtype) {
+  const RowType rt = row_type(dtype);
+  check_candidates(v, rows, idx, center, rt, dtype);
+  const int64_t n = v.shape(0), d = v.shape(1), K = idx.shape(1);
+  const int64_t* ip = idx.data();
+  py::array_t<double> out({(py::ssize_t)n, (py::ssize_t)K});
+  double* op = out.mutable_data();
+  const double *vp = v.data(), *ctr = center.data();
+  const char* base = static_cast<const char*>(rows.data());
+  const size_t row_bytes = (size_t)d * row_itemsize(rt);
+  {
+    py::gil_scoped_release nogil;
+#pragma omp parallel
+    {
+      std::vector<double> buf((size_t)d);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t q = 0; q < n; ++q) {
+        auto run = [&](auto tag) {
+          for (int64_t t = 0; t < K; ++t) {
+            const int64_t r = ip[q * K + t];
+            if (r < 0) {
+              op[q * K + t] = std::numeric_limits<double>::infinity();
+              continue;
+            }
+            center_row<decltype(tag)::value>(base + (size_t)r * row_bytes, d, ctr, buf.data());
+            op[q * K + t] = sq_dist(vp + q * d, buf.data(), d);
+          }
+        };
+        switch (rt) {
+          case RowType::U8: run(std::integral_constant<RowType, RowType::U8>()); break;
+          case RowType::F16: run(std::integral_constant<RowType, RowType::F16>()); break;
+          case RowType::BF16: run(std::integral_constant<RowType, RowType::BF16>()); break;
+          case RowType::F32: run(std::integral_constant<RowType, RowType::F32>()); break;
+        }
+      }
+    }
+  }
+  return out;
+}
+
 // box_lower: see the docstring at the registration below.
 py::tuple box_lower(py::array_t<double, py::array::c_style | py::array::forcecast> e,
                     py::array_t<double, py::array::c_style | py::array::forcecast> lo,
@@ -190,21 +245,35 @@ py::tuple box_lower(py::array_t<double, py::array::c_style | py::array::forcecas
   const double *ep = e.data(), *lp = lo.data(), *hp = hi.data();
   {
     py::gil_scoped_release nogil;
+    // the corners coordinate after coordinate (t, L): the loop over boxes then runs in
+    // vector lanes (measured 5x faster than box after box on 18,750 boxes of t = 5)
+    std::vector<double> loT((size_t)(t * L)), hiT((size_t)(t * L));
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t j = 0; j < t; ++j) {
+        loT[(size_t)(j * L + l)] = lp[l * t + j];
+        hiT[(size_t)(j * L + l)] = hp[l * t + j];
+      }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t q = 0; q < n; ++q) {
       const double* x = ep + q * t;
       double* row = o + q * L;
-      // the `nearest` smallest so far, ascending (insertion into a short sorted array)
+      std::fill(row, row + L, 0.0);
+      for (int64_t j = 0; j < t; ++j) {  // same sum order per box as before: j ascending
+        const double xj = x[j];
+        const double *a = loT.data() + j * L, *b = hiT.data() + j * L;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const double g = std::max(0.0, std::max(a[l] - xj, xj - b[l]));
+          row[l] += g * g;
+        }
+      }
+      const double shq = sh[q];
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) row[l] = std::max(0.0, std::sqrt(row[l]) - shq) * factor;
+      // the `nearest` smallest, ascending (insertion into a short sorted array)
       std::vector<double> bv(nearest, std::numeric_limits<double>::infinity());
       std::vector<int64_t> bi(nearest, -1);
       for (int64_t l = 0; l < L; ++l) {
-        const double *a = lp + l * t, *b = hp + l * t;
-        double s = 0.0;
-        for (int64_t j = 0; j < t; ++j) {
-          const double g = std::max(0.0, std::max(a[j] - x[j], x[j] - b[j]));
-          s += g * g;
-        }
-        row[l] = std::max(0.0, std::sqrt(s) - sh[q]) * factor;
         if (row[l] < bv[nearest - 1]) {
           int64_t p = nearest - 1;
           while (p > 0 && bv[p - 1] > row[l]) {
@@ -401,6 +470,11 @@ void register_prune(py::module_& m) {
         "in dtype (bfloat16 as uint16 bits; a memory map is read in place), idx (n, K) int64 row numbers (-1: none), "
         "center (d,). Returns (logits (n, K) float64 -coef ||v - (rows[idx] - center)||^2 by direct differences, "
         "-inf where idx is -1; lse (n,) their log-sum-exp; dc (n, d) the softmax-weighted mean of the centered rows).");
+  m.def("candidate_sqdist", &candidate_sqdist, py::arg("v"), py::arg("rows"), py::arg("idx"), py::arg("center"),
+        py::arg("dtype"),
+        "Exact squared distances of each query's candidate rows (the logits of candidate_softmax at coef 1, the same "
+        "arithmetic, without the softmax): v (n, d) float64 centered queries, rows (M, d) in dtype, idx (n, K) int64 "
+        "(-1: none), center (d,). Returns (n, K) float64 ||v - (rows[idx] - center)||^2, inf where idx is -1.");
   m.def("box_lower", &box_lower, py::arg("e"), py::arg("lo"), py::arg("hi"), py::arg("nearest"), py::arg("shift"),
         py::arg("factor"),
         "Lower bounds from each point to each box: e (n, t) float64 points, lo / hi (L, t) the boxes' corners. With "

@@ -368,3 +368,46 @@ def test_candidate_softmax_matches_torch(dtype, rng):
     assert rel_err(a[1], dc) <= 1e-8
     with pytest.raises(ValueError, match="idx"):
         _ext.C.candidate_softmax(v.numpy(), coef.numpy(), ds.raw, np.full((4, 2), 90), np.asarray(src.center), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "bfloat16"])
+def test_candidate_sqdist_is_the_softmax_logits_at_coef_one(dtype, rng):
+    x = (rng.integers(0, 256, (70, 11)) if dtype == "uint8" else rng.standard_normal((70, 11))).astype(
+        np.uint8 if dtype == "uint8" else np.float32)
+    ds = optden.Dataset.from_array(x, dtype=None if dtype == "uint8" else dtype)
+    src = optden.OptimalDenoiser(ds, prune="off").source(None)
+    v = centered(ds, model_rows(ds)[:5] + 0.3 * rng.standard_normal((5, 11)))
+    idx = rng.integers(0, 70, (5, 9))
+    idx[2, 4:] = -1
+    args = (np.ascontiguousarray(v.numpy()), ds.raw, idx, np.asarray(src.center, dtype=np.float64), dtype)
+    d2 = _ext.C.candidate_sqdist(*args)
+    lg, _, _ = _ext.C.candidate_softmax(args[0], np.ones(5), *args[1:])
+    assert np.array_equal(d2, -lg)  # the same arithmetic, bit for bit (inf where idx is -1)
+    raw = np.asarray(ds.raw_rows(np.arange(70)).to(torch.float64)) - np.asarray(src.center)
+    ok = idx >= 0
+    want = ((v.numpy()[:, None, :] - raw[np.where(ok, idx, 0)]) ** 2).sum(-1)
+    assert np.allclose(d2[ok], want[ok], rtol=1e-13) and np.isinf(d2[~ok]).all()
+    with pytest.raises(ValueError, match="idx"):
+        _ext.C.candidate_sqdist(args[0], ds.raw, np.full((5, 2), 70), args[3], dtype)
+
+
+def test_certified_nearest_answers_pruned_with_duplicate_rows(digits_u8, rng):
+    # copies of rows (ties at the k-th distance) and queries on rows: the pruned search
+    # answers them (ok) with the exact distances, ties broken by row number
+    x = np.concatenate([digits_u8, digits_u8[:40]])
+    ds = optden.Dataset.from_array(x)
+    idx = EmbeddingIndex.build(ds, k=12, leaf_size=16)
+    den = optden.OptimalDenoiser(ds, prune=idx)
+    y = model_rows(ds)
+    u = np.concatenate([y[:20], y[50:70] + 0.01 * rng.standard_normal((20, ds.d))])
+    src = den.source(None)
+    v = centered(ds, u)
+    from optden.prune.pruner import exact_sq_distances
+
+    d2, ii, ok = idx.certified_nearest(v, 3, lambda sel, i: exact_sq_distances(v[sel], src, i), max_scan=ds.M)
+    assert bool(ok.all())
+    ex = ((v.numpy()[:, None, :] - (np.asarray(ds.raw_rows(np.arange(ds.M)).to(torch.float64)) - np.asarray(src.center))[None]) ** 2).sum(-1)
+    assert np.allclose(d2.numpy(), np.sort(ex, 1)[:, :3], rtol=1e-12, atol=1e-12)
+    assert np.allclose(np.take_along_axis(ex, ii.numpy(), 1), d2.numpy(), rtol=1e-12, atol=1e-12)
+    # a query on a copied row: both copies at distance 0, the lower row number first
+    assert ii[0, 0].item() == 0 and ii[0, 1].item() == digits_u8.shape[0]

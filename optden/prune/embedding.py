@@ -242,11 +242,24 @@ class EmbeddingIndex:
     # ------------------------------------------------------------------ probe plan
     def _first_rows(self, e32, near, k):
         """The k rows nearest in the embedding among the leaves near (n, P): (n, k) int64, -1 where none."""
-        out = np.full((e32.shape[0], k), -1, dtype=np.int64)
-        lims, D, I = self._scan(e32, near, np.full(e32.shape[0], np.inf, dtype=np.float32))
-        for j in range(e32.shape[0]):
-            top = np.argsort(D[lims[j]:lims[j + 1]], kind="stable")[:k]
-            out[j, : len(top)] = I[lims[j] + top]
+        n = e32.shape[0]
+        lims, D, I = self._scan(e32, near, np.full(n, np.inf, dtype=np.float32))
+        cnt = np.diff(lims)
+        W = max(1, int(cnt.max()) if n else 1)
+        # each query's scanned rows padded into one row of a (n, W) matrix: one vectorised
+        # selection instead of a sort per query (2,000 queries: 0.19 s of numpy calls)
+        qid = np.repeat(np.arange(n), cnt)
+        pos = np.arange(len(D)) - np.repeat(lims[:-1], cnt)
+        Dm = np.full((n, W), np.inf, dtype=np.float64)
+        Im = np.full((n, W), -1, dtype=np.int64)
+        Dm[qid, pos], Im[qid, pos] = D, I
+        kk = min(int(k), W)
+        if kk < W:
+            part = np.argpartition(Dm, kk - 1, axis=1)[:, :kk]
+            Dm, Im = np.take_along_axis(Dm, part, 1), np.take_along_axis(Im, part, 1)
+        order = np.argsort(Dm, axis=1, kind="stable")
+        out = np.full((n, int(k)), -1, dtype=np.int64)
+        out[:, :kk] = np.take_along_axis(Im, order, 1)
         return out
 
     def _probe_lists(self, keep: np.ndarray) -> np.ndarray:
@@ -376,18 +389,23 @@ class EmbeddingIndex:
             R = self.scan_radius(np.where(go, dk, 0.0), err)
             qs = np.flatnonzero(go)
             lims, _, I = self._scan(e32[qs], self._probe_lists(probe[qs]), R[qs])
-            qid = np.concatenate([np.repeat(np.arange(len(qs)), np.diff(lims)), np.repeat(np.arange(len(qs)), first.shape[1])])
-            rid = np.concatenate([I, first[qs].reshape(-1)])
-            key = np.unique(qid[rid >= 0] * self.M + rid[rid >= 0])  # once each
-            cq, ci = key // self.M, key % self.M
-            per = np.bincount(cq, minlength=len(qs))
+            # the scan returns each row once per query, and every row nearer than dk (the
+            # k first rows' exact k-th distance): the k nearest rows are among them
+            per = np.diff(lims)
             cand = np.full((len(qs), max(1, int(per.max()))), -1, dtype=np.int64)
-            cand[cq, np.arange(len(cq)) - np.repeat(np.cumsum(per) - per, per)] = ci
+            cand[np.repeat(np.arange(len(qs)), per), np.arange(len(I)) - np.repeat(lims[:-1], per)] = I
             dd = distances(torch.from_numpy(a + qs), torch.from_numpy(cand)).numpy()
-            top = np.argsort(dd, axis=1, kind="stable")[:, :k]
-            out_d[a + qs] = np.take_along_axis(dd, top, 1)
-            out_i[a + qs] = np.take_along_axis(cand, top, 1)
-            ok[a + qs] = per >= k
+            kk = min(k, cand.shape[1])
+            top = np.argpartition(dd, kk - 1, axis=1)[:, :kk] if kk < cand.shape[1] else np.argsort(dd, axis=1)
+            top = np.take_along_axis(top, np.lexsort((np.take_along_axis(cand, top, 1), np.take_along_axis(dd, top, 1)),
+                                                     axis=1), 1)  # by distance, ties by row number
+            got_d, got_i = np.take_along_axis(dd, top, 1), np.take_along_axis(cand, top, 1)
+            # certified only when k rows were found and the k-th is no farther than dk (every
+            # row not scanned is at least dk away); anything else is answered densely
+            good = (per >= k) & (got_d[:, -1] <= dk2[qs]) if kk == k else np.zeros(len(qs), dtype=bool)
+            out_d[a + qs[good]] = got_d[good]
+            out_i[a + qs[good]] = got_i[good]
+            ok[a + qs[good]] = True
         return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
 
     # ------------------------------------------------------------------ build

@@ -89,19 +89,18 @@ def _softmax_by_sum(lg: torch.Tensor):
 def _native(source, v: torch.Tensor) -> bool:
     """Whether the C++ re-score can read this source's rows: all rows of a dataset, on CPU."""
     return (v.device.type == "cpu" and source.index is None and _ext.C is not None
-            and hasattr(_ext.C, "candidate_softmax") and isinstance(getattr(source.dataset, "raw", None), np.ndarray))
+            and hasattr(_ext.C, "candidate_softmax") and hasattr(_ext.C, "candidate_sqdist") and isinstance(getattr(source.dataset, "raw", None), np.ndarray))
 
 
 def exact_sq_distances(v: torch.Tensor, source, idx: torch.Tensor) -> torch.Tensor:
     """Exact squared distances (n, K) float64 of the candidate rows idx (n, K) from v (n, d),
     inf where idx is -1 (the logits of ``exact_candidates`` at coef 1)."""
-    one = torch.ones(v.shape[0], dtype=torch.float64, device=v.device)
-    if _native(source, v):
-        lg, _, _ = _ext.C.candidate_softmax(
-            np.ascontiguousarray(v.detach().numpy(), dtype=np.float64), one.numpy(), source.dataset.raw,
+    if _native(source, v):  # the C++ re-score's arithmetic, without its softmax (half its cost)
+        return torch.from_numpy(_ext.C.candidate_sqdist(
+            np.ascontiguousarray(v.detach().numpy(), dtype=np.float64), source.dataset.raw,
             np.ascontiguousarray(idx.numpy(), dtype=np.int64),
-            np.ascontiguousarray(source.center.numpy(), dtype=np.float64), source.dtype)
-        return -torch.from_numpy(lg)
+            np.ascontiguousarray(source.center.numpy(), dtype=np.float64), source.dtype))
+    one = torch.ones(v.shape[0], dtype=torch.float64, device=v.device)
     return -_torch_candidates(v, one, source, idx, 1 << 27)[3]
 
 
