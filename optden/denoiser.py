@@ -138,6 +138,7 @@ class OptimalDenoiser:
         self.prune_policy = prune_policy
         self._pruner = None
         self._policy = None
+        self._chosen = []
 
     # ------------------------------------------------------------------ properties
     @property
@@ -250,8 +251,11 @@ class OptimalDenoiser:
             out = torch.zeros(pos.numel(), dtype=torch.bool)
             for val in sig.unique().tolist():
                 grp = sig == val
-                out[grp] = pol.choose(val, int(grp.sum()))
+                out[grp] = go = pol.choose(val, int(grp.sum()))
+                self._chosen.append((val, int(grp.sum()), go))
             return out
+
+        self._chosen = []  # (sigma raw, queries, pruned) of this evaluation, for record_evaluation
 
         return choose
 
@@ -476,6 +480,7 @@ class OptimalDenoiser:
         modes = [""] * n
         coef_all = self._coef(sigma)
         pr = self.pruner() if labels is None else None
+        t_call = time.perf_counter()
         if pr is not None:  # certified pruned path; what it cannot certify runs dense below
             src = self.source(None)
             v = self._centered(u, u_lo, src).v
@@ -514,6 +519,14 @@ class OptimalDenoiser:
             top_idx[qd] = src.global_index(cert.top_idx[:, :k_out])
             for j, mval in zip(range(n) if qi is None else qi.tolist(), cert.mode.tolist()):
                 modes[j] = MODE_NAMES[mval]
+        if self._policy is not None and pr is not None and self._chosen:
+            # the whole evaluation (search and fallback pass) is what the choice cost; a
+            # batch of several sigma shares it by queries
+            spent = time.perf_counter() - t_call
+            chosen = sum(c for _, c, _ in self._chosen)
+            for val, cnt, go in self._chosen:  # queries the cache answered count with their group
+                self._policy.record_evaluation(val, n * cnt / chosen, spent * cnt / chosen, go)
+            self._chosen = []
         self._check_certified(bound, denoised, sigma)
         return Evaluation(denoised, lse, top_w, top_idx, bound, modes)
 

@@ -279,12 +279,16 @@ def test_auto_chooses_dense_where_pruning_cannot_pay(faces, rng):
     assert pol.prior_share(3.0 / ds.scale) == 0.0
     assert pol.decisions == {"pruned": 0, "dense": 1} and "pruned" not in ev.mode
     assert den.pruner().last["searched"] == 0  # no search was spent
+    # the whole evaluation was recorded, as dense, at its sigma
+    assert pol.measured_cost(3.0 / ds.scale, False) > 0 and pol.measured_cost(3.0 / ds.scale, True) is None
     assert rel_err(ev.denoised, R.denoise(broad, y, 3.0)) <= DENOISE_RTOL
     sharp = u + 1e-3 * rng.standard_normal(u.shape)
     ev = den.denoise_certified(torch.from_numpy(sharp), 1e-3)
     assert pol.decisions["pruned"] == 1 and ev.mode.count("pruned") >= 5
+    assert pol.measured_cost(1e-3 / ds.scale, True) > 0 and pol.measured_cost(1e-3 / ds.scale, False) is None
     assert rel_err(ev.denoised, R.denoise(sharp, y, 1e-3)) <= DENOISE_RTOL
     # measured outcomes override the prior: nothing certified near a sigma -> dense there
+    pol.evaluations.clear()  # (the model's branch: no whole evaluation measured)
     s_raw = 0.05 / ds.scale
     pol.record_dense(64, 1.0)
     pol.record_dense(8, 0.5)
@@ -305,6 +309,44 @@ def test_auto_chooses_dense_where_pruning_cannot_pay(faces, rng):
     assert pol.choose(2e-4 / ds.scale, 64)
     pruned, dense = pol.estimate(2e-4 / ds.scale, 64)
     assert pruned == pytest.approx(64 * 1e-5) and dense == pytest.approx(sum(pol.dense_model() * np.array([1, 64])))
+
+
+def test_auto_measured_evaluations_override_the_model():
+    """What whole evaluations cost decides over the model: a pruned way that loses to dense
+    near a sigma is run at most once there (then dense is measured, and wins); one measured
+    far below the cheapest dense evaluation keeps pruning without measuring dense."""
+    from optden.prune.policy import CONFIDENT, MARGIN, PrunePolicy
+
+    class Index:  # what the policy reads of an index
+        M, d = 1_000_000, 192
+
+    pol = PrunePolicy(Index(), 1e-7)
+    pol._nn = np.full(256, 1e9)  # every query looks certifiable a priori: the model explores
+    costs = {True: 0.37, False: 0.35}  # seconds for 64 queries: pruning loses by 6%
+    ways = []
+    for _ in range(12):
+        go = pol.choose(0.05, 64)
+        ways.append(go)
+        if go:
+            pol.record_pruned(0.05, 64, 38, 0.15)
+            pol.record_dense(26, 0.22)
+        else:
+            pol.record_dense(64, costs[False])
+        pol.record_evaluation(0.05, 64, costs[go], go)
+    assert ways[0] and not any(ways[1:])  # explored once, then dense (measured) every time
+    # near a sigma where a pruned evaluation cost under CONFIDENT of the cheapest dense one
+    # seen anywhere: pruned, without a dense measurement there
+    far = 0.05e-3  # 3 decades down: no bin near 0.05's
+    pol.record_evaluation(far, 64, 0.9 * CONFIDENT * costs[False], True)
+    assert pol.measured_cost(far, False) is None and pol.choose(far, 64)
+    pol.record_evaluation(far, 64, 2 * costs[False], True)  # its mean now above: dense, to measure it
+    assert not pol.choose(far, 64)
+    # both measured: pruned only when below (1 - MARGIN) of dense
+    pol.record_evaluation(far, 64, 10.0, False)
+    assert pol.choose(far, 64)
+    pol.record_evaluation(far, 64, 0.0 + 1e-9, False)
+    mean_d = pol.measured_cost(far, False)
+    assert pol.choose(far, 64) == (pol.measured_cost(far, True) < (1 - MARGIN) * mean_d)
 
 
 def test_save_load_and_rejection(tmp_path, digits_u8):

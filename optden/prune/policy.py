@@ -29,6 +29,24 @@ when that estimate beats dense by ``MARGIN``. What it knows before spending:
   query at each sigma bin; a least-squares fit of a + b n over the recent dense passes),
   with priors from the rows' bytes and the dimension until measured.
 
+What an evaluation cost decides over any estimate. The model above is only a guess: the
+dense pass's time per query grows with sigma (1.2M rows, 64 queries: 273 ms at sigma 0.02,
+780 ms at 0.5), and the queries a pruned evaluation leaves to the pass are its hardest (a
+pass over them costs ~1.5x a pass over as many typical ones), so a model fitted to those
+passes overrated dense and kept pruning where it lost 4-8%. So the denoiser also records
+each whole evaluation (search and fallback pass together; ``record_evaluation``) as seconds
+per query-equivalent, ``seconds / (n + N0)`` (N0: the queries whose arithmetic equals the
+pass's reading of the rows, from the priors). Near a sigma:
+
+* both ways measured: prune when the pruned cost is below ``(1 - MARGIN)`` of dense's;
+* only pruned measured: keep pruning when it is below ``CONFIDENT`` of the cheapest dense
+  evaluation seen at any sigma (or, none seen, when it certified at least
+  ``CONFIDENT_SHARE`` of its queries); otherwise run dense once, which measures dense here;
+* otherwise the model, and the exploration above.
+
+So a losing pruned way is paid at most once near a sigma before dense is measured there,
+and afterwards only where its measured cost beat dense's by MARGIN.
+
 Cost only, never correctness: every pruned evaluation is certified or runs dense.
 """
 from __future__ import annotations
@@ -39,7 +57,7 @@ from collections import deque
 import numpy as np
 import torch
 
-__all__ = ["PrunePolicy", "MARGIN", "NEARBY", "NN_RANK", "EXPLORE_SHARE"]
+__all__ = ["PrunePolicy", "MARGIN", "NEARBY", "NN_RANK", "EXPLORE_SHARE", "CONFIDENT", "CONFIDENT_SHARE"]
 
 #: Prune only when the estimate is below (1 - MARGIN) of the dense pass's.
 MARGIN = 0.1
@@ -47,6 +65,13 @@ MARGIN = 0.1
 NN_RANK = 16
 #: With nothing measured nearby, a prior share at least this sends the group pruned once.
 EXPLORE_SHARE = 0.25
+#: Only pruned measured near a sigma: keep pruning when its cost is below CONFIDENT of the
+#: cheapest dense evaluation seen at any sigma (dense costs grow with sigma: ~1.25x from
+#: sigma 0.02 to 0.05 on 1.2M patches, so 0.7 x the cheapest seen stays below 0.9 x the
+#: dense cost where it was not measured).
+CONFIDENT = 0.7
+#: ... or, no dense evaluation seen anywhere, when it certified at least this share.
+CONFIDENT_SHARE = 0.95
 #: Bins of 0.1 in log10 sigma; outcomes up to NEARBY bins away count as "nearby sigma".
 BIN = 0.1
 NEARBY = 2
@@ -74,6 +99,9 @@ class PrunePolicy:
         self._nn = None  # nearest-other-row distances of sample rows (raw units), lazily
         self.outcomes: dict[int, list] = {}  # sigma bin -> [tried, certified, seconds searching]
         self.passes = deque(maxlen=16)  # (n, seconds) of recent dense passes
+        # sigma bin -> {True: [evaluations, summed cost], False: [...]}: whole evaluations,
+        # pruned (True) or dense (False), cost = seconds / (n + N0)
+        self.evaluations: dict[int, dict[bool, list]] = {}
         self.decisions = {"pruned": 0, "dense": 0}
 
     # ---------------------------------------------------------------- what is known
@@ -156,12 +184,38 @@ class PrunePolicy:
 
     def choose(self, sigma_raw: float, n: int) -> bool:
         """True: run the group of n queries at sigma (raw units) pruned; False: dense."""
-        pruned, dense = self.estimate(sigma_raw, n)
-        go = pruned < (1.0 - MARGIN) * dense
-        if not go and self._nearby(sigma_raw) is None and self.prior_share(sigma_raw) >= EXPLORE_SHARE:
-            go = True  # explore: measure the share the prior underestimates (module docstring)
+        P, D = self.measured_cost(sigma_raw, True), self.measured_cost(sigma_raw, False)
+        if P is not None and D is not None:
+            go = P < (1.0 - MARGIN) * D
+        elif P is not None:
+            dmin = self.cheapest_dense()
+            go = P < CONFIDENT * dmin if dmin is not None else self.share(sigma_raw) >= CONFIDENT_SHARE
+        else:
+            pruned, dense = self.estimate(sigma_raw, n)
+            go = pruned < (1.0 - MARGIN) * dense
+            if not go and self._nearby(sigma_raw) is None and self.prior_share(sigma_raw) >= EXPLORE_SHARE:
+                go = True  # explore: measure the share the prior underestimates (module docstring)
         self.decisions["pruned" if go else "dense"] += 1
         return go
+
+    def _n0(self) -> float:
+        """Queries whose arithmetic costs what the pass's reading of the rows does (the priors' a / b)."""
+        return self.itemsize * PRIOR_MACS_PER_S / PRIOR_BYTES_PER_S
+
+    def measured_cost(self, sigma_raw: float, pruned: bool):
+        """Mean cost (seconds per query-equivalent) of whole evaluations run pruned (True) or
+        dense (False) at the bin of sigma or the nearest one within NEARBY bins; None if none."""
+        b = self._bin(sigma_raw)
+        for off in sorted(range(-NEARBY, NEARBY + 1), key=abs):
+            e = self.evaluations.get(b + off, {}).get(bool(pruned))
+            if e is not None and e[0] > 0:
+                return e[1] / e[0]
+        return None
+
+    def cheapest_dense(self):
+        """The smallest mean cost of dense evaluations at any sigma bin (None if none)."""
+        costs = [e[False][1] / e[False][0] for e in self.evaluations.values() if e.get(False, [0])[0] > 0]
+        return min(costs) if costs else None
 
     # ---------------------------------------------------------------- what was measured
     def record_pruned(self, sigma_raw: float, tried: int, certified: int, seconds: float) -> None:
@@ -170,6 +224,14 @@ class PrunePolicy:
         o[0] += int(tried)
         o[1] += int(certified)
         o[2] += float(seconds)
+
+    def record_evaluation(self, sigma_raw: float, n: float, seconds: float, pruned: bool) -> None:
+        """A whole evaluation of n queries at sigma that ``choose`` sent pruned (True: its search
+        and the dense pass of what it left, together) or dense (False) took seconds."""
+        if n > 0 and seconds > 0:
+            e = self.evaluations.setdefault(self._bin(sigma_raw), {}).setdefault(bool(pruned), [0, 0.0])
+            e[0] += 1
+            e[1] += float(seconds) / (float(n) + self._n0())
 
     def record_dense(self, n: int, seconds: float) -> None:
         """A dense pass over all rows for n queries took seconds."""
