@@ -79,9 +79,9 @@ def true_tails(ds, u: torch.Tensor, sigma: float, top: int, chunk: int = 100_000
     return (-torch.expm1(torch.logsumexp(best, 1) - lse)).clamp(min=0).numpy()
 
 
-def build_indexes(ds, want_ivf: bool):
+def build_indexes(ds, want_ivf: bool, k=None):
     t = time.perf_counter()
-    emb = EmbeddingIndex.build(ds)
+    emb = EmbeddingIndex.build(ds, k=k)
     t_emb = time.perf_counter() - t
     ivf = t_ivf = None
     if want_ivf:
@@ -106,7 +106,7 @@ def run(args):
     full = large_patches_dataset(args.size, 1, args.min_std, verify=False)
     ds = subset(full, args.rows, args.seed)
     t_data = time.perf_counter() - t
-    emb, t_emb, ivf, t_ivf = build_indexes(ds, args.ivf)
+    emb, t_emb, ivf, t_ivf = build_indexes(ds, args.ivf, args.k)
     dense = optden.OptimalDenoiser(ds, prune="off")
     forced = optden.OptimalDenoiser(ds, prune=emb, prune_policy="always")
     auto = optden.OptimalDenoiser(ds, prune=emb, prune_policy="auto")
@@ -115,7 +115,7 @@ def run(args):
     print(f"# {machine()}; commit {commit()}")
     print(f"# data: {ds.M:,} of {full.M:,} textured {args.size}x{args.size} patches (d = {ds.d}), "
           f"{args.queries} queries; tol {dense.tol:g}, tol/10 = {tol_mass:g}; load {t_data:.1f} s; "
-          f"embedding index build {t_emb:.1f} s" + (f", IVF build {t_ivf:.1f} s" if ivf is not None else ""))
+          f"embedding index (k = {emb.k}) build {t_emb:.1f} s" + (f", IVF build {t_ivf:.1f} s" if ivf is not None else ""))
     print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     rng = np.random.default_rng(args.seed + 1)
     head = (f"{'sigma':>6} {'achievable':>10} {'cert emb':>8} {'cert ivf':>8} {'dense ms':>9} {'emb ms':>8} "
@@ -219,6 +219,7 @@ def main():
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.02, 0.05, 0.1])
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", type=int, default=None, help="embedding directions (default: default_k(d))")
     ap.add_argument("--ivf", action="store_true", help="also the FAISS IVF pruned path (optden.prune.index)")
     ap.add_argument("--workloads", action="store_true", help="also mean shift and memorization, dense vs auto")
     ap.add_argument("--bandwidth", type=float, default=0.05, help="mean shift bandwidth (--workloads)")

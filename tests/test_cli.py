@@ -138,3 +138,24 @@ def test_every_listed_command_exists(capsys):
     with pytest.raises(SystemExit):
         main(["bench"])  # never was a command: benchmarks are bench/*.py (make bench)
     assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_index_embedding_then_auto_loads_it(tmp_path, digits_u8, capsys):
+    # `optden index` builds the embedding by default (what load errors tell users to run),
+    # and prune="auto" then loads it: the same rows and D* as the dense pass
+    d = tmp_path / "digits300"
+    optden.Dataset.from_array(digits_u8[:300].reshape(-1, 1, 8, 8)).save(d)
+    assert main(["index", str(d), "--k", "12", "--leaf-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "built embedding index of 300 x 64 rows" in out and "k=12" in out
+    ds = optden.Dataset.load(d)
+    idx = optden.prune.EmbeddingIndex.load(ds)
+    assert idx.k == 12
+    den = optden.OptimalDenoiser(ds, prune="auto")
+    x = torch.from_numpy(np.asarray(ds.raw_rows(np.arange(5)).to(torch.float64)) * ds.scale + ds.offset)
+    dense = optden.OptimalDenoiser(ds, prune="off")
+    assert torch.allclose(den(x, 0.05), dense(x, 0.05), rtol=1e-9, atol=1e-12)
+    assert den.pruner() is not None and den.pruner().index.kind == "embedding"
+    with pytest.raises(SystemExit):
+        main(["index", str(d), "--k", "0"])
+    assert "--k" in capsys.readouterr().err

@@ -453,3 +453,13 @@ def test_certified_nearest_answers_pruned_with_duplicate_rows(digits_u8, rng):
     assert np.allclose(np.take_along_axis(ex, ii.numpy(), 1), d2.numpy(), rtol=1e-12, atol=1e-12)
     # a query on a copied row: both copies at distance 0, the lower row number first
     assert ii[0, 0].item() == 0 and ii[0, 1].item() == digits_u8.shape[0]
+
+
+def test_default_k_follows_the_dimension(digits_u8):
+    from optden.prune.embedding import default_k
+
+    assert [default_k(d) for d in (8, 64, 192, 768, 3072, 12288)] == [32, 32, 48, 128, 128, 128]
+    ds = optden.Dataset.from_array(digits_u8[:200])
+    assert EmbeddingIndex.build(ds).k == 32  # d = 64
+    small = optden.Dataset.from_array(digits_u8[:200, :20])
+    assert EmbeddingIndex.build(small).k == 20  # never more than d
