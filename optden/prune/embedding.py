@@ -410,13 +410,17 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def build(cls, dataset, k: int | None = None, leaf_size: int = 64, tree_dims: int = 4,
+    def build(cls, dataset, k: int | None = None, leaf_size: int = 256, tree_dims: int = 4,
               sample_rows: int = 200_000, seed: int = 0) -> "EmbeddingIndex":
         """Embed every row of ``dataset`` and index the embeddings.
 
         k: principal directions (the embedding has k + 1 coordinates; default
         ``default_k(d)``); leaf_size: rows per
-        leaf (at most); tree_dims: leading coordinates the k-d tree splits (plus the radial
+        leaf (at most; median splits leave 0.5-1 of it). Measured on 1.2M rows (d = 192,
+        64 queries): leaves of at most 64 / 128 / 256 / 512 / 1024 rows evaluate sigma 0.02
+        3.1x / 3.7x / 4.5x / 4.5x / 3.6x faster than the dense pass, and 512 certified
+        nearest rows in 656 / 505 / 461 / 522 / 593 ms: small leaves spend on bounding every
+        leaf (``box_lower``, (n, leaves) float64), large ones on scanning rows; tree_dims: leading coordinates the k-d tree splits (plus the radial
         one); sample_rows: rows the principal directions are estimated from (seeded).
         Memory: M (k + 1) float32 for the embeddings.
         """

@@ -23,6 +23,9 @@ from ..errors import InputError
 from .cache import NeighbourCache
 from .index import faiss_gpu_available, move_to_shell
 
+#: Candidate-count groups of ``Pruner.evaluate``'s re-score (widths of the padded matrices).
+BUCKET_WIDTHS = (64, 1024, 16384)
+
 __all__ = ["Pruner", "PrunedResult", "shell_log_mass", "exact_candidates", "exact_sq_distances"]
 
 
@@ -278,7 +281,28 @@ class Pruner:
         k_need = k_out if k_need is None else max(1, min(int(k_need), k_out))
 
         def accept(sel, idx, counts, lower, store: bool):
-            """Rescore candidates of queries sel exactly; set the certified ones; return failures."""
+            """Rescore candidates of queries sel exactly; set the certified ones; return
+            ``(failed queries, their best exact logit)``. idx is left-packed (each query's
+            candidates first, -1 after): queries are taken in groups of similar candidate
+            counts, each cut to its own width, since one padded (n, K) matrix costs every
+            query the widest one's K (at sigma 0.02 on 1.2M rows: medians of 4-7
+            candidates, a few queries with 10^4, and ~35 of a call's ~100 ms spent on
+            padding in the torch steps below)."""
+            per = (idx >= 0).sum(1)
+            if idx.shape[1] <= BUCKET_WIDTHS[0] or sel.numel() <= 1:
+                return accept_group(sel, idx, counts, lower, store)
+            failed, lmax, lo = [], [], -1
+            for hi in [b for b in BUCKET_WIDTHS if b < idx.shape[1]] + [idx.shape[1]]:
+                grp = (per > lo) & (per <= hi)
+                lo = hi
+                if bool(grp.any()):
+                    width = max(1, int(per[grp].max()))
+                    f, m = accept_group(sel[grp], idx[grp, :width], counts[grp], lower[grp], store)
+                    failed.append(f)
+                    lmax.append(m)
+            return torch.cat(failed), torch.cat(lmax)
+
+        def accept_group(sel, idx, counts, lower, store: bool):
             lse, dc, tw, ti, lg = exact_candidates(v[sel], coef[sel], self.source, idx, k_out)
             lmax = lg.max(1).values
             self.stats["rows_scored"] += int((idx >= 0).sum())
