@@ -13,6 +13,8 @@ Per sigma:
   the certificate may leave out; tol the denoiser's);
 * certified: the share the pruned path answers "pruned" (certified, no dense fallback),
   for the embedding index and, with ``--ivf``, the FAISS IVF index of ``optden.prune.index``;
+* left / ceiling: the dense pass for the queries the embedding did not certify, alone,
+  and dense / that: the most any pruned path that leaves them to the dense pass can gain;
 * time: median seconds of one evaluation of all the queries, dense cpu pass vs pruned
   (embedding, forced: prune_policy="always"), prune="auto"'s choice, and IVF, called in
   rounds in this process (the neighbour cache is cleared before every pruned call, so
@@ -119,7 +121,8 @@ def run(args):
     print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     rng = np.random.default_rng(args.seed + 1)
     head = (f"{'sigma':>6} {'achievable':>10} {'cert emb':>8} {'cert ivf':>8} {'dense ms':>9} {'emb ms':>8} "
-            f"{'ratio':>6} {'dpe':>5} {'auto ms':>8} {'auto ratio':>10} {'ivf ms':>8} {'ivf ratio':>9} {'max rel':>8}")
+            f"{'ratio':>6} {'dpe':>5} {'auto ms':>8} {'auto ratio':>10} {'ivf ms':>8} {'ivf ratio':>9} {'max rel':>8} "
+            f"{'left ms':>8} {'ceiling':>7}")
     print(head)
     for sigma in args.sigmas:
         rows = rng.choice(ds.M, args.queries, replace=False)
@@ -138,16 +141,24 @@ def run(args):
             cert_ivf = float(np.mean([m == "pruned" for m in ev_ivf.mode]))
             worst = max(worst, rel_err(ev_ivf.denoised, ref))
         auto(u, sigma)  # the policy sees this sigma once (as along a trajectory) before it is timed
-        fns = [lambda: dense(u, sigma), pruned_call(forced, u, sigma), pruned_call(auto, u, sigma)]
+        # the ceiling of any pruned path that leaves what it cannot certify to the dense pass:
+        # that pass alone, for the queries the embedding left uncertified
+        left = torch.from_numpy(np.array([m != "pruned" for m in ev.mode]))
+        fns = [lambda: dense(u, sigma), pruned_call(forced, u, sigma), pruned_call(auto, u, sigma),
+               (lambda: dense(u[left], sigma)) if bool(left.any()) else (lambda: None)]
         if with_ivf is not None:
             fns.append(pruned_call(with_ivf, u, sigma))
         ts = [np.median(t) for t in interleaved_times(fns, args.repeats)]
-        t_ivf = ts[3] if len(ts) > 3 else float("nan")
+        t_left = ts[3] if bool(left.any()) else float("nan")
+        t_ivf = ts[4] if len(ts) > 4 else float("nan")
         print(f"{sigma:6g} {achievable:10.3f} {cert:8.3f} {cert_ivf:8.3f} {ts[0] * 1e3:9.1f} {ts[1] * 1e3:8.1f} "
               f"{ts[0] / ts[1]:6.2f} {ts[1] / ts[0]:5.2f} {ts[2] * 1e3:8.1f} {ts[0] / ts[2]:10.2f} "
-              f"{t_ivf * 1e3:8.1f} {ts[0] / t_ivf:9.2f} {worst:8.1e}", flush=True)
+              f"{t_ivf * 1e3:8.1f} {ts[0] / t_ivf:9.2f} {worst:8.1e} {t_left * 1e3:8.1f} {ts[0] / t_left:7.2f}",
+              flush=True)
     print("# ratio = dense / pruned (> 1: pruning pays), dpe = pruned / dense; achievable = share of queries whose "
-          f"true weight outside their top {TOP} rows is below tol/10; cert = share answered pruned (certified).")
+          f"true weight outside their top {TOP} rows is below tol/10; cert = share answered pruned (certified); "
+          "left ms = the dense pass for the queries the embedding did not certify, alone; ceiling = dense / left ms, "
+          "the most a pruned path that leaves them to the dense pass can gain, its searches free.")
     print(f"# auto decisions: {auto._policy.decisions if auto._policy is not None else None}")
     if args.workloads:
         workloads(args, ds, dense, auto, rng)
@@ -159,6 +170,8 @@ def workloads(args, ds, dense, auto, rng):
     (alternately: dense first), answers compared."""
     print(f"{'workload':>26} {'dense s':>8} {'auto s':>8} {'ratio':>6}  check")
     bw = args.bandwidth
+    if bw <= 0:
+        return sampling_and_memorization(args, ds, dense, auto, rng)
     rows = np.sort(rng.choice(ds.M, args.queries, replace=False))
     x0 = ds.raw_rows(rows).to(torch.float64) * ds.scale + ds.offset
     x0 = x0 + bw * torch.from_numpy(rng.standard_normal(tuple(x0.shape)))
@@ -172,6 +185,10 @@ def workloads(args, ds, dense, auto, rng):
     same = bool(torch.equal(got.nearest_index, ref.nearest_index))
     print(f"{f'mean shift {args.queries} pts, bw {bw:g}':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
           f"same nearest rows: {same}, max rel diff of modes {rel_err(got.modes, ref.modes):.1e}", flush=True)
+    sampling_and_memorization(args, ds, dense, auto, rng)
+
+
+def sampling_and_memorization(args, ds, dense, auto, rng):
     if args.sample > 0:
         sampling_workload(args, dense, auto)
     if args.memorize > 0:
@@ -195,9 +212,23 @@ def sampling_workload(args, dense, auto):
     prune="auto" (its policy learns along the run), samples compared; the share of
     evaluations at sigma <= 0.1 (where pruning can certify) is what auto can save."""
     kw = dict(n=args.sample, steps=18, solver="heun", seed=args.seed, progress=False)
+    spent = []  # (sigma, seconds) of each dense evaluation: the time share pruning can save
+    plain = dense._denoised  # what every D* call of the sampler runs
+
+    def timed(u, sigma, *a, **k):
+        t0 = time.perf_counter()
+        out = plain(u, sigma, *a, **k)
+        spent.append((float(sigma.max()), time.perf_counter() - t0))
+        return out
+
+    dense._denoised = timed
     t = time.perf_counter()
-    ref = optden.sample(dense, **kw)
+    try:
+        ref = optden.sample(dense, **kw)
+    finally:
+        del dense._denoised  # the class's method again
     t_dense = time.perf_counter() - t
+    small_time = sum(x for s_, x in spent if s_ <= 0.1) / max(1e-12, sum(x for _, x in spent))
     auto.pruner().cache.clear()
     t = time.perf_counter()
     got = optden.sample(auto, **kw)
@@ -207,7 +238,8 @@ def sampling_workload(args, dense, auto):
     evals = torch.cat([s[:-1], s[1:-1]])
     small = float((evals <= 0.1).double().mean())
     print(f"{f'EDM Heun {args.sample} samples':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
-          f"{got.nfe} evaluations, {small:.0%} at sigma <= 0.1; max rel diff of samples "
+          f"{got.nfe} evaluations, {small:.0%} at sigma <= 0.1 ({small_time:.0%} of the dense time: the most pruning "
+          f"them can save is {1 / max(1e-12, 1 - small_time):.2f}x); max rel diff of samples "
           f"{rel_err(got.samples, ref.samples):.1e}", flush=True)
 
 
@@ -222,7 +254,7 @@ def main():
     ap.add_argument("--k", type=int, default=None, help="embedding directions (default: default_k(d))")
     ap.add_argument("--ivf", action="store_true", help="also the FAISS IVF pruned path (optden.prune.index)")
     ap.add_argument("--workloads", action="store_true", help="also mean shift and memorization, dense vs auto")
-    ap.add_argument("--bandwidth", type=float, default=0.05, help="mean shift bandwidth (--workloads)")
+    ap.add_argument("--bandwidth", type=float, default=0.05, help="mean shift bandwidth (--workloads; 0: no mean shift)")
     ap.add_argument("--memorize", type=int, default=1000, help="samples for memorization (--workloads; 0: none)")
     ap.add_argument("--sample", type=int, default=64, help="samples of an EDM Heun run (--workloads; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
