@@ -117,7 +117,7 @@ def test_scan_radius_and_scan(faces, rng):
         Dj, Ij, bj = D[lims[j]:lims[j + 1]], I[lims[j]:lims[j + 1]], b[lims[j]:lims[j + 1]]
         out = np.setdiff1d(np.arange(ds.M), Ij)
         assert (ex[j, out] >= rho[j]).all()  # not returned: at least rho away
-        ref = ((e32[j].astype(np.float64) - idx.emb[pos[Ij]].astype(np.float64)) ** 2).sum(1)
+        ref = ((e32[j].astype(np.float64) - idx.stored_rows(pos[Ij]).astype(np.float64)) ** 2).sum(1)
         assert np.allclose(Dj, ref, rtol=1e-5, atol=1e-3) and (Dj < R2[j]).all()
         # each returned row's histogram bin is a valid shell for it, and the bins are the
         # ones histogram_shells gives its lower bound
@@ -463,3 +463,47 @@ def test_default_k_follows_the_dimension(digits_u8):
     assert EmbeddingIndex.build(ds).k == 32  # d = 64
     small = optden.Dataset.from_array(digits_u8[:200, :20])
     assert EmbeddingIndex.build(small).k == 20  # never more than d
+
+
+@pytest.mark.parametrize("dim", [3, 8, 13, 49])
+def test_leaf_blocks_round_trip_and_scan_agree(dim, rng):
+    # the split layout holds every row, and the scan reads it as whole rows (same sums)
+    from optden.prune.embedding import _leaf_blocks
+
+    E = rng.standard_normal((50, dim)).astype(np.float32)
+    starts = np.array([0, 7, 8, 30, 50])
+    ix = EmbeddingIndex.__new__(EmbeddingIndex)
+    ix.emb, ix.starts, ix.dim = _leaf_blocks(E, starts), starts, dim
+    assert np.array_equal(ix.stored_rows(np.arange(50)), E)
+    q = rng.standard_normal((2, dim)).astype(np.float32)
+    lists = np.tile(np.arange(4), (2, 1))
+    z2 = np.zeros(2)
+    lims, D, I, *_ = _ext.C.leaf_scan(q, lists, np.full(2, np.inf, dtype=np.float32), ix.emb, starts, np.arange(50),
+                                      z2, 1.0, 1.0, 1.0, z2, np.ones(2), 0.5, 0)
+    for j in range(2):
+        want = ((q[j].astype(np.float64) - E.astype(np.float64)) ** 2).sum(1)
+        assert np.array_equal(I[lims[j]:lims[j + 1]], np.arange(50))
+        assert np.allclose(D[lims[j]:lims[j + 1]], want, rtol=1e-5)
+
+
+def test_version_1_index_files_still_load(tmp_path, digits_u8, rng):
+    # indexes saved before the split layout (whole rows leaf after leaf) convert on load
+    import json
+
+    from optden.fileio import sha256_file
+
+    ds = optden.Dataset.from_array(digits_u8[:300])
+    idx = EmbeddingIndex.build(ds, k=10, leaf_size=16)
+    idx.save(tmp_path)
+    npath, jpath = EmbeddingIndex.paths(tmp_path)
+    rows = idx.stored_rows(np.arange(ds.M))
+    with np.load(npath) as z:
+        a = {name: z[name] for name in z.files}
+    a["emb"] = rows
+    with open(npath, "wb") as f:
+        np.savez(f, **a)
+    meta = json.loads(jpath.read_text())
+    meta.update(version=1, arrays_sha256=sha256_file(npath))
+    jpath.write_text(json.dumps(meta))
+    old = EmbeddingIndex.load(ds, dir=tmp_path)
+    assert np.array_equal(old.emb, idx.emb) and np.array_equal(old.stored_rows(np.arange(ds.M)), rows)
