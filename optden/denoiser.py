@@ -265,7 +265,7 @@ class OptimalDenoiser:
         pr = self._pruner
         src = self.source(None)
         return pr.index.certified_nearest(v, k, lambda sel, idx: exact_sq_distances(v[sel], src, idx),
-                                          max_scan=pr.max_scan_frac * pr.index.M)
+                                          max_scan=pr.max_scan_nearest_frac * pr.index.M)
 
     def _fallback(self, src: RowSource, k: int):
         """The float64 torch pass behind a faster, less precise backend (None for torch)."""
