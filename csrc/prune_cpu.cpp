@@ -119,6 +119,17 @@ void softmax_one(const double* v, double coef, const char* rows, size_t row_byte
   *lse = m + std::log(s);
 }
 
+// f(std::integral_constant<RowType, T>) for the row type rt: one instantiation per storage type.
+template <class F>
+void with_row_type(RowType rt, F&& f) {
+  switch (rt) {
+    case RowType::U8: f(std::integral_constant<RowType, RowType::U8>()); break;
+    case RowType::F16: f(std::integral_constant<RowType, RowType::F16>()); break;
+    case RowType::BF16: f(std::integral_constant<RowType, RowType::BF16>()); break;
+    case RowType::F32: f(std::integral_constant<RowType, RowType::F32>()); break;
+  }
+}
+
 // The checks candidate_softmax and candidate_sqdist share: v (n, d), rows (M, d) of dtype
 // rt, C-contiguous, idx (n, K) in -1..M-1, center (d,).
 void check_candidates(const py::array_t<double, py::array::c_style | py::array::forcecast>& v, const py::array& rows,
@@ -168,12 +179,7 @@ py::tuple candidate_softmax(py::array_t<double, py::array::c_style | py::array::
           softmax_one<decltype(tag)::value>(vp + q * d, cp[q], base, row_bytes, ip + q * K, K, d, ctr, lp + q * K,
                                             sp + q, dp + q * d, buf);
         };
-        switch (rt) {
-          case RowType::U8: run(std::integral_constant<RowType, RowType::U8>()); break;
-          case RowType::F16: run(std::integral_constant<RowType, RowType::F16>()); break;
-          case RowType::BF16: run(std::integral_constant<RowType, RowType::BF16>()); break;
-          case RowType::F32: run(std::integral_constant<RowType, RowType::F32>()); break;
-        }
+        with_row_type(rt, run);
       }
     }
   }
@@ -212,12 +218,7 @@ py::array_t<double> candidate_sqdist(py::array_t<double, py::array::c_style | py
             op[q * K + t] = sq_dist(vp + q * d, buf.data(), d);
           }
         };
-        switch (rt) {
-          case RowType::U8: run(std::integral_constant<RowType, RowType::U8>()); break;
-          case RowType::F16: run(std::integral_constant<RowType, RowType::F16>()); break;
-          case RowType::BF16: run(std::integral_constant<RowType, RowType::BF16>()); break;
-          case RowType::F32: run(std::integral_constant<RowType, RowType::F32>()); break;
-        }
+        with_row_type(rt, run);
       }
     }
   }

@@ -92,13 +92,13 @@ def _softmax_by_sum(lg: torch.Tensor):
 def _native(source, v: torch.Tensor) -> bool:
     """Whether the C++ re-score can read this source's rows: all rows of a dataset, on CPU."""
     return (v.device.type == "cpu" and source.index is None and _ext.C is not None
-            and hasattr(_ext.C, "candidate_softmax") and hasattr(_ext.C, "candidate_sqdist") and isinstance(getattr(source.dataset, "raw", None), np.ndarray))
+            and hasattr(_ext.C, "candidate_softmax") and isinstance(getattr(source.dataset, "raw", None), np.ndarray))
 
 
 def exact_sq_distances(v: torch.Tensor, source, idx: torch.Tensor) -> torch.Tensor:
     """Exact squared distances (n, K) float64 of the candidate rows idx (n, K) from v (n, d),
     inf where idx is -1 (the logits of ``exact_candidates`` at coef 1)."""
-    if _native(source, v):  # the C++ re-score's arithmetic, without its softmax (half its cost)
+    if _native(source, v) and hasattr(_ext.C, "candidate_sqdist"):  # the re-score's arithmetic, no softmax
         return torch.from_numpy(_ext.C.candidate_sqdist(
             np.ascontiguousarray(v.detach().numpy(), dtype=np.float64), source.dataset.raw,
             np.ascontiguousarray(idx.numpy(), dtype=np.int64),
