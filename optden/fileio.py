@@ -158,7 +158,8 @@ def atomic_write_npy(path, dtype, shape, pieces) -> None:
         f.write(header)
         for piece in pieces:
             a = np.ascontiguousarray(piece, dtype=dtype)
-            f.write(memoryview(a).cast("B"))
+            if a.size:  # an empty piece (a band whose patches were all dropped) has zero strides: no view
+                f.write(memoryview(a).cast("B"))
             rows += a.shape[0]
         if rows != shape[0]:
             raise ValueError(f"atomic_write_npy: pieces hold {rows} rows, the shape says {shape[0]}")

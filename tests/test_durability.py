@@ -354,3 +354,12 @@ def test_dataset_json_that_is_a_list(tmp_path):
         ingest.build_dataset(src, tmp_path / "ds", progress=False)
     with pytest.raises(optden.DatasetError, match="dataset.json holds a list"):
         optden.Dataset.from_images(src)
+
+
+def test_atomic_write_npy_takes_empty_pieces(tmp_path):
+    """A piece of zero rows (a band of the patch set whose patches were all duplicates) is
+    written as nothing: numpy >= 2.4 gives empty arrays zero strides, which a memoryview
+    cannot cast to bytes."""
+    arr = np.arange(60, dtype=np.uint8).reshape(5, 12)
+    fileio.atomic_write_npy(tmp_path / "a.npy", arr.dtype, arr.shape, [arr[:0], arr[:2], arr[2:2], arr[2:], arr[5:]])
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), arr)
