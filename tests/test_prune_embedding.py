@@ -467,27 +467,48 @@ def test_default_k_follows_the_dimension(digits_u8):
 
 @pytest.mark.parametrize("dim", [3, 8, 13, 49])
 def test_leaf_blocks_round_trip_and_scan_agree(dim, rng):
-    # the split layout holds every row, and the scan reads it as whole rows (same sums)
+    # the split layout holds every row, and the scan reads it as whole rows (same sums up to
+    # float32 rounding); the last leaf spans several of the scan's 64-row lane groups
     from optden.prune.embedding import _leaf_blocks
 
-    E = rng.standard_normal((50, dim)).astype(np.float32)
-    starts = np.array([0, 7, 8, 30, 50])
+    E = rng.standard_normal((200, dim)).astype(np.float32)
+    starts = np.array([0, 7, 8, 30, 200])
     ix = EmbeddingIndex.__new__(EmbeddingIndex)
     ix.emb, ix.starts, ix.dim = _leaf_blocks(E, starts), starts, dim
-    assert np.array_equal(ix.stored_rows(np.arange(50)), E)
+    assert np.array_equal(ix.stored_rows(np.arange(200)), E)
+    assert np.array_equal(ix.stored_rows(np.array([199, 0, 64, 7])), E[[199, 0, 64, 7]])
     q = rng.standard_normal((2, dim)).astype(np.float32)
     lists = np.tile(np.arange(4), (2, 1))
     z2 = np.zeros(2)
-    lims, D, I, *_ = _ext.C.leaf_scan(q, lists, np.full(2, np.inf, dtype=np.float32), ix.emb, starts, np.arange(50),
+    lims, D, I, *_ = _ext.C.leaf_scan(q, lists, np.full(2, np.inf, dtype=np.float32), ix.emb, starts, np.arange(200),
                                       z2, 1.0, 1.0, 1.0, z2, np.ones(2), 0.5, 0)
     for j in range(2):
         want = ((q[j].astype(np.float64) - E.astype(np.float64)) ** 2).sum(1)
-        assert np.array_equal(I[lims[j]:lims[j + 1]], np.arange(50))
+        assert np.array_equal(I[lims[j]:lims[j + 1]], np.arange(200))
         assert np.allclose(D[lims[j]:lims[j + 1]], want, rtol=1e-5)
+    # a finite radius returns exactly the rows within it (none near the edge, by the data)
+    R = np.float32(np.median(want))
+    lims, D, I, *_ = _ext.C.leaf_scan(q[1:], lists[1:], np.array([R]), ix.emb, starts, np.arange(200), z2[:1], 1.0,
+                                      1.0, 1.0, z2[:1], np.ones(1), 0.5, 0)
+    near_edge = np.abs(want - R) <= 1e-4 * R
+    assert np.array_equal(np.sort(I)[~near_edge[np.sort(I)]], np.flatnonzero((want < R) & ~near_edge))
 
 
-def test_version_1_index_files_still_load(tmp_path, digits_u8, rng):
-    # indexes saved before the split layout (whole rows leaf after leaf) convert on load
+def _layout_v2(E, starts, lead=8):
+    """Rows E (M, dim) in the version-2 layout: per leaf, the leading block row after row."""
+    M, dim = E.shape
+    lead = min(lead, dim)
+    flat = np.empty(M * dim, dtype=np.float32)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        flat[a * dim: a * dim + (b - a) * lead] = E[a:b, :lead].reshape(-1)
+        flat[a * dim + (b - a) * lead: b * dim] = E[a:b, lead:].reshape(-1)
+    return flat.reshape(M, dim)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_index_files_still_load(tmp_path, digits_u8, rng, version):
+    # indexes saved in an older layout (1: whole rows leaf after leaf; 2: the leading block
+    # row after row) convert on load to the layout the scan reads
     import json
 
     from optden.fileio import sha256_file
@@ -499,11 +520,69 @@ def test_version_1_index_files_still_load(tmp_path, digits_u8, rng):
     rows = idx.stored_rows(np.arange(ds.M))
     with np.load(npath) as z:
         a = {name: z[name] for name in z.files}
-    a["emb"] = rows
+    a["emb"] = rows if version == 1 else _layout_v2(rows, idx.starts)
+    assert not np.array_equal(a["emb"], idx.emb)
     with open(npath, "wb") as f:
         np.savez(f, **a)
     meta = json.loads(jpath.read_text())
-    meta.update(version=1, arrays_sha256=sha256_file(npath))
+    meta.update(version=version, arrays_sha256=sha256_file(npath))
     jpath.write_text(json.dumps(meta))
     old = EmbeddingIndex.load(ds, dir=tmp_path)
     assert np.array_equal(old.emb, idx.emb) and np.array_equal(old.stored_rows(np.arange(ds.M)), rows)
+
+
+def test_leaf_scan_grouped_agrees_with_the_scan_query_after_query(rng):
+    # the leaf-major scan returns, per query, the rows of leaf_scan (same sums), by row
+    # number; queries with no leaves return nothing; bad lists are refused by name
+    from optden.prune.embedding import _leaf_blocks
+
+    dim, M = 13, 300
+    E = rng.standard_normal((M, dim)).astype(np.float32)
+    starts = np.array([0, 40, 41, 100, 180, 300])
+    emb, ids = _leaf_blocks(E, starts), rng.permutation(M)
+    q = rng.standard_normal((6, dim)).astype(np.float32)
+    r2 = np.array([10, 20, 30, 40, 0, np.inf], dtype=np.float32)
+    lists = [[0, 2, 4], [], [1, 3], [4, 3, 2, 1, 0], [0], [2, 4]]
+    qlims = np.cumsum([0] + [len(x) for x in lists])
+    lims, D, I = _ext.C.leaf_scan_grouped(q, qlims, np.array(sum(lists, []), dtype=np.int64), r2, emb, starts, ids)
+    z = np.zeros(1)
+    for j, ls in enumerate(lists):
+        got_I, got_D = I[lims[j]:lims[j + 1]], D[lims[j]:lims[j + 1]]
+        assert np.array_equal(got_I, np.sort(got_I))
+        if not ls:
+            assert got_I.size == 0
+            continue
+        l2, D2, I2, *_ = _ext.C.leaf_scan(q[j:j + 1], np.array([ls]), r2[j:j + 1], emb, starts, ids, z, 1.0, 1.0, 1.0,
+                                          z, np.ones(1), 0.5, 0)
+        order = np.argsort(I2)
+        assert np.array_equal(got_I, I2[order]) and np.array_equal(got_D, D2[order])
+    assert lims[5] - lims[4] == 0 and lims[6] - lims[5] == 59 + 120  # r2 0: none; inf: all of leaves 2, 4
+    with pytest.raises(ValueError, match="qleaves"):
+        _ext.C.leaf_scan_grouped(q[:1], np.array([0, 1]), np.array([5]), r2[:1], emb, starts, ids)
+    with pytest.raises(ValueError, match="qlims"):
+        _ext.C.leaf_scan_grouped(q[:1], np.array([0, 2]), np.array([1]), r2[:1], emb, starts, ids)
+
+
+def test_certified_nearest_over_many_chunks_and_the_scan_limit(digits_u8, rng):
+    # more queries than one chunk (the bounds run per chunk, the scan once for all), and a
+    # scan limit that some queries exceed: those say ok False, the others are exact
+    from optden.prune.embedding import QUERY_CHUNK
+    from optden.prune.pruner import exact_sq_distances
+
+    ds = optden.Dataset.from_array(digits_u8)
+    idx = EmbeddingIndex.build(ds, k=10, leaf_size=16)
+    den = optden.OptimalDenoiser(ds, prune=idx)
+    y = model_rows(ds)
+    n = 2 * QUERY_CHUNK + 21
+    u = np.concatenate([y[:n - 30] + 0.02 * rng.standard_normal((n - 30, ds.d)), rng.uniform(-1, 1, (30, ds.d))])
+    src = den.source(None)
+    v = centered(ds, u)
+    ex = ((v.numpy()[:, None, :] - (np.asarray(ds.raw_rows(np.arange(ds.M)).to(torch.float64))
+                                    - np.asarray(src.center))[None]) ** 2).sum(-1)
+    for max_scan, all_ok in ((ds.M, True), (0.3 * ds.M, False)):
+        d2, ii, ok = idx.certified_nearest(v, 2, lambda sel, i: exact_sq_distances(v[sel], src, i), max_scan=max_scan)
+        ok = ok.numpy()
+        assert bool(ok.all()) == all_ok and ok[:n - 30].mean() > 0.5
+        assert np.allclose(d2.numpy()[ok], np.sort(ex, 1)[ok, :2], rtol=1e-12, atol=1e-12)
+        assert np.allclose(np.take_along_axis(ex, ii.numpy(), 1)[ok], d2.numpy()[ok], rtol=1e-12, atol=1e-12)
+        assert (ii.numpy()[~ok] == -1).all()

@@ -63,9 +63,10 @@ __all__ = ["EmbeddingIndex", "SearchResult", "default_k", "histogram_shells", "f
            "SHARE_RANGE", "SHARE_RETURNED"]
 
 INDEX_FORMAT = "optden.embedding-index"
-#: 2: each leaf's rows split into leading and other coordinates (``_leaf_blocks``); files of
-#: version 1 (whole rows) convert on load.
-INDEX_VERSION = 2
+#: 2: each leaf's rows split into leading and other coordinates; 3: the leading block
+#: stored coordinate after coordinate (``_leaf_blocks``). Files of versions 1 (whole rows)
+#: and 2 (the leading block row after row) convert on load.
+INDEX_VERSION = 3
 #: Leading coordinates a scan reads first (``optden._C.leaf_scan``'s kLead): a leaf stores
 #: them for all its rows, then the other coordinates, so rows that stop early read no more.
 LEAD = 8
@@ -179,15 +180,7 @@ class EmbeddingIndex:
     def stored_rows(self, pos: np.ndarray) -> np.ndarray:
         """The float32 embeddings (len(pos), k + 1) of the rows at leaf-order positions pos
         (row ``ids[pos]``), read from the split layout of ``_leaf_blocks``."""
-        pos = np.asarray(pos, dtype=np.int64)
-        lead = min(LEAD, self.dim)
-        leaf = np.searchsorted(self.starts, pos, side="right") - 1
-        a, n = self.starts[leaf], self.starts[leaf + 1] - self.starts[leaf]
-        p = pos - a
-        flat = self.emb.reshape(-1)
-        head = flat[(a * self.dim + p * lead)[:, None] + np.arange(lead)]
-        tail = flat[(a * self.dim + n * lead + p * (self.dim - lead))[:, None] + np.arange(self.dim - lead)]
-        return np.concatenate([head, tail], axis=1)
+        return _stored_rows(self.emb, self.starts, pos, INDEX_VERSION)
 
     def embed(self, w: np.ndarray, w_norm: np.ndarray | None = None):
         """Embeddings of centered vectors w (n, d) float64: ``(e64 (n, k + 1) float64,
@@ -381,35 +374,60 @@ class EmbeddingIndex:
         idx (m, K)) -> exact squared distances (m, K) (inf where idx is -1). Returns
         ``(d2 (n, k), idx (n, k), ok (n,))``: ok False where the scan limit was hit (the
         caller answers those densely). Every row not re-scored is provably at least as far
-        as the k-th returned one."""
+        as the k-th returned one.
+
+        Each chunk of QUERY_CHUNK queries bounds the leaves and sets its radii; then one scan
+        runs leaf after leaf for all the queries (``_C.leaf_scan_grouped``): a leaf is read
+        from memory once for every query that probes it, where a scan query after query is
+        bound by memory (10,000 memorization queries on 1.2M rows probe ~200 leaves each,
+        ~250 queries per leaf)."""
         n = v.shape[0]
         out_d = np.full((n, k), np.nan)
         out_i = np.full((n, k), -1, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
+        e32s = np.empty((n, self.dim), dtype=np.float32)
+        dk2s = np.full(n, np.inf)
+        Rs = np.zeros(n, dtype=np.float32)
+        pairs_q, pairs_l = [], []  # the probed (query, leaf) pairs, by query
         for a in range(0, n, QUERY_CHUNK):
             b = min(n, a + QUERY_CHUNK)
             vn = v[a:b].detach().cpu().numpy()
             _, e32, err = self.embed(vn)
             # the first rows only set dk, the k-th exact distance: 2 leaves of up to 256 rows
-            # are enough (8 cost 443 against 331 ms for 512 queries on 1.2M rows)
-            low, near = self.leaf_lower(e32, err, nearest=2)
-            first = self._first_rows(e32, near, max(k, 4))
+            # are enough (8 cost 443 against 331 ms for 512 queries on 1.2M rows); the next
+            # leaves by bound refine it
+            low, near = self.leaf_lower(e32, err, nearest=8)
+            first = self._first_rows(e32, near[:, :2], max(k, 4))
             d2 = distances(torch.arange(a, b), torch.from_numpy(first)).numpy()
             dk2 = self._refine_dk2(e32, err, low, near, d2, k, lambda idx, a=a, b=b: distances(torch.arange(a, b), idx))
             dk = np.sqrt(dk2) * (1 + 1e-12)
-            probe = (low <= dk[:, None]) & (self.sizes[None, :] > 0)
-            scanned = (probe * self.sizes[None, :]).sum(1)
+            q, l = np.nonzero(low <= dk[:, None])
+            full = self.sizes[l] > 0
+            q, l = q[full], l[full]
+            scanned = np.bincount(q, weights=self.sizes[l], minlength=b - a)
             go = np.isfinite(dk) & (scanned <= max_scan)
             if not go.any():
                 continue
-            R = self.scan_radius(np.where(go, dk, 0.0), err)
-            qs = np.flatnonzero(go)
-            lims, _, I = self._scan(e32[qs], self._probe_lists(probe[qs]), R[qs])
-            # the scan returns each row once per query, and every row nearer than dk (the
-            # k first rows' exact k-th distance): the k nearest rows are among them
-            per = np.diff(lims)
-            cand = _padded(lims, I, -1)
-            dd = distances(torch.from_numpy(a + qs), torch.from_numpy(cand)).numpy()
+            e32s[a:b], dk2s[a:b] = e32, dk2
+            Rs[a:b] = np.where(go, self.scan_radius(np.where(go, dk, 0.0), err), np.float32(0))
+            keep = go[q]
+            pairs_q.append(a + q[keep])
+            pairs_l.append(l[keep])
+        if not pairs_q:
+            return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
+        pq, pl = np.concatenate(pairs_q), np.concatenate(pairs_l)
+        qs = np.unique(pq)  # the queries scanned, ascending (pairs are by query)
+        qlims = np.searchsorted(pq, np.append(qs, n))
+        self.scans += 1
+        lims, _, I = _C().leaf_scan_grouped(e32s[qs], qlims, pl, Rs[qs], self.emb, self.starts, self.ids)
+        # the scan returns each row once per query, and every row nearer than dk (the k first
+        # rows' exact k-th distance): the k nearest rows are among them
+        for c in range(0, len(qs), QUERY_CHUNK):
+            sub = qs[c:c + QUERY_CHUNK]
+            cl = lims[c:c + len(sub) + 1]
+            per = np.diff(cl)
+            cand = _padded(cl - cl[0], I[cl[0]:cl[-1]], -1)
+            dd = distances(torch.from_numpy(sub), torch.from_numpy(cand)).numpy()
             kk = min(k, cand.shape[1])
             top = np.argpartition(dd, kk - 1, axis=1)[:, :kk] if kk < cand.shape[1] else np.argsort(dd, axis=1)
             top = np.take_along_axis(top, np.lexsort((np.take_along_axis(cand, top, 1), np.take_along_axis(dd, top, 1)),
@@ -417,30 +435,28 @@ class EmbeddingIndex:
             got_d, got_i = np.take_along_axis(dd, top, 1), np.take_along_axis(cand, top, 1)
             # certified only when k rows were found and the k-th is no farther than dk (every
             # row not scanned is at least dk away); anything else is answered densely
-            good = (per >= k) & (got_d[:, -1] <= dk2[qs]) if kk == k else np.zeros(len(qs), dtype=bool)
-            out_d[a + qs[good]] = got_d[good]
-            out_i[a + qs[good]] = got_i[good]
-            ok[a + qs[good]] = True
+            good = (per >= k) & (got_d[:, -1] <= dk2s[sub]) if kk == k else np.zeros(len(sub), dtype=bool)
+            out_d[sub[good]] = got_d[good]
+            out_i[sub[good]] = got_i[good]
+            ok[sub[good]] = True
         return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
 
-    def _refine_dk2(self, e32, err, low, near, d2, k, distances, leaves: int = 8):
+    def _refine_dk2(self, e32, err, low, near, d2, k, distances):
         """The k-th exact squared distance (n,) that bounds the nearest-row search: of the
-        first rows (exact squared distances d2 (n, F), from the leaves near (n, P)) and of
-        the rows within their k-th distance in the other leaves among the ``leaves`` of
-        smallest bound, re-scored exactly. Any k rows' k-th exact distance serves (every row
-        nearer is then scanned), and the smaller it is, the fewer leaves the search probes
-        (2,000 queries on 1.2M rows: 1.81 -> 1.58 s). distances(idx (n, K)) -> (n, K)."""
+        first rows (exact squared distances d2 (n, F), from the leaves near[:, :2]) and of
+        the rows within their k-th distance in the other leaves of near (n, P), the leaves
+        of smallest bound (low (n, L)), re-scored exactly. Any k rows' k-th exact distance serves (every
+        row nearer is then scanned), and the smaller it is, the fewer leaves the search
+        probes (2,000 queries on 1.2M rows: 1.81 -> 1.58 s). distances(idx (n, K)) -> (n, K)."""
         dk2 = np.partition(d2, k - 1, axis=1)[:, k - 1] if d2.shape[1] >= k else np.full(d2.shape[0], np.inf)
-        L = low.shape[1]
-        m = min(leaves, L - 1)
-        if m <= near.shape[1]:
+        more = near[:, 2:]
+        if more.shape[1] == 0:
             return dk2
-        more = np.argpartition(low, m, axis=1)[:, :m]
-        dk = np.sqrt(dk2) * (1 + 1e-12)
-        keep = (np.take_along_axis(low, more, 1) <= dk[:, None]) & ~(more[:, :, None] == near[:, None, :]).any(2)
         fin = np.isfinite(dk2)
+        dk = np.sqrt(dk2) * (1 + 1e-12)
+        more = np.where(np.take_along_axis(low, more, 1) <= dk[:, None], more, -1)
         R = np.where(fin, self.scan_radius(np.where(fin, dk, 0.0), err), np.float32(np.inf))
-        lims, _, I = self._scan(e32, np.where(keep, more, -1), R.astype(np.float32))
+        lims, _, I = self._scan(e32, more, R.astype(np.float32))
         if len(I) == 0:
             return dk2
         both = np.concatenate([d2, distances(torch.from_numpy(_padded(lims, I, -1))).numpy()], axis=1)
@@ -540,7 +556,7 @@ class EmbeddingIndex:
                                        f"`optden index {dir} --kind embedding`")
         try:
             meta = json.loads(jpath.read_text())
-            if meta.get("format") != INDEX_FORMAT or int(meta["version"]) not in (1, INDEX_VERSION):
+            if meta.get("format") != INDEX_FORMAT or int(meta["version"]) not in (1, 2, INDEX_VERSION):
                 raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')}")
             M, d, fp = int(meta["M"]), int(meta["d"]), meta["dataset_sha256"]
         except (ValueError, KeyError, TypeError) as e:
@@ -554,8 +570,9 @@ class EmbeddingIndex:
             a = {name: z[name] for name in ("basis", "emb", "ids", "starts", "lo", "hi", "tree_cols")}
         if a["emb"].shape != (M, a["basis"].shape[1] + 1) or a["ids"].shape != (M,) or a["starts"][-1] != M:
             raise DatasetError(f"{npath}: arrays do not match ({M}, {d}) rows")
-        if int(meta["version"]) == 1:  # whole rows leaf after leaf: split each leaf as version 2 stores it
-            a["emb"] = _leaf_blocks(a["emb"], a["starts"])
+        version = int(meta["version"])
+        if version != INDEX_VERSION:  # an older layout: its rows, stored as this version stores them
+            a["emb"] = _leaf_blocks(_stored_rows(a["emb"], a["starts"], np.arange(M), version), a["starts"])
         return cls(dataset, a["basis"], float(meta["r0"]), a["emb"], a["ids"], a["starts"], a["lo"], a["hi"],
                    float(meta["err_rows"]), fp, a["tree_cols"])
 
@@ -585,20 +602,41 @@ def _padded(lims: np.ndarray, vals: np.ndarray, fill) -> np.ndarray:
 
 
 def _leaf_blocks(E: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """The rows' embeddings E (M, dim), leaf after leaf, stored as ``leaf_scan`` reads them:
-    each leaf's rows (starts[l] .. starts[l + 1]) split into their first min(LEAD, dim)
-    coordinates, all rows, then their other coordinates, all rows, in the leaf's own span
-    of the flat array. Returns an (M, dim) float32 array whose rows are no longer rows;
-    ``EmbeddingIndex.stored_rows`` reads rows back."""
+    """The rows' embeddings E (M, dim), leaf after leaf, stored as ``leaf_scan`` reads them
+    (INDEX_VERSION 3): each leaf's rows (starts[l] .. starts[l + 1]) split into their first
+    min(LEAD, dim) coordinates, coordinate after coordinate (lead, rows), then their other
+    coordinates, row after row (rows, dim - lead), in the leaf's own span of the flat array.
+    Returns an (M, dim) float32 array whose rows are no longer rows; ``_stored_rows`` reads
+    rows back."""
     E = np.ascontiguousarray(E, dtype=np.float32)
     M, dim = E.shape
     lead = min(LEAD, dim)
     flat = np.empty(M * dim, dtype=np.float32)
     for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
         n = b - a
-        flat[a * dim: a * dim + n * lead] = E[a:b, :lead].reshape(-1)
+        flat[a * dim: a * dim + n * lead] = E[a:b, :lead].T.reshape(-1)
         flat[a * dim + n * lead: b * dim] = E[a:b, lead:].reshape(-1)
     return flat.reshape(M, dim)
+
+
+def _stored_rows(emb: np.ndarray, starts: np.ndarray, pos: np.ndarray, version: int) -> np.ndarray:
+    """The float32 rows (len(pos), dim) at leaf-order positions pos of embeddings stored in
+    the layout of index version ``version`` (1: whole rows; 2: the leading block row after
+    row, then the others; 3: ``_leaf_blocks``)."""
+    pos = np.asarray(pos, dtype=np.int64)
+    dim = emb.shape[1]
+    if version == 1:
+        return np.asarray(emb[pos], dtype=np.float32)
+    lead = min(LEAD, dim)
+    leaf = np.searchsorted(starts, pos, side="right") - 1
+    a, n = starts[leaf], starts[leaf + 1] - starts[leaf]
+    p = pos - a
+    flat = emb.reshape(-1)
+    base = (a * dim)[:, None]
+    cols = np.arange(lead)
+    head = flat[base + (p * lead)[:, None] + cols] if version == 2 else flat[base + cols * n[:, None] + p[:, None]]
+    tail = flat[(a * dim + n * lead + p * (dim - lead))[:, None] + np.arange(dim - lead)]
+    return np.concatenate([head, tail], axis=1)
 
 
 def _principal_directions(S: np.ndarray, k: int) -> np.ndarray:
