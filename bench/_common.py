@@ -82,6 +82,20 @@ def interleaved_times(fns: list, repeats: int) -> list[list[float]]:
     return out
 
 
+def interleaved_runs(fns: list, rounds: int) -> tuple[list[float], list]:
+    """Median seconds of each function over ``rounds`` rounds (one call of each per round,
+    no warm-up: for runs of seconds on a shared machine, where one run alone can be off by
+    1.5x), and each function's last result."""
+    times = [[] for _ in fns]
+    last = [None] * len(fns)
+    for _ in range(max(1, int(rounds))):
+        for j, f in enumerate(fns):
+            t0 = time.perf_counter()
+            last[j] = f()
+            times[j].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times], last
+
+
 def median_ms(fn, repeats: int = 3) -> float:
     """Median milliseconds of ``repeats`` calls on the host clock (no warm-up: for long runs)."""
     ts = []

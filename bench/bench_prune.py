@@ -43,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import commit, interleaved_times, machine, rel_err  # noqa: E402
+from _common import commit, interleaved_runs, interleaved_times, machine, rel_err  # noqa: E402
 
 import optden  # noqa: E402
 from optden.data import large_patches_dataset  # noqa: E402
@@ -81,9 +81,9 @@ def true_tails(ds, u: torch.Tensor, sigma: float, top: int, chunk: int = 100_000
     return (-torch.expm1(torch.logsumexp(best, 1) - lse)).clamp(min=0).numpy()
 
 
-def build_indexes(ds, want_ivf: bool, k=None):
+def build_indexes(ds, want_ivf: bool, k=None, leaf_size=None):
     t = time.perf_counter()
-    emb = EmbeddingIndex.build(ds, k=k)
+    emb = EmbeddingIndex.build(ds, k=k, **({} if leaf_size is None else {"leaf_size": leaf_size}))
     t_emb = time.perf_counter() - t
     ivf = t_ivf = None
     if want_ivf:
@@ -108,7 +108,7 @@ def run(args):
     full = large_patches_dataset(args.size, 1, args.min_std, verify=False)
     ds = subset(full, args.rows, args.seed)
     t_data = time.perf_counter() - t
-    emb, t_emb, ivf, t_ivf = build_indexes(ds, args.ivf, args.k)
+    emb, t_emb, ivf, t_ivf = build_indexes(ds, args.ivf, args.k, args.leaf_size)
     dense = optden.OptimalDenoiser(ds, prune="off")
     forced = optden.OptimalDenoiser(ds, prune=emb, prune_policy="always")
     auto = optden.OptimalDenoiser(ds, prune=emb, prune_policy="auto")
@@ -117,7 +117,7 @@ def run(args):
     print(f"# {machine()}; commit {commit()}")
     print(f"# data: {ds.M:,} of {full.M:,} textured {args.size}x{args.size} patches (d = {ds.d}), "
           f"{args.queries} queries; tol {dense.tol:g}, tol/10 = {tol_mass:g}; load {t_data:.1f} s; "
-          f"embedding index (k = {emb.k}) build {t_emb:.1f} s" + (f", IVF build {t_ivf:.1f} s" if ivf is not None else ""))
+          f"embedding index (k = {emb.k}, {emb.nlist} leaves) build {t_emb:.1f} s" + (f", IVF build {t_ivf:.1f} s" if ivf is not None else ""))
     print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     rng = np.random.default_rng(args.seed + 1)
     head = (f"{'sigma':>6} {'achievable':>10} {'cert emb':>8} {'cert ivf':>8} {'dense ms':>9} {'emb ms':>8} "
@@ -166,8 +166,9 @@ def run(args):
 
 def workloads(args, ds, dense, auto, rng):
     """Mean shift at bandwidth ``--bandwidth`` to convergence and memorization (NN1 / NN2) of
-    ``--memorize`` samples: dense vs prune="auto" on the embedding index, timed once each
-    (alternately: dense first), answers compared."""
+    ``--memorize`` samples: dense vs prune="auto" on the embedding index, answers compared.
+    Mean shift and sampling run in ``--rounds`` interleaved rounds (median times; auto's
+    neighbour cache cleared before each of its runs), memorization once each."""
     print(f"{'workload':>26} {'dense s':>8} {'auto s':>8} {'ratio':>6}  check")
     bw = args.bandwidth
     if bw <= 0:
@@ -175,13 +176,15 @@ def workloads(args, ds, dense, auto, rng):
     rows = np.sort(rng.choice(ds.M, args.queries, replace=False))
     x0 = ds.raw_rows(rows).to(torch.float64) * ds.scale + ds.offset
     x0 = x0 + bw * torch.from_numpy(rng.standard_normal(tuple(x0.shape)))
-    t = time.perf_counter()
-    ref = optden.mean_shift(dense, x0, bw, max_iter=100, tol=1e-6, progress=False)
-    t_dense = time.perf_counter() - t
-    auto.pruner().cache.clear()
-    t = time.perf_counter()
-    got = optden.mean_shift(auto, x0, bw, max_iter=100, tol=1e-6, progress=False)
-    t_auto = time.perf_counter() - t
+
+    def shift(den):
+        def run():
+            if den.pruner() is not None:
+                den.pruner().cache.clear()
+            return optden.mean_shift(den, x0, bw, max_iter=100, tol=1e-6, progress=False)
+        return run
+
+    (t_dense, t_auto), (ref, got) = interleaved_runs([shift(dense), shift(auto)], args.rounds)
     same = bool(torch.equal(got.nearest_index, ref.nearest_index))
     print(f"{f'mean shift {args.queries} pts, bw {bw:g}':>26} {t_dense:8.2f} {t_auto:8.2f} {t_dense / t_auto:6.2f}  "
           f"same nearest rows: {same}, max rel diff of modes {rel_err(got.modes, ref.modes):.1e}", flush=True)
@@ -222,17 +225,20 @@ def sampling_workload(args, dense, auto):
         return out
 
     dense._denoised = timed
-    t = time.perf_counter()
     try:
-        ref = optden.sample(dense, **kw)
+        optden.sample(dense, **kw)  # once instrumented, for the time share at small sigma
     finally:
         del dense._denoised  # the class's method again
-    t_dense = time.perf_counter() - t
     small_time = sum(x for s_, x in spent if s_ <= 0.1) / max(1e-12, sum(x for _, x in spent))
-    auto.pruner().cache.clear()
-    t = time.perf_counter()
-    got = optden.sample(auto, **kw)
-    t_auto = time.perf_counter() - t
+
+    def run(den):
+        def go():
+            if den.pruner() is not None:
+                den.pruner().cache.clear()
+            return optden.sample(den, **kw)
+        return go
+
+    (t_dense, t_auto), (ref, got) = interleaved_runs([run(dense), run(auto)], args.rounds)
     # Heun evaluates at every step's sigma and, but for the last step, at the next one
     s = got.sigmas
     evals = torch.cat([s[:-1], s[1:-1]])
@@ -252,11 +258,13 @@ def main():
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=None, help="embedding directions (default: default_k(d))")
+    ap.add_argument("--leaf-size", type=int, default=None, help="rows per leaf, at most (default: the index's)")
     ap.add_argument("--ivf", action="store_true", help="also the FAISS IVF pruned path (optden.prune.index)")
     ap.add_argument("--workloads", action="store_true", help="also mean shift and memorization, dense vs auto")
     ap.add_argument("--bandwidth", type=float, default=0.05, help="mean shift bandwidth (--workloads; 0: no mean shift)")
     ap.add_argument("--memorize", type=int, default=1000, help="samples for memorization (--workloads; 0: none)")
     ap.add_argument("--sample", type=int, default=64, help="samples of an EDM Heun run (--workloads; 0: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of mean shift and sampling (median)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if os.environ.get("OPTDEN_CACHE") is None:

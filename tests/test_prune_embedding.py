@@ -563,9 +563,11 @@ def test_leaf_scan_grouped_agrees_with_the_scan_query_after_query(rng):
         _ext.C.leaf_scan_grouped(q[:1], np.array([0, 2]), np.array([1]), r2[:1], emb, starts, ids)
 
 
-def test_certified_nearest_over_many_chunks_and_the_scan_limit(digits_u8, rng):
-    # more queries than one chunk (the bounds run per chunk, the scan once for all), and a
-    # scan limit that some queries exceed: those say ok False, the others are exact
+def test_certified_nearest_over_many_chunks_and_the_scan_limit(digits_u8, rng, monkeypatch):
+    # more queries than one chunk (the bounds run per chunk, the scan once per block of
+    # GROUPED_QUERIES), and a scan limit that some queries exceed: those say ok False, the
+    # others are exact; blocks of 37 queries give the same answers
+    from optden.prune import embedding
     from optden.prune.embedding import QUERY_CHUNK
     from optden.prune.pruner import exact_sq_distances
 
@@ -586,3 +588,7 @@ def test_certified_nearest_over_many_chunks_and_the_scan_limit(digits_u8, rng):
         assert np.allclose(d2.numpy()[ok], np.sort(ex, 1)[ok, :2], rtol=1e-12, atol=1e-12)
         assert np.allclose(np.take_along_axis(ex, ii.numpy(), 1)[ok], d2.numpy()[ok], rtol=1e-12, atol=1e-12)
         assert (ii.numpy()[~ok] == -1).all()
+        with monkeypatch.context() as m:
+            m.setattr(embedding, "GROUPED_QUERIES", 37)
+            again = idx.certified_nearest(v, 2, lambda sel, i: exact_sq_distances(v[sel], src, i), max_scan=max_scan)
+        assert torch.equal(again[2], torch.from_numpy(ok)) and torch.equal(again[1], ii)

@@ -81,6 +81,8 @@ SHELL_WIDTH = 0.5
 SHELL_TOP = 64.0
 #: Queries per search chunk (a chunk holds a queries x leaves float64 bound matrix).
 QUERY_CHUNK = 64
+#: Queries whose nearest-row scans run together, leaf after leaf (``certified_nearest``).
+GROUPED_QUERIES = 4096
 
 
 def _C():
@@ -380,11 +382,21 @@ class EmbeddingIndex:
         runs leaf after leaf for all the queries (``_C.leaf_scan_grouped``): a leaf is read
         from memory once for every query that probes it, where a scan query after query is
         bound by memory (10,000 memorization queries on 1.2M rows probe ~200 leaves each,
-        ~250 queries per leaf)."""
+        ~250 queries per leaf). Queries go GROUPED_QUERIES at a time, which bounds the
+        memory of the probe plan (~200 (query, leaf) pairs per query)."""
         n = v.shape[0]
         out_d = np.full((n, k), np.nan)
         out_i = np.full((n, k), -1, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
+        for a in range(0, n, GROUPED_QUERIES):
+            b = min(n, a + GROUPED_QUERIES)
+            self._nearest_block(v[a:b], k, lambda sel, idx, a=a: distances(sel + a, idx), max_scan,
+                                out_d[a:b], out_i[a:b], ok[a:b])
+        return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
+
+    def _nearest_block(self, v, k, distances, max_scan, out_d, out_i, ok) -> None:
+        """certified_nearest for queries v (n, d), written into out_d (n, k), out_i (n, k), ok (n,)."""
+        n = v.shape[0]
         e32s = np.empty((n, self.dim), dtype=np.float32)
         dk2s = np.full(n, np.inf)
         Rs = np.zeros(n, dtype=np.float32)
@@ -414,7 +426,7 @@ class EmbeddingIndex:
             pairs_q.append(a + q[keep])
             pairs_l.append(l[keep])
         if not pairs_q:
-            return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
+            return
         pq, pl = np.concatenate(pairs_q), np.concatenate(pairs_l)
         qs = np.unique(pq)  # the queries scanned, ascending (pairs are by query)
         qlims = np.searchsorted(pq, np.append(qs, n))
@@ -439,7 +451,6 @@ class EmbeddingIndex:
             out_d[sub[good]] = got_d[good]
             out_i[sub[good]] = got_i[good]
             ok[sub[good]] = True
-        return torch.from_numpy(out_d), torch.from_numpy(out_i), torch.from_numpy(ok)
 
     def _refine_dk2(self, e32, err, low, near, d2, k, distances):
         """The k-th exact squared distance (n,) that bounds the nearest-row search: of the
