@@ -463,6 +463,12 @@ def test_default_k_follows_the_dimension(digits_u8):
     assert EmbeddingIndex.build(ds).k == 32  # d = 64
     small = optden.Dataset.from_array(digits_u8[:200, :20])
     assert EmbeddingIndex.build(small).k == 20  # never more than d
+    from optden.prune.embedding import default_leaf_size
+
+    assert [default_leaf_size(k) for k in (20, 48, 64, 65, 128)] == [256, 256, 256, 64, 64]
+    wide = optden.Dataset.from_array(np.tile(digits_u8[:300], (1, 5))[:, :300])  # d = 300: k = 75
+    idx = EmbeddingIndex.build(wide)
+    assert idx.k == 75 and np.diff(idx.starts).max() <= 64 < np.diff(EmbeddingIndex.build(wide, k=64).starts).max()
 
 
 @pytest.mark.parametrize("dim", [3, 8, 13, 49])

@@ -39,7 +39,8 @@ def register(sub) -> None:
                         "flat: FAISS exhaustive search; ivf: FAISS inverted lists with exact cluster radii")
     p.add_argument("--k", type=positive_int, default=None,
                    help="embedding: principal directions (default d / 4 within 32..128)")
-    p.add_argument("--leaf-size", type=positive_int, default=256, help="embedding: rows per leaf, at most (default 256)")
+    p.add_argument("--leaf-size", type=positive_int, default=None,
+                   help="embedding: rows per leaf, at most (default: 256 for k <= 64, else 64)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(M))")
     p.add_argument("--niter", type=int, default=10, help="k-means iterations for IVF (default 10)")
     p.add_argument("--train-rows", type=int, default=None, help="rows sampled for k-means (default 64 nlist)")

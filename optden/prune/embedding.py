@@ -59,8 +59,8 @@ from ..errors import DatasetError, DatasetNotFoundError, DtypeError, InputError
 from ..fileio import sha256_file
 from .index import save_dir
 
-__all__ = ["EmbeddingIndex", "SearchResult", "default_k", "histogram_shells", "far_bins", "SHARE_LEAVES",
-           "SHARE_RANGE", "SHARE_RETURNED"]
+__all__ = ["EmbeddingIndex", "SearchResult", "default_k", "default_leaf_size", "histogram_shells", "far_bins",
+           "SHARE_LEAVES", "SHARE_RANGE", "SHARE_RETURNED"]
 
 INDEX_FORMAT = "optden.embedding-index"
 #: 2: each leaf's rows split into leading and other coordinates; 3: the leading block
@@ -475,17 +475,13 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def build(cls, dataset, k: int | None = None, leaf_size: int = 256, tree_dims: int = 4,
+    def build(cls, dataset, k: int | None = None, leaf_size: int | None = None, tree_dims: int = 4,
               sample_rows: int = 200_000, seed: int = 0) -> "EmbeddingIndex":
         """Embed every row of ``dataset`` and index the embeddings.
 
         k: principal directions (the embedding has k + 1 coordinates; default
         ``default_k(d)``). leaf_size: rows per leaf, at most (median splits leave 0.5-1 of
-        it); measured on 1.2M rows (d = 192, 64 queries), leaves of at most 64 / 128 / 256 /
-        512 / 1024 rows evaluate sigma 0.02 3.1x / 3.7x / 4.5x / 4.5x / 3.6x faster than the
-        dense pass, and 512 certified nearest rows in 656 / 505 / 461 / 522 / 593 ms: small
-        leaves spend on bounding every leaf (``box_lower``, (n, leaves) float64), large ones
-        on scanning rows. tree_dims: leading coordinates the k-d tree splits (plus the radial
+        it; default ``default_leaf_size(k)``). tree_dims: leading coordinates the k-d tree splits (plus the radial
         one); sample_rows: rows the principal directions are estimated from (seeded).
         Memory: M (k + 1) float32 for the embeddings.
         """
@@ -493,6 +489,7 @@ class EmbeddingIndex:
             raise DtypeError(f"dataset: expected an optden.Dataset, got {type(dataset).__name__}")
         M, d = dataset.M, dataset.d
         k = default_k(d) if k is None else k
+        leaf_size = default_leaf_size(min(k, d)) if leaf_size is None and isinstance(k, (int, np.integer)) else leaf_size
         for name, val, lo_ in (("k", k, 1), ("leaf_size", leaf_size, 1), ("tree_dims", tree_dims, 1),
                                ("sample_rows", sample_rows, 1)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo_:
@@ -601,6 +598,21 @@ def default_k(d: int) -> int:
     float32, about the size of uint8 rows at k = d / 4.
     """
     return int(min(128, max(32, int(d) // 4)))
+
+
+def default_leaf_size(k: int) -> int:
+    """Rows per leaf, at most, for an embedding of k principal directions: 256 up to k = 64,
+    64 above. Small leaves spend on bounding every leaf (``box_lower``, an (n, leaves)
+    float64 matrix) and large ones on scanning rows, whose cost grows with k + 1.
+
+    Measured (bench_prune.py, 64 queries, sigma 0.02 / 0.05 the pruned evaluation's speed-up
+    over the dense pass, memorization of 2,000 samples): 1.2M rows of d = 192 (k = 48),
+    leaves of 64 / 128 / 256: 5.0x / 7.9x / 8.5x, 1.21x / 1.18x / 1.38x, 14.6x / 14.3x /
+    16.8x. 1.0M rows of d = 768 (k = 128), leaves of 256 / 64: 8.7x / 8.8x, 1.90x / 1.94x,
+    13.2x / 14.5x, and at sigma 0.05 leaves of 64 certify 0.891 of queries against 0.844
+    (0.969 achievable): tighter boxes leave more out.
+    """
+    return 256 if int(k) <= 64 else 64
 
 
 def _padded(lims: np.ndarray, vals: np.ndarray, fill) -> np.ndarray:
