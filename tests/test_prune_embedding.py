@@ -572,7 +572,7 @@ def test_leaf_scan_grouped_agrees_with_the_scan_query_after_query(rng):
 def test_certified_nearest_over_many_chunks_and_the_scan_limit(digits_u8, rng, monkeypatch):
     # more queries than one chunk (the bounds run per chunk, the scan once per block of
     # GROUPED_QUERIES), and a scan limit that some queries exceed: those say ok False, the
-    # others are exact; blocks of 37 queries give the same answers
+    # others are exact; blocks of 37 queries, or scans of ~300 rows, give the same answers
     from optden.prune import embedding
     from optden.prune.embedding import QUERY_CHUNK
     from optden.prune.pruner import exact_sq_distances
@@ -594,7 +594,9 @@ def test_certified_nearest_over_many_chunks_and_the_scan_limit(digits_u8, rng, m
         assert np.allclose(d2.numpy()[ok], np.sort(ex, 1)[ok, :2], rtol=1e-12, atol=1e-12)
         assert np.allclose(np.take_along_axis(ex, ii.numpy(), 1)[ok], d2.numpy()[ok], rtol=1e-12, atol=1e-12)
         assert (ii.numpy()[~ok] == -1).all()
-        with monkeypatch.context() as m:
-            m.setattr(embedding, "GROUPED_QUERIES", 37)
-            again = idx.certified_nearest(v, 2, lambda sel, i: exact_sq_distances(v[sel], src, i), max_scan=max_scan)
-        assert torch.equal(again[2], torch.from_numpy(ok)) and torch.equal(again[1], ii)
+        for name, value in (("GROUPED_QUERIES", 37), ("SCAN_ROWS_PER_CALL", 300)):
+            with monkeypatch.context() as m:
+                m.setattr(embedding, name, value)
+                again = idx.certified_nearest(v, 2, lambda sel, i: exact_sq_distances(v[sel], src, i),
+                                              max_scan=max_scan)
+            assert torch.equal(again[2], torch.from_numpy(ok)) and torch.equal(again[1], ii)
