@@ -147,8 +147,8 @@ class EmbeddingIndex:
     basis (d, k), r0: the embedding; emb (M, k + 1) float32 the rows' embeddings leaf after
     leaf, each leaf split into leading and other coordinates (``_leaf_blocks``; read rows
     with ``stored_rows``), ids (M,) their row numbers, starts (L + 1,) the leaves' first
-    positions; lo / hi (L, t) the leaves' boxes over the coordinates tree_cols (t,); err_rows: bound on any
-    row's embedding error.
+    positions; lo / hi (L, t) the leaves' boxes over the coordinates tree_cols (t,);
+    err_rows: bound on any row's embedding error.
     """
 
     kind = "embedding"
@@ -467,9 +467,10 @@ class EmbeddingIndex:
         """The k-th exact squared distance (n,) that bounds the nearest-row search: of the
         first rows (exact squared distances d2 (n, F), from the leaves near[:, :2]) and of
         the rows within their k-th distance in the other leaves of near (n, P), the leaves
-        of smallest bound (low (n, L)), re-scored exactly. Any k rows' k-th exact distance serves (every
-        row nearer is then scanned), and the smaller it is, the fewer leaves the search
-        probes (2,000 queries on 1.2M rows: 1.81 -> 1.58 s). distances(idx (n, K)) -> (n, K)."""
+        of smallest bound (low (n, L)), re-scored exactly. Any k rows' k-th exact distance
+        serves (every row nearer is then scanned), and the smaller it is, the fewer leaves
+        the search probes (2,000 queries on 1.2M rows: 1.81 -> 1.58 s). distances(idx (n,
+        K)) -> (n, K)."""
         dk2 = np.partition(d2, k - 1, axis=1)[:, k - 1] if d2.shape[1] >= k else np.full(d2.shape[0], np.inf)
         more = near[:, 2:]
         if more.shape[1] == 0:
@@ -492,8 +493,8 @@ class EmbeddingIndex:
 
         k: principal directions (the embedding has k + 1 coordinates; default
         ``default_k(d)``). leaf_size: rows per leaf, at most (median splits leave 0.5-1 of
-        it; default ``default_leaf_size(k)``). tree_dims: leading coordinates the k-d tree splits (plus the radial
-        one); sample_rows: rows the principal directions are estimated from (seeded).
+        it; default ``default_leaf_size(k)``). tree_dims: leading coordinates the k-d tree
+        splits (plus the radial one); sample_rows: rows the principal directions are estimated from (seeded).
         Memory: M (k + 1) float32 for the embeddings.
         """
         if dataset is None or not hasattr(dataset, "raw_block"):
